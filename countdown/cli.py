@@ -1,0 +1,176 @@
+"""The ``countdown`` command. ``countdown run`` with no arguments is the built-in demo: the real
+SmolLM2-135M model on packaged English text, every method at 50/70/90% sparsity, a table and a plot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+ALL_METHODS = "cats,teal,m-countdown,d-countdown-ideal"
+
+ModelOpt = typer.Option("smollm2", "--model", "-m", help="'smollm2' (built in), a .gguf file, a checkpoint folder or a Hub id.")
+DeviceOpt = typer.Option("auto", help="cpu, cuda, cuda:1 … ('auto': cuda if available).")
+DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+TextOpt = typer.Option("default", "--text", help="A corpus name (default, python-docs, pydoc-topics, wikitext2) or a UTF-8 text file.")
+ContextOpt = typer.Option(512, help="Tokens per perplexity window (and per calibration window).")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _csv(value: str, cast=str) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"could not parse {value!r} as a comma-separated list")
+        return []
+
+
+def _load(model: str, device: str, dtype: str):
+    from .loading import load
+
+    t0 = time.time()
+    with console.status(f"loading {model} …"):
+        m, tok = load(model, device=device, dtype=dtype)
+    console.print(f"loaded {type(m).__name__} ({model}) on {next(m.parameters()).device} in {time.time() - t0:.0f}s")
+    return m, tok
+
+
+def _text(spec: str, part: str) -> str:
+    from . import data
+
+    if spec in data.CORPORA:
+        return data.calibration_text(spec) if part == "calibration" else data.evaluation_text(spec)
+    if Path(spec).is_file():
+        return data.read_text_file(spec)
+    _fail(f"--text {spec!r} is neither a known corpus ({', '.join(data.CORPORA)}) nor a file")
+    return ""
+
+
+def _tokens(tok, text: str, n_tokens: int, seq_len: int):
+    from .data import first_tokens
+
+    return first_tokens(tok, text, n_tokens, seq_len)
+
+
+@app.command()
+def run(
+    model: str = ModelOpt,
+    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods (dense is always measured)."),
+    sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities in [0, 1)."),
+    mode: str = typer.Option("threshold", help="'threshold' (per-layer thresholds calibrated on calibration text) or 'topk' (exact per-token)."),
+    text: str = TextOpt,
+    calib_windows: int = typer.Option(16, help="Calibration windows of --context tokens."),
+    eval_tokens: int = typer.Option(8192, help="Evaluation tokens (from the evaluation part of the corpus)."),
+    context: int = ContextOpt,
+    out: Path = typer.Option(Path("runs/run"), help="Folder for results.csv/json, table.md and plots."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Calibrate every method at every sparsity, evaluate perplexity, print the table, plot it."""
+    from .report import plot_layer_sparsity, plot_ppl_vs_sparsity, print_table, write_files
+    from .sweep import run_grid
+
+    t0 = time.time()
+    method_list, sparsity_list = _csv(methods), _csv(sparsities, float)
+    try:
+        m, tok = _load(model, device, dtype)
+        calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+        eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+        console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
+        points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, context=context,
+                          log=lambda s: console.print(s, highlight=False))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(str(err))
+    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode)"
+    print_table(points, title, console)
+    files = write_files(points, out)
+    plot = plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=f"{model} ({mode})")
+    plot_layer_sparsity(points, out / "layer_sparsity.png", title=f"{model}: per-layer measured sparsity")
+    console.print(f"wrote {files['csv']}, {files['md']}, {plot} — total {time.time() - t0:.0f}s")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = ModelOpt,
+    method: str = typer.Option("m-countdown", help="cats, teal, m-countdown, d-countdown-ideal, d-countdown."),
+    sparsity: float = typer.Option(0.7, help="Target fraction of FFN neurons skipped per token, in [0, 1)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the .safetensors sparsity artifact."),
+    text: str = TextOpt,
+    calib_windows: int = typer.Option(32, help="Calibration windows of --context tokens."),
+    context: int = ContextOpt,
+    predictors: Optional[Path] = typer.Option(None, help="Predictor artifact (from train-predictors) for d-countdown."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Calibrate per-layer thresholds for one method and sparsity; save them as an artifact."""
+    from .api import save_sparsity, sparsify
+
+    try:
+        m, tok = _load(model, device, dtype)
+        preds = _predictors(m, predictors)
+        calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+        sparsify(m, method, sparsity, calibration=calib, mode="threshold", predictors=preds)
+        path = save_sparsity(m, output)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"wrote {path} ({method} at {sparsity:.0%}, {calib.numel()} calibration tokens)")
+
+
+def _predictors(model, path: Optional[Path]):
+    if path is None:
+        return None
+    from .predictor import load_predictors
+
+    return load_predictors(model, path)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = ModelOpt,
+    sparsity_file: Optional[Path] = typer.Option(None, "--sparsity-file", "-s", help="Artifact from `countdown calibrate`."),
+    method: Optional[str] = typer.Option(None, help="Without --sparsity-file: method to apply in top-k mode."),
+    sparsity: float = typer.Option(0.5, help="With --method: target sparsity for top-k mode."),
+    text: str = TextOpt,
+    eval_tokens: int = typer.Option(16384, help="Evaluation tokens."),
+    context: int = ContextOpt,
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: --context, no overlap)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Perplexity of a dense or sparsified model, with the measured sparsity per layer."""
+    from .api import load_sparsity, sparsify
+    from .evaluate import perplexity
+
+    try:
+        m, tok = _load(model, device, dtype)
+        ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+        dense = perplexity(m, ids, context=context, stride=stride)
+        if sparsity_file is not None:
+            load_sparsity(m, sparsity_file)
+        elif method is not None and method != "dense":
+            sparsify(m, method, sparsity, mode="topk")
+        r = perplexity(m, ids, context=context, stride=stride) if (sparsity_file or method) else dense
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"tokens: {r.n_tokens}  dense ppl: {dense.ppl:.4f}  ppl: {r.ppl:.4f}  Δppl: {r.ppl - dense.ppl:+.4f}")
+    if r.layer_sparsity:
+        console.print(f"measured sparsity: {r.sparsity:.2%} overall; per layer: " + " ".join(f"{s:.2f}" for s in r.layer_sparsity))
+        console.print(f"FFN weight bytes a kernel reads: {r.ffn_bytes_read:.1%}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

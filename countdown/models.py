@@ -1,0 +1,174 @@
+"""Where each supported architecture keeps its FFN.
+
+This is the only module that knows attribute names of Hugging Face models. Everything else sees an
+`FFNSite`: the module to replace, how to read its weights as `[I, H]` / `[H, I]` matrices, and the
+activation. Two FFN shapes exist:
+
+* gated: ``y = W_down (act(W_gate x) * (W_up x))`` (Llama, Mistral, Qwen2/3, Gemma/Gemma2, Phi-3 fused)
+* plain: ``y = W_out act(W_in x)`` (GPT-2, OPT, GPT-NeoX); the coefficient vector is ``act(W_in x)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+# model_type -> (path of the decoder-layer list, FFN layout)
+_GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
+_PLAIN = {"gpt2", "opt", "gpt_neox"}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_GATED | _PLAIN))
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no FFN layout that countdown knows."""
+
+
+@dataclass
+class FFNSite:
+    """One decoder layer's FFN, seen through a layout-independent lens.
+
+    ``parent`` and ``name`` locate the module that ``countdown`` replaces (``parent.<name>``); for plain
+    FFNs that module is the activation, because the activation's output is the coefficient vector.
+    """
+
+    layer: int
+    kind: str  # "gated" | "plain"
+    parent: nn.Module
+    name: str
+    act: Callable[[torch.Tensor], torch.Tensor]
+    act_name: str
+    # gated: gate_proj/up_proj/down_proj (or gate_up_proj for Phi-3); plain: in_proj/out_proj
+    modules: dict[str, nn.Module]
+    act_attr: str = "act_fn"  # the activation's attribute name on a gated MLP
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.parent, self.name)
+
+    def gated_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_gate [I, H], W_up [I, H], W_down [H, I]) as views of the model's parameters."""
+        if "gate_up_proj" in self.modules:  # Phi-3 stores gate and up stacked: rows [0, I) are gate
+            w = self.modules["gate_up_proj"].weight
+            half = w.shape[0] // 2
+            return w[:half], w[half:], self.modules["down_proj"].weight
+        return (
+            self.modules["gate_proj"].weight,
+            self.modules["up_proj"].weight,
+            self.modules["down_proj"].weight,
+        )
+
+    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_in [I, H], W_out [H, I]); GPT-2's Conv1D stores the transpose."""
+        w_in, w_out = self.modules["in_proj"].weight, self.modules["out_proj"].weight
+        if type(self.modules["in_proj"]).__name__ == "Conv1D":
+            return w_in.t(), w_out.t()
+        return w_in, w_out
+
+    @property
+    def intermediate_size(self) -> int:
+        if self.kind == "gated":
+            return self.gated_weights()[0].shape[0]
+        return self.plain_weights()[0].shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        if self.kind == "gated":
+            return self.gated_weights()[0].shape[1]
+        return self.plain_weights()[0].shape[1]
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", type(model).__name__)
+
+
+def _decoder_layers(model: nn.Module, model_type: str) -> list[nn.Module]:
+    if model_type == "gpt2":
+        return list(model.transformer.h)
+    if model_type == "opt":
+        return list(model.model.decoder.layers)
+    if model_type == "gpt_neox":
+        return list(model.gpt_neox.layers)
+    return list(model.model.layers)
+
+
+def _act_name(config, model_type: str) -> str:
+    if model_type == "gpt2":
+        return config.activation_function
+    if model_type == "opt":
+        return config.activation_function
+    if model_type == "gemma2":
+        return config.hidden_activation
+    if model_type == "gemma":
+        # Gemma checkpoints name gelu but the reference implementation uses the tanh approximation
+        return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
+    return config.hidden_act
+
+
+def _site(layer_idx: int, layer: nn.Module, model_type: str, act_name: str) -> FFNSite:
+    if model_type in _GATED:
+        mlp = layer.mlp
+        if model_type == "phi3":
+            mods = {"gate_up_proj": mlp.gate_up_proj, "down_proj": mlp.down_proj}
+            act_attr = "activation_fn"
+        else:
+            mods = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+            act_attr = "act_fn"
+        return FFNSite(layer_idx, "gated", layer, "mlp", getattr(mlp, act_attr), act_name, mods, act_attr)
+    if model_type == "gpt2":
+        mods = {"in_proj": layer.mlp.c_fc, "out_proj": layer.mlp.c_proj}
+        return FFNSite(layer_idx, "plain", layer.mlp, "act", layer.mlp.act, act_name, mods)
+    if model_type == "gpt_neox":
+        mods = {"in_proj": layer.mlp.dense_h_to_4h, "out_proj": layer.mlp.dense_4h_to_h}
+        return FFNSite(layer_idx, "plain", layer.mlp, "act", layer.mlp.act, act_name, mods)
+    # OPT keeps fc1 / activation_fn / fc2 directly on the decoder layer
+    mods = {"in_proj": layer.fc1, "out_proj": layer.fc2}
+    return FFNSite(layer_idx, "plain", layer, "activation_fn", layer.activation_fn, act_name, mods)
+
+
+def ffn_sites(model: nn.Module) -> list[FFNSite]:
+    """Every decoder layer's FFN, in order. Raises `UnsupportedModelError` naming what is supported."""
+    model_type = _model_type(model)
+    if model_type not in _GATED | _PLAIN:
+        raise UnsupportedModelError(
+            f"countdown does not know the FFN layout of model_type={model_type!r} "
+            f"({type(model).__name__}). Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    try:
+        layers = _decoder_layers(model, model_type)
+        act_name = _act_name(model.config, model_type)
+        return [_site(i, layer, model_type, act_name) for i, layer in enumerate(layers)]
+    except AttributeError as err:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} claims model_type={model_type!r} but does not have the expected "
+            f"FFN modules ({err}). Pass the causal-LM model (e.g. AutoModelForCausalLM), not a submodule."
+        ) from err
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """What identifies a model for a calibration artifact: architecture, sizes and a weight digest.
+
+    The digest hashes the sign pattern of a few FFN rows so that thresholds calibrated on one
+    checkpoint are not silently applied to another checkpoint of the same shape; signs survive a cast
+    to bf16/fp16 and a move to another device, so the same model in another dtype still matches.
+    """
+    sites = ffn_sites(model)
+    config = model.config
+    digest = hashlib.sha256()
+    for site in (sites[0], sites[-1]):
+        w = site.gated_weights()[0] if site.kind == "gated" else site.plain_weights()[0]
+        signs = (w[:4].detach() > 0).cpu()
+        digest.update(signs.numpy().tobytes())
+    return {
+        "architecture": type(model).__name__,
+        "model_type": _model_type(model),
+        "hidden_size": sites[0].hidden_size,
+        "intermediate_size": sites[0].intermediate_size,
+        "num_layers": len(sites),
+        "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
+        "weight_digest": digest.hexdigest()[:16],
+    }

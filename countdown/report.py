@@ -1,0 +1,106 @@
+"""Tables and plots of sweep points: the terminal table, CSV/JSON/Markdown files and PNG figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .sweep import Point
+
+_COLUMNS = ("method", "mode", "target", "measured", "ppl", "Δppl", "FFN bytes read")
+
+
+def _cells(p: Point) -> list[str]:
+    dense = p.method == "dense"
+    return [
+        p.method,
+        p.mode,
+        "—" if dense else f"{p.target:.0%}",
+        "—" if dense else f"{p.measured:.1%}",
+        f"{p.ppl:.3f}",
+        "—" if dense else f"{p.delta_ppl:+.3f}",
+        f"{p.ffn_bytes_read:.0%}",
+    ]
+
+
+def print_table(points: list[Point], title: str, console: Console | None = None) -> None:
+    table = Table(title=title)
+    for col in _COLUMNS:
+        table.add_column(col, justify="left" if col in ("method", "mode") else "right")
+    for p in points:
+        table.add_row(*_cells(p))
+    (console or Console()).print(table)
+
+
+def markdown_table(points: list[Point]) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(p)) + " |" for p in points]
+    return "\n".join(lines) + "\n"
+
+
+def write_files(points: list[Point], out_dir: Path) -> dict[str, Path]:
+    """results.csv, results.json and table.md in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json", "md": out_dir / "table.md"}
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "mode", "target", "measured", "ppl", "delta_ppl", "ffn_bytes_read", "n_tokens", "seconds"])
+        for p in points:
+            writer.writerow([p.method, p.mode, p.target, f"{p.measured:.5f}", f"{p.ppl:.5f}", f"{p.delta_ppl:.5f}",
+                             f"{p.ffn_bytes_read:.5f}", p.n_tokens, f"{p.seconds:.2f}"])
+    paths["json"].write_text(json.dumps([asdict(p) for p in points], indent=1))
+    paths["md"].write_text(markdown_table(points))
+    return paths
+
+
+def plot_ppl_vs_sparsity(points: list[Point], path: Path, title: str = "") -> Path:
+    """Perplexity against measured sparsity, one line per method, dense as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense = [p for p in points if p.method == "dense"]
+    if dense:
+        ax.axhline(dense[0].ppl, color="black", linestyle="--", linewidth=1, label=f"dense ({dense[0].ppl:.2f})")
+    for method in dict.fromkeys(p.method for p in points if p.method != "dense"):
+        pts = sorted((p for p in points if p.method == method), key=lambda p: p.target)
+        ax.plot([p.measured for p in pts], [p.ppl for p in pts], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("measured FFN sparsity (fraction of neurons skipped per token)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title or "perplexity vs FFN sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_sparsity(points: list[Point], path: Path, title: str = "") -> Path:
+    """Measured sparsity of each layer, one line per (method, target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for p in points:
+        if p.method != "dense" and p.layer_sparsity:
+            ax.plot(range(len(p.layer_sparsity)), p.layer_sparsity, label=f"{p.method} {p.target:.0%}", alpha=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("measured sparsity")
+    ax.set_title(title or "per-layer measured sparsity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

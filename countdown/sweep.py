@@ -1,0 +1,116 @@
+"""Calibrate each method once, then evaluate it at every target sparsity: the grid behind
+`countdown run` and `countdown sweep`. Finished points are appended to a JSON-lines file, so a re-run
+with the same file skips them (resume)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .api import calibrate_methods, check_sparsity, sparsify, unsparsify
+from .evaluate import perplexity
+from .methods import get_method
+
+
+@dataclass
+class Point:
+    method: str
+    mode: str
+    target: float
+    measured: float
+    ppl: float
+    delta_ppl: float = float("nan")
+    ffn_bytes_read: float = 1.0
+    site_sparsity: dict[str, float] = field(default_factory=dict)
+    layer_sparsity: list[float] = field(default_factory=list)
+    n_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # e.g. downstream task accuracies
+
+    @property
+    def key(self) -> tuple[str, str, float]:
+        return (self.method, self.mode, round(self.target, 6))
+
+
+def load_points(path: Path | None) -> list[Point]:
+    if path is None or not path.is_file():
+        return []
+    return [Point(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append(path: Path | None, point: Point) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(asdict(point)) + "\n")
+
+
+def run_grid(
+    model: nn.Module,
+    methods: list[str],
+    sparsities: list[float],
+    calibration_windows: torch.Tensor,
+    eval_ids: torch.Tensor,
+    *,
+    mode: str = "threshold",
+    context: int = 512,
+    stride: int | None = None,
+    results_file: Path | None = None,
+    predictors: list | None = None,
+    extra_eval: Callable[[nn.Module], dict] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Point]:
+    """Dense once, then every (method, sparsity); returns all points, finished ones included."""
+    for name in methods:
+        get_method(name)
+    for s in sparsities:
+        check_sparsity(s)
+    done = {p.key: p for p in load_points(results_file)}
+
+    def evaluate(method: str, point_mode: str, target: float) -> Point:
+        t0 = time.time()
+        r = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
+        point = Point(method, point_mode, target, r.sparsity if method != "dense" else 0.0, r.ppl,
+                      ffn_bytes_read=r.ffn_bytes_read, site_sparsity=r.site_sparsity,
+                      layer_sparsity=r.layer_sparsity, n_tokens=r.n_tokens)
+        if extra_eval is not None:
+            point.extra = extra_eval(model)
+        point.seconds = time.time() - t0
+        return point
+
+    dense_key = ("dense", "dense", 0.0)
+    if dense_key not in done:
+        done[dense_key] = evaluate("dense", "dense", 0.0)
+        _append(results_file, done[dense_key])
+        log(f"dense: ppl {done[dense_key].ppl:.3f}")
+    dense_ppl = done[dense_key].ppl
+
+    todo = {name: [s for s in sparsities if (name, mode, round(s, 6)) not in done] for name in methods if name != "dense"}
+    todo = {name: targets for name, targets in todo.items() if targets}
+    cals = {}
+    if mode == "threshold" and todo:  # one calibration pass serves every method and sparsity
+        cals = calibrate_methods(model, list(todo), calibration_windows, max_windows=None,
+                                 predictors=predictors, progress=progress)
+    for name, targets in todo.items():
+        for s in targets:
+            sparsify(model, name, s, calibration=cals.get(name), mode=mode, predictors=predictors, progress=progress)
+            try:
+                point = evaluate(name, mode, s)
+            finally:
+                unsparsify(model)
+            done[point.key] = point
+            _append(results_file, point)
+            log(f"{name} @ {s:.2f} ({mode}): measured {point.measured:.3f}, ppl {point.ppl:.3f}")
+
+    points = list(done.values())
+    for p in points:
+        p.delta_ppl = p.ppl - dense_ppl
+    order = {m: i for i, m in enumerate(["dense", *methods])}
+    return sorted(points, key=lambda p: (order.get(p.method, 99), p.mode, p.target))

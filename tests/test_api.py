@@ -1,0 +1,102 @@
+"""sparsify / unsparsify / save / load on tiny random-weight models of every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import countdown
+from countdown import ffn
+from tiny_models import ARCHS, tiny_model, tokens
+
+SPARSE_METHODS = [m for m in countdown.METHODS if m not in ("dense", "d-countdown")]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparsity_zero_equals_dense(arch):
+    model, ids = tiny_model(arch), tokens()
+    ref = logits(model, ids)
+    for method in countdown.METHODS:
+        if method == "d-countdown":
+            continue
+        countdown.sparsify(model, method, 0.0, mode="topk")
+        torch.testing.assert_close(logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+        countdown.unsparsify(model)
+    torch.testing.assert_close(logits(model, ids), ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_topk_is_exact_per_token(arch, method):
+    model, ids = tiny_model(arch), tokens(2, 16)
+    countdown.sparsify(model, method, 0.75, mode="topk")
+    r = countdown.perplexity(model, ids.reshape(-1), context=16, progress=False)
+    # top-k keeps exactly round(0.25 * I) neurons at every position of every layer
+    assert all(abs(s - 0.75) < 0.02 for s in r.layer_sparsity), r.layer_sparsity
+    assert r.ppl == r.ppl and r.ppl > 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "opt"])
+def test_calibrated_thresholds_reach_target_on_calibration_text(arch):
+    model, ids = tiny_model(arch), tokens(4, 32)
+    for method in SPARSE_METHODS:
+        cal = countdown.calibrate(model, method, ids, progress=False)
+        for target in (0.5, 0.9):
+            countdown.sparsify(model, method, target, calibration=cal)
+            r = countdown.perplexity(model, ids.reshape(-1), context=32, progress=False)
+            countdown.unsparsify(model)
+            # thresholds come from the dense model's scores; sparsifying earlier layers moves later
+            # layers' distributions a little, so allow a few points
+            assert abs(r.sparsity - target) < 0.05, (method, target, r.sparsity)
+
+
+def test_sparse_model_generates_and_masks_change_output():
+    model, ids = tiny_model("llama"), tokens(1, 8)
+    dense_out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    countdown.sparsify(model, "m-countdown", 0.9, mode="topk")
+    sparse_logits = logits(model, ids)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == dense_out.shape
+    countdown.unsparsify(model)
+    assert not torch.allclose(sparse_logits, logits(model, ids))
+
+
+def test_state_dict_keys_unchanged_and_save_pretrained_roundtrip(tmp_path):
+    import transformers
+
+    model = tiny_model("llama")
+    keys = set(model.state_dict())
+    countdown.sparsify(model, "cats", 0.5, mode="topk")
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path / "ckpt")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    countdown.unsparsify(model)
+    torch.testing.assert_close(logits(again, tokens()), logits(model, tokens()))
+
+
+def test_save_and_load_sparsity_roundtrip(tmp_path):
+    model, ids = tiny_model("qwen2"), tokens(3, 24)
+    countdown.sparsify(model, "teal", 0.6, calibration=ids)
+    expected = logits(model, ids)
+    path = countdown.save_sparsity(model, tmp_path / "a.safetensors")
+    fresh = tiny_model("qwen2")
+    countdown.load_sparsity(fresh, path)
+    torch.testing.assert_close(logits(fresh, ids), expected)
+    m = ffn.sparse_modules(fresh)[0]
+    assert (m.method.name, m.masker.sparsity, m.masker.mode) == ("teal", 0.6, "threshold")
+
+
+def test_artifact_is_pickle_free_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    countdown.sparsify(model, "m-countdown", 0.5, calibration=tokens())
+    path = countdown.save_sparsity(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert '"method": "m-countdown"' in f.metadata()["countdown"]
+        assert f.get_tensor("thresholds").shape == (2, 1)
