@@ -13,7 +13,7 @@ from rich.console import Console
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
-ALL_METHODS = "cats,teal,m-countdown,d-countdown-ideal"
+ALL_METHODS = "cats,teal,m-countdown,d-countdown-ideal,d-countdown"
 
 ModelOpt = typer.Option("smollm2", "--model", "-m", help="'smollm2' (built in), a .gguf file, a checkpoint folder or a Hub id.")
 DeviceOpt = typer.Option("auto", help="cpu, cuda, cuda:1 … ('auto': cuda if available).")
@@ -69,8 +69,8 @@ def run(
     sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities in [0, 1)."),
     mode: str = typer.Option("threshold", help="'threshold' (per-layer thresholds calibrated on calibration text) or 'topk' (exact per-token)."),
     text: str = TextOpt,
-    calib_windows: int = typer.Option(16, help="Calibration windows of --context tokens."),
-    eval_tokens: int = typer.Option(8192, help="Evaluation tokens (from the evaluation part of the corpus)."),
+    calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
+    eval_tokens: int = typer.Option(4096, help="Evaluation tokens (from the evaluation part of the corpus)."),
     context: int = ContextOpt,
     out: Path = typer.Option(Path("runs/run"), help="Folder for results.csv/json, table.md and plots."),
     device: str = DeviceOpt,
@@ -87,8 +87,9 @@ def run(
         calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
         eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
         console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
+        predictors_for = _predictor_trainer(m, calib, out) if "d-countdown" in method_list else None
         points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, context=context,
-                          log=lambda s: console.print(s, highlight=False))
+                          predictors_for=predictors_for, log=lambda s: console.print(s, highlight=False))
     except (ValueError, TypeError, FileNotFoundError) as err:
         _fail(str(err))
     title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode)"
@@ -97,6 +98,83 @@ def run(
     plot = plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=f"{model} ({mode})")
     plot_layer_sparsity(points, out / "layer_sparsity.png", title=f"{model}: per-layer measured sparsity")
     console.print(f"wrote {files['csv']}, {files['md']}, {plot} — total {time.time() - t0:.0f}s")
+
+
+def _predictor_trainer(model, windows, out: Path):
+    """predictors_for(s): train D-COUNTDOWN predictors for target s on the calibration windows once,
+    reusing one collection of (x, |t|) pairs, and write each layer's recall report to ``out``."""
+    import json
+    from dataclasses import asdict
+
+    from .models import ffn_sites
+    from .predictor import collect_pairs, summarise, train_predictors
+
+    cache: dict[float, list] = {}
+    pairs = []
+
+    def predictors_for(s: float) -> list:
+        if s not in cache:
+            if not pairs:
+                pairs.append(collect_pairs(model, ffn_sites(model), windows))
+            preds, reports = train_predictors(model, windows, s, pairs=pairs[0])
+            summary = summarise(reports)
+            console.print(f"predictors for {s:.0%}: rank {summary['rank']}, recall mean {summary['recall_mean']:.3f} "
+                          f"min {summary['recall_min']:.3f} (layer {summary['recall_min_layer']}), "
+                          f"{summary['predictor_fraction']:.1%} of FFN weights, trained in {summary['train_seconds']:.0f}s")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"predictors_{int(round(s * 100))}.json").write_text(
+                json.dumps({"summary": summary, "layers": [asdict(r) for r in reports]}, indent=1))
+            cache[s] = preds
+        return cache[s]
+
+    return predictors_for
+
+
+@app.command("train-predictors")
+def train_predictors_cmd(
+    model: str = ModelOpt,
+    sparsity: float = typer.Option(0.7, help="Target sparsity the predictors are trained for, in [0, 1)."),
+    rank: str = typer.Option("auto", help="Predictor rank r ('auto': ≈5% of the FFN's weights, the paper's ratio)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictor artifact (.safetensors)."),
+    text: str = TextOpt,
+    calib_windows: int = typer.Option(16, help="Training windows of --context tokens (the last tenth is held out)."),
+    epochs: int = typer.Option(15, help="Training epochs per layer."),
+    context: int = ContextOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Train D-COUNTDOWN's per-layer low-rank predictors of |t| and report their recall and cost."""
+    import json
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .predictor import save_predictors, summarise, train_predictors
+
+    try:
+        m, tok = _load(model, device, dtype)
+        windows = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+        r = rank if rank == "auto" else int(rank)
+        preds, reports = train_predictors(m, windows, sparsity, r, epochs=epochs)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(str(err))
+    table = Table(title=f"predictors for {sparsity:.0%} sparsity (held-out recall of the true top-{1 - sparsity:.0%})")
+    for col in ("layer", "recall (top-k)", "recall (logit>0)", "precision (logit>0)", "kept (logit>0)", "loss first→last"):
+        table.add_column(col, justify="right")
+    for rep in reports:
+        table.add_row(str(rep.layer), f"{rep.recall:.3f}", f"{rep.recall_at_zero:.3f}", f"{rep.precision_at_zero:.3f}",
+                      f"{rep.kept_at_zero:.2f}", f"{rep.loss_first:.3f}→{rep.loss_last:.3f}")
+    console.print(table)
+    summary = summarise(reports)
+    path = save_predictors(m, preds, reports, sparsity, output)
+    output.with_suffix(".json").write_text(json.dumps({"summary": summary, "layers": [asdict(x) for x in reports]}, indent=1))
+    frac = summary["predictor_fraction"]
+    console.print(
+        f"rank {summary['rank']}: predictor = {frac:.1%} of the FFN's weights and bytes per token "
+        f"(break-even: it must let the kernel skip more than {frac:.1%} of the FFN bytes; at {sparsity:.0%} "
+        f"sparsity D-COUNTDOWN skips {sparsity:.0%}). Recall mean {summary['recall_mean']:.3f}, "
+        f"min {summary['recall_min']:.3f} (layer {summary['recall_min_layer']}); trained in {summary['train_seconds']:.0f}s. "
+        f"Wrote {path}")
 
 
 @app.command("calibrate")
@@ -144,6 +222,7 @@ def eval_cmd(
     eval_tokens: int = typer.Option(16384, help="Evaluation tokens."),
     context: int = ContextOpt,
     stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: --context, no overlap)."),
+    predictors: Optional[Path] = typer.Option(None, help="With --method d-countdown: the predictor artifact."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -158,7 +237,7 @@ def eval_cmd(
         if sparsity_file is not None:
             load_sparsity(m, sparsity_file)
         elif method is not None and method != "dense":
-            sparsify(m, method, sparsity, mode="topk")
+            sparsify(m, method, sparsity, mode="topk", predictors=_predictors(m, predictors))
         r = perplexity(m, ids, context=context, stride=stride) if (sparsity_file or method) else dense
     except (ValueError, TypeError, FileNotFoundError) as err:
         _fail(str(err))

@@ -69,6 +69,21 @@ class FFNSite:
         return w_in, w_out
 
     @property
+    def input_module(self) -> nn.Module:
+        """The module whose input is the FFN input x."""
+        return self.module if self.kind == "gated" else self.modules["in_proj"]
+
+    def coefficient(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense coefficient vector t for FFN input x (biases included)."""
+        if self.kind == "plain":
+            return self.act(self.modules["in_proj"].forward(x))  # .forward: skip hooks on in_proj
+        if "gate_up_proj" in self.modules:
+            gate, up = self.modules["gate_up_proj"](x).chunk(2, dim=-1)
+        else:
+            gate, up = self.modules["gate_proj"](x), self.modules["up_proj"](x)
+        return self.act(gate) * up
+
+    @property
     def intermediate_size(self) -> int:
         if self.kind == "gated":
             return self.gated_weights()[0].shape[0]

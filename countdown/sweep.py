@@ -62,7 +62,7 @@ def run_grid(
     context: int = 512,
     stride: int | None = None,
     results_file: Path | None = None,
-    predictors: list | None = None,
+    predictors_for: Callable[[float], list] | None = None,
     extra_eval: Callable[[nn.Module], dict] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -94,13 +94,18 @@ def run_grid(
 
     todo = {name: [s for s in sparsities if (name, mode, round(s, 6)) not in done] for name in methods if name != "dense"}
     todo = {name: targets for name, targets in todo.items() if targets}
+    if "d-countdown" in todo and predictors_for is None:
+        raise ValueError("d-countdown needs predictors: pass predictors_for (see countdown.train_predictors)")
     cals = {}
-    if mode == "threshold" and todo:  # one calibration pass serves every method and sparsity
-        cals = calibrate_methods(model, list(todo), calibration_windows, max_windows=None,
-                                 predictors=predictors, progress=progress)
+    shared = [name for name in todo if not get_method(name).needs_predictor]
+    if mode == "threshold" and shared:  # one calibration pass serves every method and sparsity
+        cals = calibrate_methods(model, shared, calibration_windows, max_windows=None, progress=progress)
     for name, targets in todo.items():
         for s in targets:
-            sparsify(model, name, s, calibration=cals.get(name), mode=mode, predictors=predictors, progress=progress)
+            # predictors are trained per target sparsity, so their scores are calibrated per target too
+            preds = predictors_for(s) if get_method(name).needs_predictor else None
+            cal = cals.get(name, calibration_windows if mode == "threshold" else None)
+            sparsify(model, name, s, calibration=cal, mode=mode, predictors=preds, max_windows=None, progress=progress)
             try:
                 point = evaluate(name, mode, s)
             finally:
