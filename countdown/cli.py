@@ -130,6 +130,67 @@ def _predictor_trainer(model, windows, out: Path):
     return predictors_for
 
 
+@app.command()
+def sweep(
+    model: str = ModelOpt,
+    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods (dense is always measured)."),
+    sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="Comma-separated target sparsities."),
+    tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`); empty: perplexity only."),
+    task_limit: Optional[int] = typer.Option(None, help="Examples per task (default: all)."),
+    mode: str = typer.Option("threshold", help="'threshold' (calibrated) or 'topk' (exact per token)."),
+    text: str = TextOpt,
+    calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
+    eval_tokens: int = typer.Option(4096, help="Evaluation tokens for perplexity."),
+    context: int = ContextOpt,
+    out: Path = typer.Option(Path("runs/sweep"), help="Report folder; re-running with the same folder resumes."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Every (method, sparsity) point: perplexity, measured sparsity per layer, task accuracies;
+    writes CSV/JSON, Markdown and PNG plots to --out. Finished points are kept and skipped on re-run."""
+    from .report import (markdown_table, plot_layer_sparsity, plot_ppl_vs_sparsity, plot_task_accuracy,
+                         print_table, tasks_markdown, write_files)
+    from .sweep import run_grid
+
+    method_list, sparsity_list, task_list = _csv(methods), _csv(sparsities, float), _csv(tasks)
+    extra_eval = None
+    try:
+        m, tok = _load(model, device, dtype)
+        if task_list:
+            from .tasks import evaluate_tasks
+
+            def extra_eval(model_):
+                return evaluate_tasks(model_, tok, task_list, limit=task_limit)
+        calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+        eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+        predictors_for = _predictor_trainer(m, calib, out) if "d-countdown" in method_list else None
+        points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, context=context,
+                          results_file=out / "results.jsonl", predictors_for=predictors_for, extra_eval=extra_eval,
+                          log=lambda s: console.print(s, highlight=False))
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        _fail(str(err))
+    title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode})"
+    print_table(points, title, console)
+    write_files(points, out)
+    plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=title)
+    plot_layer_sparsity(points, out / "layer_sparsity.png", title=f"{model}: per-layer measured sparsity")
+    plot_task_accuracy(points, out / "task_accuracy.png", title=f"{model}: task accuracy ({mode})")
+    summary = f"# countdown sweep: {title}\n\n" + markdown_table(points)
+    if task_list:
+        summary += "\n## Task accuracy (zero-shot, lm-evaluation-harness)\n\n" + tasks_markdown(points)
+    (out / "summary.md").write_text(summary)
+    console.print(f"wrote {out}/summary.md, results.csv/json, plots")
+
+
+@app.command("tasks")
+def tasks_cmd() -> None:
+    """List the downstream tasks that ship with countdown (usable offline)."""
+    from .tasks import available_tasks
+
+    for name in available_tasks():
+        console.print(name)
+
+
 @app.command("train-predictors")
 def train_predictors_cmd(
     model: str = ModelOpt,

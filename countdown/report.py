@@ -104,3 +104,54 @@ def plot_layer_sparsity(points: list[Point], path: Path, title: str = "") -> Pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def task_names(points: list[Point]) -> list[str]:
+    return sorted({task for p in points for task in p.extra})
+
+
+def tasks_markdown(points: list[Point]) -> str:
+    """Accuracy per task (acc, ± stderr) for each point."""
+    tasks = task_names(points)
+    if not tasks:
+        return ""
+    head = ["method", "target", "measured", *tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        cells = [p.method, "—" if p.method == "dense" else f"{p.target:.0%}",
+                 "—" if p.method == "dense" else f"{p.measured:.1%}"]
+        for t in tasks:
+            r = p.extra.get(t, {})
+            cells.append(f"{r['acc']:.3f} ± {r.get('acc_stderr', float('nan')):.3f}" if "acc" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path | None:
+    """Accuracy against measured sparsity: one panel per task, one line per method."""
+    tasks = task_names(points)
+    if not tasks:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        dense = [p for p in points if p.method == "dense" and task in p.extra]
+        if dense:
+            ax.axhline(dense[0].extra[task]["acc"], color="black", linestyle="--", linewidth=1, label="dense")
+        for method in dict.fromkeys(p.method for p in points if p.method != "dense"):
+            pts = sorted((p for p in points if p.method == method and task in p.extra), key=lambda p: p.target)
+            ax.plot([p.measured for p in pts], [p.extra[task]["acc"] for p in pts], marker="o", label=method)
+        ax.set_title(task, fontsize="small")
+        ax.set_xlabel("measured sparsity")
+        ax.set_ylabel("accuracy")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize="x-small")
+    fig.suptitle(title or "task accuracy vs FFN sparsity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
