@@ -143,6 +143,7 @@ def sweep(
     eval_tokens: int = typer.Option(4096, help="Evaluation tokens for perplexity."),
     context: int = ContextOpt,
     out: Path = typer.Option(Path("runs/sweep"), help="Report folder; re-running with the same folder resumes."),
+    prefetch: bool = typer.Option(True, help="Also run the prefetch analysis (active-neuron reuse across tokens)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -178,8 +179,23 @@ def sweep(
     summary = f"# countdown sweep: {title}\n\n" + markdown_table(points)
     if task_list:
         summary += "\n## Task accuracy (zero-shot, lm-evaluation-harness)\n\n" + tasks_markdown(points)
+    if prefetch:
+        summary += "\n## Prefetch analysis (reuse of active neurons across consecutive tokens)\n\n"
+        summary += _prefetch_report(m, eval_ids, context, out)
     (out / "summary.md").write_text(summary)
     console.print(f"wrote {out}/summary.md, results.csv/json, plots")
+
+
+def _prefetch_report(model, eval_ids, context: int, out: Path) -> str:
+    from .prefetch import analyse, plot_reuse, save_json, summary_table
+
+    windows = eval_ids[: (eval_ids.numel() // context) * context].reshape(-1, context)
+    result = analyse(model, windows)
+    save_json(result, out / "prefetch.json")
+    plot_reuse(result, out / "prefetch_reuse.png")
+    table = summary_table(result)
+    console.print(table, highlight=False)
+    return table
 
 
 @app.command("tasks")
