@@ -1,0 +1,108 @@
+"""CATS and M-COUNTDOWN: one projection dense, the other two only over the neurons that pass.
+
+    gather_ffn(x, a, w_sparse, w_down_t, thr, act, dense, score_act)
+        a is the dense projection, already computed (e.g. by cuBLAS):
+        dense="gate": a = W_gate x (pre-activation), w_sparse = W_up,   t_i = act(a_i) * (W_up[i] . x)
+        dense="up":   a = W_up x,                    w_sparse = W_gate, t_i = act(W_gate[i] . x) * a_i
+        kept: score_i > thr with score = |act(a)| (score_act, default for dense="gate": CATS)
+                                      or |a|      (default for dense="up": M-COUNTDOWN)
+        y = sum over kept i of t_i * w_down_t[i, :]
+    fused_gather_ffn(x, w_dense, w_sparse, w_down_t, thr, act, dense, score_act)
+        the same, with a = w_dense x computed in the same kernel (one launch for the whole FFN).
+
+Shapes: x [H] (or [1, H], [1, 1, H]), a [I] (same leading shape, any float dtype), w_dense /
+w_sparse / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
+threshold: Python float or 1-element float tensor. Output: x's shape and dtype; fp32 accumulation.
+Rows of w_sparse and w_down_t of neurons that fail the test are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core
+from .pack import check_act, check_input, check_threshold, check_vector, check_weight
+
+
+__all__ = ["gather_ffn", "fused_gather_ffn"]
+
+
+def _kind(dense_is_gate: bool) -> int:
+    return _core.KIND_GATE if dense_is_gate else _core.KIND_UP
+
+
+def _gather_ffn_impl(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
+                     threshold: Optional[torch.Tensor], threshold_value: float, act: str, dense_is_gate: bool,
+                     score_act: bool) -> torch.Tensor:
+    w_gate, w_up = (None, w_sparse) if dense_is_gate else (w_sparse, None)
+    return _core.launch(_kind(dense_is_gate), False, x, a, w_gate, w_up, w_down_t, threshold, threshold_value,
+                        act, score_act, x.dtype)
+
+
+_gather_ffn_op = torch.library.custom_op("countdown::gather_ffn", _gather_ffn_impl, mutates_args=())
+
+
+@_gather_ffn_op.register_fake
+def _(x, a, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act):
+    return x.new_empty(w_down_t.shape[1])
+
+
+def _fused_gather_ffn_impl(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
+                           threshold: Optional[torch.Tensor], threshold_value: float, act: str,
+                           dense_is_gate: bool, score_act: bool) -> torch.Tensor:
+    w_gate, w_up = (w_dense, w_sparse) if dense_is_gate else (w_sparse, w_dense)
+    return _core.launch(_kind(dense_is_gate), True, x, None, w_gate, w_up, w_down_t, threshold, threshold_value,
+                        act, score_act, x.dtype)
+
+
+_fused_gather_ffn_op = torch.library.custom_op("countdown::fused_gather_ffn", _fused_gather_ffn_impl,
+                                               mutates_args=())
+
+
+@_fused_gather_ffn_op.register_fake
+def _(x, w_dense, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act):
+    return x.new_empty(w_down_t.shape[1])
+
+
+def _common(x, weights, w_down_t, threshold, act, dense, score_act):
+    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+    inter, hidden = w_down_t.shape
+    xv, dtype, device = check_input(x, hidden)
+    for name, w in weights + (("w_down_t", w_down_t),):
+        check_weight(name, w, (inter, hidden), dtype, device)
+    check_act(act)
+    if dense not in ("gate", "up"):
+        raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
+    if score_act is None:
+        score_act = dense == "gate"
+    if score_act and dense != "gate":
+        raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
+    _core.check_kernel_target(device, hidden, inter)
+    thr_t, thr_v = check_threshold(threshold, device)
+    return xv, inter, device, thr_t, thr_v, bool(score_act)
+
+
+def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
+               threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
+               score_act: bool | None = None) -> torch.Tensor:
+    """CATS (dense="gate") / M-COUNTDOWN (dense="up") given the dense projection a; see the module doc."""
+    xv, inter, device, thr_t, thr_v, score_act = _common(x, (("w_sparse", w_sparse),), w_down_t, threshold, act,
+                                                         dense, score_act)
+    av = check_vector("a", a, inter, device)
+    run = _core.op_or_impl(_gather_ffn_op, _gather_ffn_impl)
+    y = run(xv, av, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act)
+    return y.reshape(x.shape)
+
+
+def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
+                     threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
+                     score_act: bool | None = None) -> torch.Tensor:
+    """``gather_ffn`` with a = w_dense x computed in the same kernel (w_dense = W_gate or W_up)."""
+    xv, _, _, thr_t, thr_v, score_act = _common(x, (("w_dense", w_dense), ("w_sparse", w_sparse)), w_down_t,
+                                                threshold, act, dense, score_act)
+    run = _core.op_or_impl(_fused_gather_ffn_op, _fused_gather_ffn_impl)
+    y = run(xv, w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act)
+    return y.reshape(x.shape)

@@ -1,0 +1,60 @@
+"""D-COUNTDOWN (practical): gate, up and down rows read only for the neurons a predictor selects.
+
+    predicted_sparse_ffn(x, score, w_gate, w_up, w_down_t, thr, act)
+        kept: score_i > thr (signed: a predictor's logits; a bool mask keeps True and ignores thr)
+        y = sum over kept i of act(W_gate[i] . x) * (W_up[i] . x) * w_down_t[i, :]
+
+Shapes: x [H] (or [1, H], [1, 1, H]), score [I] (same leading shape; float, bool or uint8),
+w_gate / w_up / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
+threshold: Python float or 1-element float tensor. Output: x's shape and dtype; fp32 accumulation.
+Nothing of a neuron that fails the test is read: cost scales with the kept fraction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core
+from .pack import check_act, check_input, check_threshold, check_vector, check_weight
+
+
+__all__ = ["predicted_sparse_ffn"]
+
+
+def _predicted_impl(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                    w_down_t: torch.Tensor, threshold: Optional[torch.Tensor], threshold_value: float,
+                    act: str) -> torch.Tensor:
+    return _core.launch(_core.KIND_SCORE, False, x, score, w_gate, w_up, w_down_t, threshold, threshold_value,
+                        act, False, x.dtype)
+
+
+_predicted_op = torch.library.custom_op("countdown::predicted_sparse_ffn", _predicted_impl,
+                                        mutates_args=())
+
+
+@_predicted_op.register_fake
+def _(x, score, w_gate, w_up, w_down_t, threshold, threshold_value, act):
+    return x.new_empty(w_down_t.shape[1])
+
+
+def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                         w_down_t: torch.Tensor, threshold: float | torch.Tensor, *,
+                         act: str = "silu") -> torch.Tensor:
+    """D-COUNTDOWN practical; see the module docstring."""
+    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+    inter, hidden = w_down_t.shape
+    xv, dtype, device = check_input(x, hidden)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        check_weight(name, w, (inter, hidden), dtype, device)
+    check_act(act)
+    _core.check_kernel_target(device, hidden, inter)
+    sv = check_vector("score", score, inter, device, allow_bool=True)
+    if sv.dtype == torch.bool:
+        sv, thr_t, thr_v = sv.view(torch.uint8), None, 0.5
+    else:
+        thr_t, thr_v = check_threshold(threshold, device)
+    y = _core.op_or_impl(_predicted_op, _predicted_impl)(xv, sv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+    return y.reshape(x.shape)

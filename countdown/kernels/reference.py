@@ -1,0 +1,119 @@
+"""Pure-torch references of every op in ``countdown.kernels`` (same names, same signatures).
+
+They run on any device and any batch shape, compute in fp32 and return the weights' dtype. The
+Triton ops are tested against them, and they are the fallback path wherever the kernels do not
+apply (CPU, prefill, batch > 1, unsupported shapes).
+
+Shapes and layouts (H hidden size, I intermediate size, ``...`` any leading batch dimensions):
+
+    x         [..., H]   token hidden states entering the FFN
+    w_gate    [I, H]     nn.Linear weight of the gate projection (row i = neuron i)
+    w_up      [I, H]     nn.Linear weight of the up projection
+    w_down_t  [I, H]     W_down transposed (W_down is [H, I]); row i = neuron i's output column
+    t, a, score  [..., I]   coefficient, dense projection output, predictor score
+    threshold float or a 1-element tensor; a neuron is kept when its score is strictly above it.
+
+Outputs are [..., H].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
+
+
+def activation(v: torch.Tensor, act: str) -> torch.Tensor:
+    """act(v) for act in ``ACTIVATIONS`` (gelu_tanh is Gemma's tanh approximation)."""
+    if act == "silu":
+        return F.silu(v)
+    if act == "gelu_tanh":
+        return F.gelu(v, approximate="tanh")
+    if act == "gelu":
+        return F.gelu(v)
+    if act == "relu":
+        return F.relu(v)
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def _thr(threshold: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(threshold, torch.Tensor):
+        return threshold.to(device=like.device, dtype=torch.float32).reshape(())
+    return float(threshold)
+
+
+def _down(t: torch.Tensor, keep: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, t, torch.zeros_like(t)) @ w_down_t.float()
+
+
+def _proj(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.float() @ w.float().t()
+
+
+def dense_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+              *, act: str = "silu") -> torch.Tensor:
+    """y = sum_i act(g_i) u_i w_down_t[i] over all neurons (the FFN with nothing skipped)."""
+    t = activation(_proj(x, w_gate), act) * _proj(x, w_up)
+    return (t @ w_down_t.float()).to(w_down_t.dtype)
+
+
+def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """y = sum over i with |t_i| > threshold of t_i * w_down_t[i, :]  (D-COUNTDOWN, ideal)."""
+    t32 = t.float()
+    return _down(t32, t32.abs() > _thr(threshold, t), w_down_t).to(w_down_t.dtype)
+
+
+def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                    threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
+    """D-COUNTDOWN ideal end to end: t = act(W_gate x) * (W_up x) densely, then ``sparse_down``."""
+    t = activation(_proj(x, w_gate), act) * _proj(x, w_up)
+    return _down(t, t.abs() > _thr(threshold, x), w_down_t).to(w_down_t.dtype)
+
+
+def _gather_score(a32: torch.Tensor, dense: str, score_act: bool | None, act: str) -> torch.Tensor:
+    if score_act is None:
+        score_act = dense == "gate"
+    if score_act and dense != "gate":
+        raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
+    return activation(a32, act).abs() if score_act else a32.abs()
+
+
+def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
+               threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
+               score_act: bool | None = None) -> torch.Tensor:
+    """CATS / M-COUNTDOWN given the dense projection ``a``.
+
+    dense="gate": a = W_gate x (pre-activation), w_sparse = W_up,  t_i = act(a_i) * (W_up[i] . x)
+    dense="up":   a = W_up x,                    w_sparse = W_gate, t_i = act(W_gate[i] . x) * a_i
+    Neuron i is kept when score_i > threshold, score = |act(a)| if score_act else |a|
+    (default: |act(a)| for dense="gate", i.e. CATS; |a| for dense="up", i.e. M-COUNTDOWN).
+    """
+    if dense not in ("gate", "up"):
+        raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
+    a32 = a.float()
+    keep = _gather_score(a32, dense, score_act, act) > _thr(threshold, a)
+    b = _proj(x, w_sparse)
+    t = activation(a32, act) * b if dense == "gate" else activation(b, act) * a32
+    return _down(t, keep, w_down_t).to(w_down_t.dtype)
+
+
+def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
+                     threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
+                     score_act: bool | None = None) -> torch.Tensor:
+    """``gather_ffn`` with the dense projection a = w_dense x computed too (w_dense = W_gate or W_up)."""
+    return gather_ffn(x, _proj(x, w_dense), w_sparse, w_down_t, threshold, act=act, dense=dense,
+                      score_act=score_act)
+
+
+def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                         w_down_t: torch.Tensor, threshold: float | torch.Tensor, *,
+                         act: str = "silu") -> torch.Tensor:
+    """D-COUNTDOWN practical: neurons with score_i > threshold (signed; a bool mask: True) get
+    t_i = act(W_gate[i] . x) * (W_up[i] . x); y = sum of t_i * w_down_t[i] over them."""
+    if score.dtype == torch.bool:
+        keep = score
+    else:
+        keep = score.float() > _thr(threshold, score)
+    t = activation(_proj(x, w_gate), act) * _proj(x, w_up)
+    return _down(t, keep, w_down_t).to(w_down_t.dtype)

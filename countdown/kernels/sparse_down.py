@@ -1,0 +1,86 @@
+"""D-COUNTDOWN (ideal): the down projection over the neurons whose coefficient passes the threshold.
+
+    sparse_down(t, w_down_t, thr)        y = sum_{i: |t_i| > thr} t_i * w_down_t[i, :]
+    coefficient_ffn(x, w_gate, w_up, w_down_t, thr, act)
+                                         the same with t = act(W_gate x) * (W_up x) computed densely
+                                         inside the same kernel (one launch for the whole FFN)
+
+Shapes (H hidden, I intermediate): t [I] (or [1, I], [1, 1, I]; any float dtype), x [H] (same
+leading shape), w_gate / w_up / w_down_t [I, H] contiguous in the weights' dtype (bf16, fp16,
+fp32), see ``pack_ffn_weights``. threshold: Python float or 1-element float tensor on the device
+(a tensor lets one CUDA graph serve every threshold value). Output: [..., H] in the weights'
+dtype; accumulation is fp32. Rows of w_down_t whose neuron fails the test are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core
+from .pack import check_act, check_input, check_threshold, check_vector, check_weight
+
+
+__all__ = ["sparse_down", "coefficient_ffn"]
+
+
+def _sparse_down_impl(t: torch.Tensor, w_down_t: torch.Tensor, threshold: Optional[torch.Tensor],
+                      threshold_value: float) -> torch.Tensor:
+    return _core.launch(_core.KIND_T, False, w_down_t, t, None, None, w_down_t, threshold, threshold_value,
+                        "silu", False, w_down_t.dtype)
+
+
+_sparse_down_op = torch.library.custom_op("countdown::sparse_down", _sparse_down_impl, mutates_args=())
+
+
+@_sparse_down_op.register_fake
+def _(t, w_down_t, threshold, threshold_value):
+    return w_down_t.new_empty(w_down_t.shape[1])
+
+
+def _coefficient_ffn_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                          threshold: Optional[torch.Tensor], threshold_value: float, act: str) -> torch.Tensor:
+    return _core.launch(_core.KIND_T, True, x, None, w_gate, w_up, w_down_t, threshold, threshold_value,
+                        act, False, x.dtype)
+
+
+_coefficient_ffn_op = torch.library.custom_op("countdown::coefficient_ffn", _coefficient_ffn_impl,
+                                              mutates_args=())
+
+
+@_coefficient_ffn_op.register_fake
+def _(x, w_gate, w_up, w_down_t, threshold, threshold_value, act):
+    return x.new_empty(w_down_t.shape[1])
+
+
+def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """y = sum over i with |t_i| > threshold of t_i * w_down_t[i, :]; y has t's leading shape + [H]."""
+    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+    inter, hidden = w_down_t.shape
+    if w_down_t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"w_down_t has dtype {w_down_t.dtype}; supported: bfloat16, float16, float32")
+    check_weight("w_down_t", w_down_t, (inter, hidden), w_down_t.dtype, w_down_t.device)
+    _core.check_kernel_target(w_down_t.device, hidden, inter)
+    tv = check_vector("t", t, inter, w_down_t.device)
+    thr_t, thr_v = check_threshold(threshold, w_down_t.device)
+    y = _core.op_or_impl(_sparse_down_op, _sparse_down_impl)(tv, w_down_t, thr_t, thr_v)
+    return y.reshape(*t.shape[:-1], hidden)
+
+
+def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                    threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
+    """D-COUNTDOWN ideal in one kernel: t = act(W_gate x) * (W_up x) for every neuron, then the down
+    projection over |t_i| > threshold. Reads all of W_gate and W_up, and only the kept rows of w_down_t."""
+    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+    inter, hidden = w_down_t.shape
+    xv, dtype, device = check_input(x, hidden)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        check_weight(name, w, (inter, hidden), dtype, device)
+    check_act(act)
+    _core.check_kernel_target(device, hidden, inter)
+    thr_t, thr_v = check_threshold(threshold, device)
+    y = _core.op_or_impl(_coefficient_ffn_op, _coefficient_ffn_impl)(xv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+    return y.reshape(x.shape)

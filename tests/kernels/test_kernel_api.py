@@ -1,0 +1,103 @@
+"""Argument checks, weight packing, path selection, and torch.library registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import DEVICE, ON_GPU, SHAPES, kernels, reference, rel_err, threshold_for, weights
+
+
+def test_pack_layout():
+    wg = torch.randn(12, 8)
+    wu = torch.randn(12, 8)
+    wd = torch.randn(8, 12)
+    p = kernels.pack_ffn_weights(wg, wu, wd)
+    assert p.w_down_t.shape == (12, 8) and p.w_down_t.is_contiguous()
+    assert torch.equal(p.w_down_t, wd.t())
+    assert (p.hidden_size, p.intermediate_size) == (8, 12)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (lambda wg, wu, wd: (wg, wu, wd.t()), ValueError, "w_down must be"),
+    (lambda wg, wu, wd: (wg, wu[:5], wd), ValueError, "w_up must have"),
+    (lambda wg, wu, wd: (wg, wu.half(), wd), TypeError, "one dtype"),
+    (lambda wg, wu, wd: (wg[0], wu, wd), ValueError, "2-D"),
+])
+def test_pack_errors(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        kernels.pack_ffn_weights(*bad(torch.randn(12, 8), torch.randn(12, 8), torch.randn(8, 12)))
+
+
+def test_argument_errors():
+    hidden, inter = SHAPES[0]
+    x, p = weights(hidden, inter, torch.bfloat16)
+    a = torch.randn(inter, device=DEVICE)
+    with pytest.raises(TypeError, match="w_sparse has dtype"):
+        kernels.gather_ffn(x, a, p.w_up.float(), p.w_down_t, 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.gather_ffn(x, a, p.w_up.t().contiguous().t(), p.w_down_t, 0.1)
+    with pytest.raises(ValueError, match="one token"):
+        kernels.gather_ffn(x.expand(2, hidden), a, p.w_up, p.w_down_t, 0.1)
+    with pytest.raises(ValueError, match="a must hold one token"):
+        kernels.gather_ffn(x, a[:-1], p.w_up, p.w_down_t, 0.1)
+    with pytest.raises(ValueError, match="dense must be"):
+        kernels.gather_ffn(x, a, p.w_up, p.w_down_t, 0.1, dense="down")
+    with pytest.raises(ValueError, match="score_act=True needs"):
+        kernels.gather_ffn(x, a, p.w_gate, p.w_down_t, 0.1, dense="up", score_act=True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        kernels.coefficient_ffn(x, p.w_gate, p.w_up, p.w_down_t, 0.1, act="tanh")
+    with pytest.raises(TypeError, match="threshold must be"):
+        kernels.sparse_down(a, p.w_down_t, "0.1")
+    with pytest.raises(ValueError, match="one value"):
+        kernels.sparse_down(a, p.w_down_t, torch.zeros(2, device=DEVICE))
+    with pytest.raises(TypeError, match="x has dtype"):
+        kernels.coefficient_ffn(x.to(torch.int32), p.w_gate, p.w_up, p.w_down_t, 0.1)
+
+
+def test_kernel_unavailable_reason():
+    hidden, inter = SHAPES[0]
+    x, p = weights(hidden, inter, torch.bfloat16)
+    assert kernels.kernel_unavailable_reason(x, p.w_down_t) is None
+    assert "one decode token" in kernels.kernel_unavailable_reason(x.expand(3, hidden), p.w_down_t)
+    if ON_GPU:
+        assert "CUDA" in kernels.kernel_unavailable_reason(x.cpu(), p.w_down_t.cpu())
+
+
+def test_opcheck_and_compile():
+    """The ops have correct fake (meta) kernels and trace under torch.compile without graph breaks."""
+    hidden, inter = SHAPES[0]
+    x, p = weights(hidden, inter, torch.bfloat16, seed=2)
+    g = x.float() @ p.w_gate.float().t()
+    thr = torch.tensor([threshold_for(reference.activation(g, "silu").abs(), 0.5)], device=DEVICE)
+    args = (x, p.w_gate, p.w_up, p.w_down_t, thr, 0.0, "silu", True, True)
+    torch.library.opcheck(torch.ops.countdown.fused_gather_ffn.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def ffn(x, thr):
+        return kernels.fused_gather_ffn(x, p.w_gate, p.w_up, p.w_down_t, thr)
+
+    backend = "inductor" if ON_GPU else "aot_eager"
+    compiled = torch.compile(ffn, backend=backend, fullgraph=True)
+    ref = reference.fused_gather_ffn(x, p.w_gate, p.w_up, p.w_down_t, thr)
+    assert rel_err(compiled(x, thr), ref) <= 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_with_threshold_tensor():
+    hidden, inter = SHAPES[0]
+    x, p = weights(hidden, inter, torch.bfloat16, seed=4)
+    score = torch.randn(inter, device=DEVICE)
+    thr = torch.zeros(1, device=DEVICE)
+    kernels.predicted_sparse_ffn(x, score, p.w_gate, p.w_up, p.w_down_t, thr)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.predicted_sparse_ffn(x, score, p.w_gate, p.w_up, p.w_down_t, thr)
+    for s in (0.0, 0.5, 0.9):
+        thr.fill_(threshold_for(score, s))
+        score.copy_(torch.randn(inter, device=DEVICE))
+        thr.fill_(threshold_for(score, s))
+        graph.replay()
+        ref = reference.predicted_sparse_ffn(x, score, p.w_gate, p.w_up, p.w_down_t, thr)
+        assert rel_err(y, ref) <= 1e-2
