@@ -52,6 +52,15 @@ def _task_manager(include_defaults: bool) -> Any:
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
 
 
+def _check_known(unknown: list[str], local: set[str]) -> None:
+    if unknown:
+        raise ValueError(
+            f"unknown task(s) {', '.join(unknown)}; offline tasks shipped with countdown: "
+            f"{', '.join(sorted(local))}; other names must be lm-eval tasks "
+            "(list them with `lm_eval ls tasks`) and need the Hugging Face Hub"
+        )
+
+
 def _float(v: Any) -> float:
     try:
         return float(v)
@@ -86,15 +95,11 @@ def evaluate_tasks(
 
     local = set(available_tasks())
     others = [t for t in tasks if t not in local]
+    # The countdown_ prefix is ours: such a name that is not shipped is a typo, no need to ask lm-eval.
+    _check_known([t for t in others if t.startswith(LOCAL_PREFIX)], local)
     # lm-eval's own registry is only indexed when a non-countdown task is asked for.
     manager = _task_manager(bool(others))
-    unknown = [t for t in others if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(
-            f"unknown task(s) {', '.join(unknown)}; offline tasks shipped with countdown: "
-            f"{', '.join(sorted(local))}; other names must be lm-eval tasks "
-            "(list them with `lm_eval ls tasks`) and need the Hugging Face Hub"
-        )
+    _check_known([t for t in others if t not in manager.all_tasks], local)
 
     if device is not None:
         model.to(device)

@@ -25,7 +25,8 @@ whole score vector and takes the neurons holding an equal share of the *kept* ne
 (and always with ``COMPUTE``) each program gets NPP neurons. Phase 2 compacts the kept neurons of
 each ``CHUNK`` of scores in registers (cumsum of the mask) and gathers their rows ``BLOCK_I`` at a
 time, so every step loads BLOCK_I kept rows; rows that are not kept are never addressed (no memory
-traffic). With ``COMPUTE`` and ``INTERLEAVE``, phase 1 and phase 2 alternate chunk by chunk.
+traffic). With ``COMPUTE`` and ``INTERLEAVE``, phase 1 and phase 2 alternate chunk by chunk; with
+``PIPE`` phase 2 requests the rows of step k+1 before reducing step k.
 At the end each program adds its accumulator into an fp32 workspace with relaxed (vectorised)
 atomics; the last program to finish (atomic ticket) casts the total to the output dtype and, with
 ``FINALIZE`` 2, zeroes the persistent workspace again, so one launch yields the bf16/fp16 result.
@@ -64,10 +65,9 @@ def interpret_mode() -> bool:
 # Triton decides between compiled and interpreted kernels when a function is decorated, for its own
 # library functions (tl.sum, tl.sigmoid, ...) at `import triton`: TRITON_INTERPRET must be set before
 # triton is first imported (tests/kernels/conftest.py does so when there is no GPU).
-_jit = triton.jit
 
 
-@_jit
+@triton.jit
 def _act(v, ACT: tl.constexpr):
     """Activation on fp32 values: 0 silu, 1 gelu (tanh approximation), 2 gelu (erf), 3 relu."""
     if ACT == 0:
@@ -82,7 +82,7 @@ def _act(v, ACT: tl.constexpr):
     return r
 
 
-@_jit
+@triton.jit
 def _keep(v, thr, KIND: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr):
     """Mask of kept neurons from the fp32 vector v (see the table in the module docstring)."""
     if KIND == 3:
@@ -94,7 +94,7 @@ def _keep(v, thr, KIND: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr
     return s > thr
 
 
-@_jit
+@triton.jit
 def _dense_rows(vec_ptr, wg_ptr, wu_ptr, xv, hoffs, hm, H, lo, hi,
                 KIND: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr):
     """Phase 1 over neurons [lo, hi): vec[i] = gate_i (KIND 1), up_i (KIND 2) or t_i (KIND 0), fp32.
@@ -143,7 +143,7 @@ def _dense_rows(vec_ptr, wg_ptr, wu_ptr, xv, hoffs, hm, H, lo, hi,
         r += BLOCK_D
 
 
-@_jit
+@triton.jit
 def _select(pos, keep, idx, v, kk):
     """Neuron index and vector value of the kept neurons of rank kk [BLOCK_I] within a chunk
     (pos: rank of each kept neuron of the chunk). Ranks with no neuron give row 0, value 0."""
@@ -153,7 +153,7 @@ def _select(pos, keep, idx, v, kk):
     return rows, vr
 
 
-@_jit
+@triton.jit
 def _load_rows(rows, rm, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr, KIND: tl.constexpr):
     """The row tiles [BLOCK_I, H_PAD] a step of phase 2 needs: (down, gate-or-up, up) rows."""
     roff = rows.to(tl.int64)[:, None] * H + hoffs[None, :]
@@ -167,7 +167,7 @@ def _load_rows(rows, rm, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr, KIND: tl.constexp
     return d, a, b
 
 
-@_jit
+@triton.jit
 def _consume(acc, d, a, b, rm, vr, xv, KIND: tl.constexpr, ACT: tl.constexpr):
     """acc += sum_r t_r * d[r] with t from the table (a, b: the gathered gate / up rows)."""
     if KIND == 0:
@@ -184,7 +184,7 @@ def _consume(acc, d, a, b, rm, vr, xv, KIND: tl.constexpr, ACT: tl.constexpr):
     return acc + tl.sum(t[:, None] * d.to(tl.float32), axis=0)
 
 
-@_jit
+@triton.jit
 def _sparse_rows(acc, lo, hi, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
                  KIND: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr, BLOCK_I: tl.constexpr,
                  CHUNK: tl.constexpr, PIPE: tl.constexpr):
@@ -230,7 +230,7 @@ def _sparse_rows(acc, lo, hi, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd
     return acc
 
 
-@_jit
+@triton.jit
 def _sparse_ffn_kernel(
     x_ptr,      # [H]  input token, weight dtype
     vec_ptr,    # [I]  given vector (t / gate / up / predictor score, any float dtype) or fp32 scratch
@@ -342,10 +342,10 @@ class KernelConfig:
     block_i: int = 4
     chunk: int = 64
     num_warps: int = 8
-    balance: bool = True
-    interleave: bool = True
+    balance: bool = False
+    interleave: bool = False
     prefetch: bool = False
-    pipe: bool = True
+    pipe: bool = False
     finalize: int = 2
     ncopy: int = 1
 
@@ -354,18 +354,17 @@ class KernelConfig:
 # numbers). Keyed by (kind, compute): one configuration per path, whatever the sparsity, so that a
 # kernel captured in a CUDA graph is right for every token.
 _GPU_CONFIGS: dict[tuple[int, bool], KernelConfig] = {
-    (KIND_T, False): KernelConfig(balance=False, block_i=4, chunk=128, pipe=False),
-    (KIND_T, True): KernelConfig(interleave=True, block_d=4, block_i=4, chunk=64, pipe=False),
-    (KIND_GATE, False): KernelConfig(programs_per_sm=2, balance=False, block_i=4, chunk=256, pipe=False),
-    (KIND_GATE, True): KernelConfig(interleave=False, block_d=8, block_i=4, chunk=128, pipe=False),
-    (KIND_UP, False): KernelConfig(programs_per_sm=2, balance=False, block_i=4, chunk=256, pipe=False),
-    (KIND_UP, True): KernelConfig(interleave=False, block_d=8, block_i=4, chunk=128, pipe=False),
-    (KIND_SCORE, False): KernelConfig(balance=False, block_i=2, chunk=256, num_warps=16, pipe=True),
+    (KIND_T, False): KernelConfig(block_i=4, chunk=128),
+    (KIND_T, True): KernelConfig(interleave=True, block_d=4, block_i=4, chunk=64),
+    (KIND_GATE, False): KernelConfig(programs_per_sm=2, block_i=4, chunk=256),
+    (KIND_GATE, True): KernelConfig(block_d=8, block_i=4, chunk=128),
+    (KIND_UP, False): KernelConfig(programs_per_sm=2, block_i=4, chunk=256),
+    (KIND_UP, True): KernelConfig(block_d=8, block_i=4, chunk=128),
+    (KIND_SCORE, False): KernelConfig(block_i=2, chunk=256, num_warps=16, pipe=True),
 }
 MAX_BALANCE_INTER = 32768  # the balanced split holds the whole score vector in registers
 
-_INTERPRET_CONFIG = KernelConfig(programs_per_sm=3, block_d=4, block_i=4, chunk=16, num_warps=4, balance=False,
-                                 interleave=False, pipe=False)
+_INTERPRET_CONFIG = KernelConfig(programs_per_sm=3, block_d=4, block_i=4, chunk=16, num_warps=4)
 
 
 def _num_sms(device: torch.device) -> int:
