@@ -19,6 +19,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_PREFIX = "countdown_"
 LM_EVAL_INSTALL = 'pip install "lm-eval==0.4.13"'
 _TASK_LINE = re.compile(r"^task:\s*(\S+)\s*$", re.MULTILINE)
+_TAG_ITEM = re.compile(r"^\s+-\s+(countdown\w*)\s*$", re.MULTILINE)
 
 
 def _require_lm_eval() -> Any:
@@ -61,6 +62,11 @@ def _check_known(unknown: list[str], local: set[str]) -> None:
         )
 
 
+def _local_tags() -> set[str]:
+    """Tags our task templates define (``countdown``, ``countdown_mc``, ``countdown_cloze``)."""
+    return {m for p in TASKS_DIR.glob("_*_yaml") for m in _TAG_ITEM.findall(p.read_text())}
+
+
 def _float(v: Any) -> float:
     try:
         return float(v)
@@ -78,9 +84,9 @@ def evaluate_tasks(
 ) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy of an in-memory ``transformers`` causal LM on lm-eval tasks.
 
-    ``tasks``: names from :func:`available_tasks` (offline) or any task, group or tag that
-    lm-eval knows (their data come from the Hugging Face Hub).  ``limit``: first N examples of
-    each task (None = all).  ``device``: if given, the model is moved there first (in place);
+    ``tasks``: names from :func:`available_tasks` or the tags ``countdown``, ``countdown_mc``,
+    ``countdown_cloze`` (offline), or any task, group or tag that lm-eval knows (their data come
+    from the Hugging Face Hub).  ``limit``: first N examples of each task (None = all).  ``device``: if given, the model is moved there first (in place);
     otherwise it is evaluated where it is.
 
     Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}}`` (a metric the
@@ -94,7 +100,7 @@ def evaluate_tasks(
     from lm_eval.models.huggingface import HFLM
 
     local = set(available_tasks())
-    others = [t for t in tasks if t not in local]
+    others = [t for t in tasks if t not in local | _local_tags()]
     # The countdown_ prefix is ours: such a name that is not shipped is a typo, no need to ask lm-eval.
     _check_known([t for t in others if t.startswith(LOCAL_PREFIX)], local)
     # lm-eval's own registry is only indexed when a non-countdown task is asked for.
@@ -104,6 +110,7 @@ def evaluate_tasks(
     if device is not None:
         model.to(device)
     was_training = bool(getattr(model, "training", False))
+    model.eval()  # restored below: dropout off while scoring
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(

@@ -69,3 +69,14 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     with pytest.raises(ImportError, match="pip install"):
         ct.evaluate_tasks(object(), object(), [ct.available_tasks()[0]])
+
+
+def test_local_tag_runs_every_task_of_one_form(smollm2_tokenizer) -> None:
+    pytest.importorskip("lm_eval")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(smollm2_tokenizer), max_position_embeddings=1024)
+    res = ct.evaluate_tasks(LlamaForCausalLM(cfg).eval(), smollm2_tokenizer, ["countdown_cloze"], limit=2, batch_size=8)
+    assert sorted(res) == [n for n in ct.available_tasks() if n.endswith("_cloze")]
+    assert all(r["n"] == 2 for r in res.values())
