@@ -119,3 +119,19 @@ def check_input(x: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.dtype
         raise TypeError(f"x has dtype {x.dtype}; supported: bfloat16, float16, float32")
     xv = check_vector("x", x, hidden, x.device)
     return xv, x.dtype, x.device
+
+
+def check_gated_call(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                     act: str) -> tuple[torch.Tensor, int, int, torch.device]:
+    """Validate a call that reads all three gated-FFN matrices; returns (x as [H], I, H, device)."""
+    from . import _core  # _core imports triton, which this module must not need
+
+    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+    inter, hidden = w_down_t.shape
+    xv, dtype, device = check_input(x, hidden)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        check_weight(name, w, (inter, hidden), dtype, device)
+    check_act(act)
+    _core.check_kernel_target(device, hidden, inter)
+    return xv, inter, hidden, device

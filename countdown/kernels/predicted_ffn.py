@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import _core
-from .pack import check_act, check_input, check_threshold, check_vector, check_weight
+from .pack import check_gated_call, check_threshold, check_vector
 
 
 __all__ = ["predicted_sparse_ffn"]
@@ -43,14 +43,7 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
                          w_down_t: torch.Tensor, threshold: float | torch.Tensor, *,
                          act: str = "silu") -> torch.Tensor:
     """D-COUNTDOWN practical; see the module docstring."""
-    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
-        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
-    inter, hidden = w_down_t.shape
-    xv, dtype, device = check_input(x, hidden)
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
-        check_weight(name, w, (inter, hidden), dtype, device)
-    check_act(act)
-    _core.check_kernel_target(device, hidden, inter)
+    xv, inter, hidden, device = check_gated_call(x, w_gate, w_up, w_down_t, act)
     sv = check_vector("score", score, inter, device, allow_bool=True)
     if sv.dtype == torch.bool:
         sv, thr_t, thr_v = sv.view(torch.uint8), None, 0.5

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import _core
-from .pack import check_act, check_input, check_threshold, check_vector, check_weight
+from .pack import check_gated_call, check_threshold, check_vector, check_weight
 
 
 __all__ = ["sparse_down", "coefficient_ffn"]
@@ -73,14 +73,7 @@ def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w
                     threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
     """D-COUNTDOWN ideal in one kernel: t = act(W_gate x) * (W_up x) for every neuron, then the down
     projection over |t_i| > threshold. Reads all of W_gate and W_up, and only the kept rows of w_down_t."""
-    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
-        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
-    inter, hidden = w_down_t.shape
-    xv, dtype, device = check_input(x, hidden)
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
-        check_weight(name, w, (inter, hidden), dtype, device)
-    check_act(act)
-    _core.check_kernel_target(device, hidden, inter)
+    xv, inter, hidden, device = check_gated_call(x, w_gate, w_up, w_down_t, act)
     thr_t, thr_v = check_threshold(threshold, device)
     y = _core.op_or_impl(_coefficient_ffn_op, _coefficient_ffn_impl)(xv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
     return y.reshape(x.shape)
