@@ -77,27 +77,47 @@ def run(
     dtype: str = DtypeOpt,
 ) -> None:
     """Calibrate every method at every sparsity, evaluate perplexity, print the table, plot it."""
-    from .report import plot_layer_sparsity, plot_ppl_vs_sparsity, print_table, write_files
+    t0 = time.time()
+    m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context,
+                                   _csv(methods), _csv(sparsities, float), mode, out)
+    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode)"
+    _report(points, title, model, out)
+    console.print(f"wrote {out}/results.csv, table.md, ppl_vs_sparsity.png — total {time.time() - t0:.0f}s")
+
+
+def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list, sparsity_list, mode, out,
+          results_file=None, task_list=(), task_limit=None):
+    """Load, tokenise calibration/evaluation text, run every (method, sparsity) point: what `run` and
+    `sweep` share. Returns (model, tokenizer, evaluation ids, points)."""
     from .sweep import run_grid
 
-    t0 = time.time()
-    method_list, sparsity_list = _csv(methods), _csv(sparsities, float)
     try:
         m, tok = _load(model, device, dtype)
+        extra_eval = None
+        if task_list:
+            from .tasks import evaluate_tasks
+
+            def extra_eval(model_):
+                return evaluate_tasks(model_, tok, list(task_list), limit=task_limit)
         calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
         eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
         console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
         predictors_for = _predictor_trainer(m, calib, out) if "d-countdown" in method_list else None
         points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, context=context,
-                          predictors_for=predictors_for, log=lambda s: console.print(s, highlight=False))
-    except (ValueError, TypeError, FileNotFoundError) as err:
+                          results_file=results_file, predictors_for=predictors_for, extra_eval=extra_eval,
+                          log=lambda s: console.print(s, highlight=False))
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         _fail(str(err))
-    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode)"
+    return m, tok, eval_ids, points
+
+
+def _report(points, title: str, model: str, out: Path) -> None:
+    from .report import plot_layer_sparsity, plot_ppl_vs_sparsity, print_table, write_files
+
     print_table(points, title, console)
-    files = write_files(points, out)
-    plot = plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=f"{model} ({mode})")
+    write_files(points, out)
+    plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=title)
     plot_layer_sparsity(points, out / "layer_sparsity.png", title=f"{model}: per-layer measured sparsity")
-    console.print(f"wrote {files['csv']}, {files['md']}, {plot} — total {time.time() - t0:.0f}s")
 
 
 def _predictor_trainer(model, windows, out: Path):
@@ -149,32 +169,14 @@ def sweep(
 ) -> None:
     """Every (method, sparsity) point: perplexity, measured sparsity per layer, task accuracies;
     writes CSV/JSON, Markdown and PNG plots to --out. Finished points are kept and skipped on re-run."""
-    from .report import (markdown_table, plot_layer_sparsity, plot_ppl_vs_sparsity, plot_task_accuracy,
-                         print_table, tasks_markdown, write_files)
-    from .sweep import run_grid
+    from .report import markdown_table, plot_task_accuracy, tasks_markdown
 
-    method_list, sparsity_list, task_list = _csv(methods), _csv(sparsities, float), _csv(tasks)
-    extra_eval = None
-    try:
-        m, tok = _load(model, device, dtype)
-        if task_list:
-            from .tasks import evaluate_tasks
-
-            def extra_eval(model_):
-                return evaluate_tasks(model_, tok, task_list, limit=task_limit)
-        calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-        eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
-        predictors_for = _predictor_trainer(m, calib, out) if "d-countdown" in method_list else None
-        points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, context=context,
-                          results_file=out / "results.jsonl", predictors_for=predictors_for, extra_eval=extra_eval,
-                          log=lambda s: console.print(s, highlight=False))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        _fail(str(err))
+    task_list = _csv(tasks)
+    m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
+                                   _csv(sparsities, float), mode, out, results_file=out / "results.jsonl",
+                                   task_list=task_list, task_limit=task_limit)
     title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode})"
-    print_table(points, title, console)
-    write_files(points, out)
-    plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=title)
-    plot_layer_sparsity(points, out / "layer_sparsity.png", title=f"{model}: per-layer measured sparsity")
+    _report(points, title, model, out)
     plot_task_accuracy(points, out / "task_accuracy.png", title=f"{model}: task accuracy ({mode})")
     summary = f"# countdown sweep: {title}\n\n" + markdown_table(points)
     if task_list:
