@@ -143,6 +143,9 @@ class SparseFFN(_SparseModule):
     def ffn_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def mask_input(self, x: torch.Tensor, keep) -> torch.Tensor:
+        return x * keep("input", x.abs())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.forward(self, x, self.masker)
 
@@ -196,10 +199,10 @@ class SparseActivation(_SparseModule):
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         return self._input
 
+    def mask_input(self, h: torch.Tensor, keep) -> torch.Tensor:
+        return h  # W_in's input was masked by the pre-hook before W_in ran; h already reflects it
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.method.name == "teal":  # the input site was masked in the pre-hook already
-            t = self.act(h)
-            return t * self.masker("coef", t.abs())
         return self.method.forward(self, h, self.masker)
 
 

@@ -34,6 +34,7 @@ class FFNParts(Protocol):
     def down(self, t: torch.Tensor) -> torch.Tensor: ...  # W_down t; plain: W_out t
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...  # predictor's estimate of |t|
     def ffn_input(self, x: torch.Tensor) -> torch.Tensor: ...  # the FFN's input (plain: W_in's input)
+    def mask_input(self, x: torch.Tensor, keep: Keep) -> torch.Tensor: ...  # x with input site "input" masked
 
 
 def coefficient(parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ class Teal(Method):
         return {"input": parts.ffn_input(x).abs(), "coef": coefficient(parts, x).abs()}
 
     def forward(self, parts, x, keep):
-        x = x * keep("input", x.abs())
+        x = parts.mask_input(x, keep)
         t = coefficient(parts, x)
         return parts.down(t * keep("coef", t.abs()))
 
