@@ -18,6 +18,7 @@ from .api import (
 )
 from .calibrate import Calibration
 from .evaluate import PerplexityResult, perplexity
+from .kernel_path import set_kernels
 from .methods import METHODS, get_method
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
 
@@ -37,6 +38,7 @@ __all__ = [
     "load_sparsity",
     "perplexity",
     "save_sparsity",
+    "set_kernels",
     "sparsify",
     "unsparsify",
 ]

@@ -14,6 +14,7 @@ from torch import nn
 from . import ffn
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import token_windows
+from .kernel_path import KERNEL_MODES, set_kernels
 from .methods import get_method
 from .models import ffn_sites, fingerprint
 
@@ -118,6 +119,7 @@ def sparsify(
     batch_size: int = 1,
     predictors: list[dict[str, torch.Tensor]] | None = None,
     progress: bool = True,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Replace every FFN of ``model`` by a sparse one and return the same model object.
 
@@ -125,10 +127,14 @@ def sparsify(
     calibration); ``mode="threshold"`` masks scores below per-layer thresholds calibrated on
     ``calibration`` (texts with ``tokenizer``, token batches, or a `Calibration`). Default: threshold
     when calibration is given, else top-k. ``d-countdown`` needs ``predictors`` (see
-    `countdown.train_predictors`). Every input is checked before the model is touched.
+    `countdown.train_predictors`). ``kernels="auto"`` runs single-token decode steps on CUDA through
+    the Triton kernels (`countdown.kernel_path`); "off" keeps the reference path everywhere. Every
+    input is checked before the model is touched.
     """
     m = get_method(method)
     sparsity = check_sparsity(sparsity)
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
     sites = ffn_sites(model)
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
@@ -151,6 +157,7 @@ def sparsify(
         else:
             thresholds = cal.thresholds(sparsity)
     _install(model, sites, m, sparsity, mode, thresholds, predictors)
+    set_kernels(model, kernels)
     return model
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernel_path import kernel_skip_reason, run_kernel
 from .methods import Method
 from .models import FFNSite
 
@@ -140,13 +141,34 @@ class SparseFFN(_SparseModule):
     def down(self, t: torch.Tensor) -> torch.Tensor:
         return self.down_proj(t)
 
+    def gate_weight(self) -> torch.Tensor:
+        if self._fused:
+            w = self.gate_up_proj.weight
+            return w[: w.shape[0] // 2]
+        return self.gate_proj.weight
+
+    def up_weight(self) -> torch.Tensor:
+        if self._fused:
+            w = self.gate_up_proj.weight
+            return w[w.shape[0] // 2 :]
+        return self.up_proj.weight
+
+    def has_bias(self) -> bool:
+        projections = (self.gate_up_proj,) if self._fused else (self.gate_proj, self.up_proj)
+        return any(p.bias is not None for p in (*projections, self.down_proj))
+
     def ffn_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def mask_input(self, x: torch.Tensor, keep) -> torch.Tensor:
         return x * keep("input", x.abs())
 
+    # "auto": Triton kernel for one decode token on CUDA, reference path otherwise (see kernel_path)
+    kernels = "auto"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernel_skip_reason(self, x) is None:
+            return run_kernel(self, x)
         return self.method.forward(self, x, self.masker)
 
 
