@@ -200,6 +200,66 @@ def _prefetch_report(model, eval_ids, context: int, out: Path) -> str:
     return table
 
 
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m", help="As for `run`, or random:llama-3-8b / random:llama-2-7b / "
+                              "random:smollm2-135m (that shape, random weights: speed does not depend on their values)."),
+    methods: str = typer.Option("cats,m-countdown,d-countdown-ideal,d-countdown", help="Comma-separated methods."),
+    sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens."),
+    new_tokens: int = typer.Option(256, help="Generated tokens per run."),
+    repeats: int = typer.Option(5, help="Timed runs per point (the median is reported), after one warm-up run."),
+    calib_windows: int = typer.Option(4, help="Calibration windows of 256 tokens for the thresholds."),
+    compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it."),
+    out: Optional[Path] = typer.Option(None, help="Write speed.json and speed.md here."),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("auto", help="'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."),
+) -> None:
+    """Tokens/s of greedy batch-1 decoding, dense and sparsified, in one fast loop (static KV cache,
+    CUDA graph on GPU), with the ideal speed-up from bytes beside each measured one."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from .loading import RANDOM_PREFIX, resolve_device
+    from .predictor import random_predictors
+    from .speed import measure_speed, speed_markdown
+
+    method_list, sparsity_list = _csv(methods), _csv(sparsities, float)
+    try:
+        dev = resolve_device(device)
+        dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+        m, tok = _load(model, str(dev), dtype)
+        if model.startswith(RANDOM_PREFIX):
+            g = torch.Generator().manual_seed(0)
+            vocab = m.config.vocab_size
+            prompt = torch.randint(vocab, (1, prompt_len), generator=g)
+            calib = torch.randint(vocab, (calib_windows, 256), generator=g)
+            predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
+            note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
+        else:
+            prompt = _tokens(tok, _text("default", "evaluation"), prompt_len, prompt_len)
+            calib = _tokens(tok, _text("default", "calibration"), calib_windows * 256, 256)
+            predictors_for = _predictor_trainer(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
+            note = "real weights; prompt and calibration from the packaged text"
+        points = measure_speed(m, method_list, sparsity_list, prompt, calib, new_tokens=new_tokens, repeats=repeats,
+                               predictors_for=predictors_for, compile=compile,
+                               log=lambda s: console.print(s, highlight=False))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(str(err))
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    title = (f"{model}, {dtype}, batch 1, prompt {prompt_len} → {new_tokens} new tokens, {where} "
+             f"({'CUDA graph' if dev.type == 'cuda' else 'eager'}{', compiled' if compile else ''}; {note})")
+    table = speed_markdown(points, title)
+    console.print(table, highlight=False, soft_wrap=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps({"title": title, "points": [asdict(p) for p in points]}, indent=1))
+        (out / "speed.md").write_text(table)
+        console.print(f"wrote {out}/speed.json, speed.md")
+
+
 @app.command("tasks")
 def tasks_cmd() -> None:
     """List the downstream tasks that ship with countdown (usable offline)."""

@@ -49,16 +49,45 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+# Shapes of real models, for speed measurements with random weights ("random:<name>"): decode speed
+# depends on the shapes and on how many neurons pass, not on the weights' values.
+RANDOM_SHAPES = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+}
+RANDOM_PREFIX = "random:"
+
+
+def random_model(shape: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", seed: int = 0):
+    """A Llama-architecture model of a real model's shape with random weights (built on ``device``)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model shape {shape!r}; choose one of: {', '.join(RANDOM_SHAPES)}")
+    config = LlamaConfig(**RANDOM_SHAPES[shape])
+    torch.manual_seed(seed)
+    with torch.device(resolve_device(str(device))):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    return model.eval()
+
+
 def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype = "float32"):
     """(model, tokenizer) in eval mode on ``device`` in ``dtype``.
 
-    ``name``: ``smollm2`` (built in), a ``.gguf`` file, a folder with a Hugging Face checkpoint, or a
-    Hub id (needs internet).
+    ``name``: ``smollm2`` (built in), a ``.gguf`` file, a folder with a Hugging Face checkpoint, a
+    Hub id (needs internet), or ``random:<shape>`` (see `RANDOM_SHAPES`; tokenizer is None).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
+    if str(name).startswith(RANDOM_PREFIX):
+        return random_model(str(name)[len(RANDOM_PREFIX):], dev, torch_dtype), None
     kwargs: dict = {}
     if name == DEFAULT_MODEL:
         path = builtin_smollm2_path()

@@ -235,3 +235,20 @@ def load_predictors(model: nn.Module, path: str | Path) -> list[dict[str, torch.
             raise ValueError(f"{path}: no predictor for layer {i}")
         out.append(layer)
     return out
+
+
+def random_predictors(model: nn.Module, rank: int | str = "auto", seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Untrained predictors of the trained ones' size, for speed measurements only: the kernels' time
+    depends on how many neurons pass the threshold, not on which."""
+    sites = ffn_sites(model)
+    hidden, inter = sites[0].hidden_size, sites[0].intermediate_size
+    r = auto_rank(hidden, inter, 3 if sites[0].kind == "gated" else 2) if rank == "auto" else int(rank)
+    ref = next(model.parameters())
+    g = torch.Generator(device=ref.device).manual_seed(seed)
+    out = []
+    for _ in sites:
+        layer = {"V": torch.randn(hidden, r, generator=g, device=ref.device) / math.sqrt(hidden),
+                 "U": torch.randn(inter, r, generator=g, device=ref.device) / math.sqrt(r),
+                 "b": torch.zeros(inter, device=ref.device)}
+        out.append({k: v.to(ref.dtype) for k, v in layer.items()})
+    return out

@@ -1,0 +1,153 @@
+"""End-to-end decode speed: tokens/s of dense and sparsified models through the same fast loop.
+
+Every point runs `countdown.decode.Decoder` on the same model object in the same process, so the
+only difference from the dense baseline is the FFN. Beside each measured speed-up stands the ideal
+one from bytes: at batch 1 a decode step reads every weight once (the input embedding only one row)
+plus the KV cache, and a sparse FFN reads only the fraction of its weights its kernel needs at the
+sparsity actually measured on the generated tokens (plus the predictor, for D-COUNTDOWN).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .api import calibrate_methods, sparsify, unsparsify
+from .decode import Decoder
+from .evaluate import perplexity
+from .methods import get_method
+from .models import ffn_sites
+
+
+@dataclass
+class ModelBytes:
+    weights: int  # weight bytes one decode step reads (tied or not, the input embedding reads one row)
+    ffn: int  # of which the FFNs'
+    kv_per_position: int  # KV-cache bytes per cached position, all layers
+
+    def per_token(self, context: float, ffn_fraction: float = 1.0, extra: int = 0) -> float:
+        return self.weights - self.ffn * (1.0 - ffn_fraction) + extra + self.kv_per_position * context
+
+
+def model_bytes(model: nn.Module) -> ModelBytes:
+    params = list(model.parameters())  # tied weights appear once
+    total = sum(p.numel() * p.element_size() for p in params)
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb_out is None or emb_in.weight is not emb_out.weight:
+        total -= emb_in.weight.numel() * emb_in.weight.element_size()
+    ffn = 0
+    for site in ffn_sites(model):
+        ffn += sum(m.weight.numel() * m.weight.element_size() for m in site.modules.values())
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    elsize = params[0].element_size()
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * elsize
+    return ModelBytes(total, ffn, kv)
+
+
+def predictor_bytes(predictors: list[dict[str, torch.Tensor]] | None) -> int:
+    if not predictors:
+        return 0
+    return sum(t.numel() * t.element_size() for p in predictors for t in p.values())
+
+
+@dataclass
+class SpeedPoint:
+    method: str
+    target: float
+    measured: float  # skipped fraction of FFN neurons on the generated tokens
+    tokens_per_s: float  # median over repeats
+    ms_per_token: float
+    prefill_ms: float
+    speedup: float  # tokens/s over dense tokens/s, same process, same loop
+    ideal_speedup: float  # dense bytes per token over this method's bytes per token
+    bytes_per_token: float
+    gb_per_s: float  # bytes per token / time per token
+    match_dense: float  # fraction of generated tokens equal to the dense model's at the same position
+    runs: list[float] = field(default_factory=list)  # tokens/s of every timed repeat
+
+
+def _timed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool):
+    decoder = Decoder(model, max_len=prompt.shape[-1] + new_tokens, compile=compile)
+    decoder.generate(prompt, new_tokens)  # warm-up, CUDA-graph capture, kernel autotuning
+    results = [decoder.generate(prompt, new_tokens) for _ in range(repeats)]
+    return results
+
+
+def measure_speed(
+    model: nn.Module,
+    methods: list[str],
+    sparsities: list[float],
+    prompt: torch.Tensor,
+    calibration: torch.Tensor,
+    *,
+    new_tokens: int = 256,
+    repeats: int = 5,
+    predictors_for: Callable[[float], list] | None = None,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[SpeedPoint]:
+    """Dense first, then every (method, sparsity) in threshold mode; returns one point each.
+
+    ``prompt`` [1, P] token ids; ``calibration`` [n, L] token windows for the thresholds."""
+    for name in methods:
+        if get_method(name).needs_predictor and predictors_for is None:
+            raise ValueError(f"{name} needs predictors: pass predictors_for")
+    if repeats < 1 or new_tokens < 2:
+        raise ValueError("need repeats >= 1 and new_tokens >= 2")
+    nbytes = model_bytes(model)
+    context = prompt.shape[-1] + new_tokens / 2  # mean cached positions over the decode steps
+    dense_bytes = nbytes.per_token(context)
+
+    def point(method: str, target: float, measured: float, ffn_fraction: float, extra: int, results, dense):
+        runs = [r.tokens_per_second for r in results]
+        tps = statistics.median(runs)
+        b = nbytes.per_token(context, ffn_fraction, extra)
+        gen = results[0].tokens[0, prompt.shape[-1]:]
+        match = float((gen == dense[0]).float().mean()) if dense is not None else 1.0
+        return SpeedPoint(method, target, measured, tps, 1e3 / tps, 1e3 * statistics.median(r.prefill_seconds for r in results),
+                          tps / dense[1] if dense is not None else 1.0, dense_bytes / b, b, b * tps / 1e9, match, runs)
+
+    dense_results = _timed(model, prompt, new_tokens, repeats, compile)
+    dense_point = point("dense", 0.0, 0.0, 1.0, 0, dense_results, None)
+    dense = (dense_results[0].tokens[0, prompt.shape[-1]:], dense_point.tokens_per_s)
+    log(f"dense: {dense_point.tokens_per_s:.1f} tokens/s ({dense_point.gb_per_s:.0f} GB/s)")
+    points = [dense_point]
+    shared = [m for m in methods if not get_method(m).needs_predictor]
+    cals = calibrate_methods(model, shared, calibration, max_windows=None, progress=False) if shared else {}
+    for name in methods:
+        for s in sparsities:
+            preds = predictors_for(s) if get_method(name).needs_predictor else None
+            sparsify(model, name, s, calibration=cals.get(name, calibration), mode="threshold", predictors=preds,
+                     max_windows=None, progress=False)
+            try:
+                results = _timed(model, prompt, new_tokens, repeats, compile)
+                # sparsity the masks really had on these tokens (reference path, tracking on)
+                seen = perplexity(model, results[0].tokens, context=results[0].tokens.shape[-1], progress=False)
+            finally:
+                unsparsify(model)
+            p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense)
+            points.append(p)
+            log(f"{name} @ {s:.0%}: {p.tokens_per_s:.1f} tokens/s, {p.speedup:.2f}x (ideal {p.ideal_speedup:.2f}x), "
+                f"measured sparsity {p.measured:.1%}")
+    return points
+
+
+def speed_markdown(points: list[SpeedPoint], title: str = "") -> str:
+    head = f"**{title}**\n\n" if title else ""
+    lines = [
+        "| method | target | measured | tokens/s | ms/token | speed-up | ideal (bytes) | % of ideal | GB/s | same tokens as dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        target = "—" if p.method == "dense" else f"{p.target:.0%}"
+        measured = "—" if p.method == "dense" else f"{p.measured:.1%}"
+        lines.append(f"| {p.method} | {target} | {measured} | {p.tokens_per_s:.1f} | {p.ms_per_token:.3f} | "
+                     f"{p.speedup:.2f}× | {p.ideal_speedup:.2f}× | {p.speedup / p.ideal_speedup:.0%} | "
+                     f"{p.gb_per_s:.0f} | {p.match_dense:.0%} |")
+    return head + "\n".join(lines) + "\n"
