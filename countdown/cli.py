@@ -86,7 +86,7 @@ def run(
 
 
 def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list, sparsity_list, mode, out,
-          results_file=None, task_list=(), task_limit=None):
+          results_file=None, task_list=(), task_limit=None, task_batch_size=8):
     """Load, tokenise calibration/evaluation text, run every (method, sparsity) point: what `run` and
     `sweep` share. Returns (model, tokenizer, evaluation ids, points)."""
     from .sweep import run_grid
@@ -98,7 +98,7 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
             from .tasks import evaluate_tasks
 
             def extra_eval(model_):
-                return evaluate_tasks(model_, tok, list(task_list), limit=task_limit)
+                return evaluate_tasks(model_, tok, list(task_list), limit=task_limit, batch_size=task_batch_size)
         calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
         eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
         console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
@@ -157,6 +157,7 @@ def sweep(
     sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="Comma-separated target sparsities."),
     tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`); empty: perplexity only."),
     task_limit: Optional[int] = typer.Option(None, help="Examples per task (default: all)."),
+    task_batch_size: int = typer.Option(8, help="Batch size of lm-eval's log-likelihood requests."),
     mode: str = typer.Option("threshold", help="'threshold' (calibrated) or 'topk' (exact per token)."),
     text: str = TextOpt,
     calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
@@ -174,7 +175,7 @@ def sweep(
     task_list = _csv(tasks)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
                                    _csv(sparsities, float), mode, out, results_file=out / "results.jsonl",
-                                   task_list=task_list, task_limit=task_limit)
+                                   task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size)
     title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode})"
     _report(points, title, model, out)
     plot_task_accuracy(points, out / "task_accuracy.png", title=f"{model}: task accuracy ({mode})")

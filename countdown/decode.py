@@ -69,11 +69,12 @@ class Decoder:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     # -- one step ---------------------------------------------------------------------------------
-    def _step(self) -> None:
+    def _step(self, eager: bool = False) -> None:
         """Feed self._token at position self._pos; write the argmax to self._token and self._out[pos+1]."""
         # 1 for every filled cache slot (positions <= pos), 0 for the empty rest of the static cache
         mask = (self._positions <= self._pos).unsqueeze(0).long()
-        out = self._forward(input_ids=self._token, attention_mask=mask, position_ids=self._pos.view(1, 1),
+        forward = self.model.forward if eager else self._forward
+        out = forward(input_ids=self._token, attention_mask=mask, position_ids=self._pos.view(1, 1),
                             cache_position=self._pos, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1)
         nxt = out.logits[0, -1].argmax(-1)
@@ -81,23 +82,33 @@ class Decoder:
         self._token.copy_(nxt.view(1, 1))
         self._out.index_copy_(0, self._pos, nxt.view(1))
 
+    def _counters(self) -> list[torch.Tensor]:
+        # transformers' static cache layers write at their own running counter, not at cache_position
+        return [layer.cumulative_length for layer in self.cache.layers
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def _restore(self, pos: torch.Tensor, token: torch.Tensor, counters: list[torch.Tensor]) -> None:
+        self._pos.copy_(pos)
+        self._token.copy_(token)
+        for live, saved in zip(self._counters(), counters):
+            live.copy_(saved)
+
     def _capture(self) -> None:
+        """Warm up and capture one step; afterwards every buffer the step touches is as before."""
         pos, token = self._pos.clone(), self._token.clone()
+        counters = [c.clone() for c in self._counters()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: Triton autotuning, lazy buffers, cuBLAS handles
-            for _ in range(3):
-                self._pos.copy_(pos)
-                self._token.copy_(token)
-                self._step()
+            for i in range(3):  # the first one eager, so nothing lazy happens inside a compile trace
+                self._restore(pos, token, counters)
+                self._step(eager=i == 0)
         torch.cuda.current_stream().wait_stream(stream)
-        self._pos.copy_(pos)
-        self._token.copy_(token)
+        self._restore(pos, token, counters)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
-        self._pos.copy_(pos)  # the warm-up and capture advanced nothing that replay would not redo
-        self._token.copy_(token)
+        self._restore(pos, token, counters)  # capture records the step without running it
         self._graph = graph
 
     # -- generation -------------------------------------------------------------------------------

@@ -106,5 +106,8 @@ def set_kernels(model: nn.Module, mode: str = "auto") -> int:
     for m in modules:
         m.kernels = mode
         if hasattr(m, "w_down_t"):
-            del m.w_down_t  # dropped when off; rebuilt from the current weight on next use otherwise
+            del m.w_down_t  # dropped when off; rebuilt from the current weight otherwise
+        on_gpu = m.down_proj.weight.device.type == "cuda"
+        if m.method.name in KERNEL_METHODS and (mode == "always" or (mode == "auto" and on_gpu)):
+            down_transposed(m)  # now, not inside a CUDA-graph capture or a torch.compile trace
     return len(modules)

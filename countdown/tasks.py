@@ -79,7 +79,7 @@ def evaluate_tasks(
     tokenizer: Any,
     tasks: list[str],
     limit: int | None = None,
-    batch_size: int = 1,
+    batch_size: int = 8,
     device: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy of an in-memory ``transformers`` causal LM on lm-eval tasks.
