@@ -72,3 +72,19 @@ def test_bad_decoder_settings_give_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs the model on CUDA"):
             Decoder(model, max_len=32, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["dense", "m-countdown", "d-countdown"])
+def test_cuda_graph_loop_equals_eager_loop_on_gpu(method):
+    model, calib = tiny_model("llama").cuda(), tokens(4, 24)
+    if method != "dense":
+        preds = train_predictors(model, calib, 0.5, rank=4, epochs=1, progress=False)[0] if method == "d-countdown" else None
+        countdown.sparsify(model, method, 0.5, calibration=calib, predictors=preds, progress=False)
+    prompt = tokens(1, 8, seed=3)
+    graph = Decoder(model, max_len=40, cuda_graph=True)
+    first, again = graph.generate(prompt, 20), graph.generate(prompt, 20)  # capture, then replay only
+    eager = Decoder(model, max_len=40, cuda_graph=False).generate(prompt, 20)
+    assert torch.equal(first.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+    if method == "dense":
+        assert torch.equal(first.tokens, _generate(model, prompt.cuda(), 20).cpu())
