@@ -258,7 +258,10 @@ def bench_cmd(
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps({"title": title, "points": [asdict(p) for p in points]}, indent=1))
         (out / "speed.md").write_text(table)
-        console.print(f"wrote {out}/speed.json, speed.md")
+        from .report import plot_speedup
+
+        plot_speedup(points, out / "speedup.png", title=f"{model}: decode speed-up ({where})")
+        console.print(f"wrote {out}/speed.json, speed.md, speedup.png")
 
 
 @app.command("tasks")

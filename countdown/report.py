@@ -155,3 +155,29 @@ def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_speedup(points: list, path: Path, title: str = "") -> Path:
+    """Measured end-to-end speed-up (solid) and the ideal from bytes (dashed) against measured
+    sparsity, one colour per method; ``points`` are `countdown.speed.SpeedPoint`s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="dense")
+    for i, method in enumerate(dict.fromkeys(p.method for p in points if p.method != "dense")):
+        pts = sorted((p for p in points if p.method == method), key=lambda p: p.measured)
+        color = f"C{i}"
+        ax.plot([p.measured for p in pts], [p.speedup for p in pts], marker="o", color=color, label=method)
+        ax.plot([p.measured for p in pts], [p.ideal_speedup for p in pts], linestyle="--", color=color, alpha=0.6)
+    ax.set_xlabel("measured FFN sparsity")
+    ax.set_ylabel("decode tokens/s ÷ dense (dashed: ideal from bytes)")
+    ax.set_title(title or "end-to-end decode speed-up")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
