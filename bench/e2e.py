@@ -109,6 +109,31 @@ def run_shape(shape: str, methods: list[str], sparsities: list[float], args) -> 
     return {"shape": shape, "points": [asdict(p) for p in points], "bytes": asdict(nb)}
 
 
+def run_real(path: str, text_file: str, methods: list[str], sparsities: list[float], args) -> dict:
+    """The real SmolLM2 (a GGUF file brought to the machine) on real text: tokens/s and how many
+    greedy tokens stay equal to the dense model's."""
+    from countdown.data import first_tokens, read_text_file
+    from countdown.loading import load
+    from countdown.predictor import train_predictors
+
+    t0 = time.time()
+    model, tok = load(path, device="cuda", dtype="bfloat16")
+    text = read_text_file(text_file)
+    calib = first_tokens(tok, text, 16 * 256, 256)
+    prompt = first_tokens(tok, text[len(text) // 2:], args.prompt_len, args.prompt_len)  # not in the calibration part
+    cache = {}
+
+    def predictors_for(s):
+        if s not in cache:
+            cache[s] = train_predictors(model, calib, s, progress=False)[0]
+        return cache[s]
+
+    points = measure_speed(model, methods, sparsities, prompt, calib, new_tokens=args.new_tokens, repeats=args.repeats,
+                           predictors_for=predictors_for, compile=args.compile, log=log)
+    log(f"real SmolLM2 done in {time.time() - t0:.0f}s")
+    return {"shape": "smollm2-135m (real weights)", "points": [asdict(p) for p in points], "bytes": asdict(model_bytes(model))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -120,6 +145,8 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.compile the decode step before capture (default; --no-compile: graph only)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--real-gguf", default="", help="also run the real model from this GGUF file (needs the gguf package)")
+    ap.add_argument("--text", default="", help="with --real-gguf: a UTF-8 text file for calibration and the prompt")
     args = ap.parse_args()
     if args.compile:  # one compile per method (its FFN modules differ); sparsities share it
         torch._dynamo.config.recompile_limit = 64
@@ -137,9 +164,13 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     tables = []
-    for shape in [s for s in args.shapes.split(",") if s]:
+    jobs = [s for s in args.shapes.split(",") if s] + (["real"] if args.real_gguf else [])
+    for shape in jobs:
         try:
-            r = run_shape(shape, methods, sparsities, args)
+            if shape == "real":
+                r = run_real(args.real_gguf, args.text, methods, sparsities, args)
+            else:
+                r = run_shape(shape, methods, sparsities, args)
         except Exception as err:  # keep the other shapes' results
             log(f"{shape} FAILED: {type(err).__name__}: {err}")
             import traceback
@@ -149,7 +180,7 @@ def main() -> None:
         result["shapes"].append(r)
         dense = r["points"][0]
         frac = dense["gb_per_s"] / bandwidth
-        title = (f"{shape}: bf16, batch 1, prompt {args.prompt_len} → {args.new_tokens}, CUDA graph"
+        title = (f"{r['shape']}: bf16, batch 1, prompt {args.prompt_len} → {args.new_tokens}, CUDA graph"
                  f"{' + compile' if args.compile else ''}; dense at {frac:.0%} of the copy bandwidth")
         from countdown.speed import SpeedPoint
 

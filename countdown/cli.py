@@ -210,7 +210,8 @@ def bench_cmd(
     prompt_len: int = typer.Option(128, help="Prompt tokens."),
     new_tokens: int = typer.Option(256, help="Generated tokens per run."),
     repeats: int = typer.Option(5, help="Timed runs per point (the median is reported), after one warm-up run."),
-    calib_windows: int = typer.Option(4, help="Calibration windows of 256 tokens for the thresholds."),
+    calib_windows: int = typer.Option(16, help="Calibration windows of 256 tokens (thresholds; predictors for real models)."),
+    text: str = TextOpt,
     compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it."),
     out: Optional[Path] = typer.Option(None, help="Write speed.json and speed.md here."),
     device: str = DeviceOpt,
@@ -240,10 +241,10 @@ def bench_cmd(
             predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
             note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
         else:
-            prompt = _tokens(tok, _text("default", "evaluation"), prompt_len, prompt_len)
-            calib = _tokens(tok, _text("default", "calibration"), calib_windows * 256, 256)
+            prompt = _tokens(tok, _text(text, "evaluation"), prompt_len, prompt_len)
+            calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
             predictors_for = _predictor_trainer(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
-            note = "real weights; prompt and calibration from the packaged text"
+            note = f"real weights; prompt and calibration from '{text}'"
         points = measure_speed(m, method_list, sparsity_list, prompt, calib, new_tokens=new_tokens, repeats=repeats,
                                predictors_for=predictors_for, compile=compile,
                                log=lambda s: console.print(s, highlight=False))
