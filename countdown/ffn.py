@@ -12,6 +12,8 @@ model's checkpoint; `countdown.api.save_sparsity` writes them to their own artif
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,9 @@ class Masker(nn.Module):
         self.track = False
         self.collect_sites: set[str] = set()  # sites still being calibrated while earlier ones mask
         self.collected: dict[str, list[torch.Tensor]] = {}
-        self._rng = torch.Generator().manual_seed(0)  # reproducible calibration subsamples
+        # one generator per site, seeded by its name: a method's calibration subsample is the same
+        # whichever other methods are calibrated in the same pass
+        self._rngs: dict[str, torch.Generator] = {}
         self.skipped: dict[str, torch.Tensor] = {}
         self.seen: dict[str, int] = {}
 
@@ -52,7 +56,10 @@ class Masker(nn.Module):
         if self.mode == "collect" or site in self.collect_sites:  # calibration: record, mask nothing
             flat = score.detach().reshape(-1).float()
             if flat.numel() > self.samples_per_call:
-                idx = torch.randint(flat.numel(), (self.samples_per_call,), generator=self._rng)
+                rng = self._rngs.get(site)
+                if rng is None:
+                    rng = self._rngs[site] = torch.Generator().manual_seed(zlib.crc32(site.encode()))
+                idx = torch.randint(flat.numel(), (self.samples_per_call,), generator=rng)
                 flat = flat[idx.to(flat.device)]
             self.collected.setdefault(site, []).append(flat.cpu())
             return torch.ones_like(score)

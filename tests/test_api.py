@@ -100,3 +100,12 @@ def test_artifact_is_pickle_free_safetensors(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert '"method": "m-countdown"' in f.metadata()["countdown"]
         assert f.get_tensor("thresholds").shape == (2, 1)
+
+
+def test_a_methods_thresholds_do_not_depend_on_the_methods_calibrated_beside_it(monkeypatch):
+    # scores are subsampled per call; each site must draw its own sample whatever else is collected
+    monkeypatch.setattr(ffn.Masker, "samples_per_call", 200)
+    model, ids = tiny_model("llama"), tokens(4, 24)
+    alone = countdown.calibrate_methods(model, ["m-countdown"], ids, progress=False)["m-countdown"]
+    shared = countdown.calibrate_methods(model, ["cats", "teal", "m-countdown"], ids, progress=False)["m-countdown"]
+    assert torch.equal(alone.thresholds(0.6), shared.thresholds(0.6))
