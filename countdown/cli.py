@@ -212,7 +212,7 @@ def bench_cmd(
     repeats: int = typer.Option(5, help="Timed runs per point (the median is reported), after one warm-up run."),
     calib_windows: int = typer.Option(16, help="Calibration windows of 256 tokens (thresholds; predictors for real models)."),
     text: str = TextOpt,
-    compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it."),
+    compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it (recommended on GPU: fuses the small kernels; bench/e2e.py uses it)."),
     out: Optional[Path] = typer.Option(None, help="Write speed.json and speed.md here."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("auto", help="'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."),
