@@ -141,7 +141,10 @@ def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path
     for ax, task in zip(axes[0], tasks):
         dense = [p for p in points if p.method == "dense" and task in p.extra]
         if dense:
-            ax.axhline(dense[0].extra[task]["acc"], color="black", linestyle="--", linewidth=1, label="dense")
+            acc, err = dense[0].extra[task]["acc"], dense[0].extra[task].get("acc_stderr", float("nan"))
+            ax.axhline(acc, color="black", linestyle="--", linewidth=1, label="dense")
+            if err == err:  # a band of ± one standard error: differences inside it are noise
+                ax.axhspan(acc - err, acc + err, color="black", alpha=0.08, label="dense ± 1 s.e.")
         for method in dict.fromkeys(p.method for p in points if p.method != "dense"):
             pts = sorted((p for p in points if p.method == method and task in p.extra), key=lambda p: p.target)
             ax.plot([p.measured for p in pts], [p.extra[task]["acc"] for p in pts], marker="o", label=method)
