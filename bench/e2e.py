@@ -33,7 +33,7 @@ from countdown.ffn import sparse_modules
 from countdown.kernel_path import kernel_skip_reason
 from countdown.loading import random_model
 from countdown.predictor import random_predictors
-from countdown.speed import measure_speed, model_bytes, speed_markdown
+from countdown.speed import SpeedPoint, measure_speed, model_bytes, speed_markdown
 
 SHAPES = ("smollm2-135m", "llama-2-7b", "llama-3-8b")
 METHODS = "cats,m-countdown,d-countdown-ideal,d-countdown"
@@ -182,8 +182,6 @@ def main() -> None:
         frac = dense["gb_per_s"] / bandwidth
         title = (f"{r['shape']}: bf16, batch 1, prompt {args.prompt_len} → {args.new_tokens}, CUDA graph"
                  f"{' + compile' if args.compile else ''}; dense at {frac:.0%} of the copy bandwidth")
-        from countdown.speed import SpeedPoint
-
         tables.append(speed_markdown([SpeedPoint(**p) for p in r["points"]], title))
     out = os.environ.get("OUT")
     if out:

@@ -172,16 +172,6 @@ class Layer:
         return self.score
 
 
-def quantile_threshold(score, s):
-    v = score.float().sort().values
-    k = int(round(s * v.numel()))
-    if k == 0:
-        return float(v[0]) - 1.0
-    if k >= v.numel():
-        return float(v[-1]) + 1.0
-    return float(0.5 * (v[k - 1] + v[k]))
-
-
 # ------------------------------------------------------------------------------------------
 # timing
 
@@ -306,7 +296,9 @@ def reference_of(path, L, thr):
 
 
 def thresholds(path, layers, s):
-    thr = [torch.tensor([quantile_threshold(L.score_of(path), s)], device="cuda") for L in layers]
+    from countdown.kernels.reference import midpoint_threshold
+
+    thr = [torch.tensor([midpoint_threshold(L.score_of(path), s)], device="cuda") for L in layers]
     kept = sum(int((L.score_of(path) > t).sum()) for L, t in zip(layers, thr)) / len(layers)
     return thr, kept
 

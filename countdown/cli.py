@@ -19,6 +19,7 @@ ModelOpt = typer.Option("smollm2", "--model", "-m", help="'smollm2' (built in), 
 DeviceOpt = typer.Option("auto", help="cpu, cuda, cuda:1 … ('auto': cuda if available).")
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
 TextOpt = typer.Option("default", "--text", help="A corpus name (default, python-docs, pydoc-topics, wikitext2) or a UTF-8 text file.")
+MethodsOpt = typer.Option(ALL_METHODS, help="Comma-separated methods (dense is always measured).")
 ContextOpt = typer.Option(512, help="Tokens per perplexity window (and per calibration window).")
 
 
@@ -65,7 +66,7 @@ def _tokens(tok, text: str, n_tokens: int, seq_len: int):
 @app.command()
 def run(
     model: str = ModelOpt,
-    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods (dense is always measured)."),
+    methods: str = MethodsOpt,
     sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities in [0, 1)."),
     mode: str = typer.Option("threshold", help="'threshold' (per-layer thresholds calibrated on calibration text) or 'topk' (exact per-token)."),
     text: str = TextOpt,
@@ -153,7 +154,7 @@ def _predictor_trainer(model, windows, out: Path):
 @app.command()
 def sweep(
     model: str = ModelOpt,
-    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods (dense is always measured)."),
+    methods: str = MethodsOpt,
     sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="Comma-separated target sparsities."),
     tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`); empty: perplexity only."),
     task_limit: Optional[int] = typer.Option(None, help="Examples per task (default: all)."),

@@ -134,16 +134,10 @@ class SparseFFN(_SparseModule):
         return self._act(h)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused:
-            w = self.gate_up_proj.weight
-            return F.linear(x, w[: w.shape[0] // 2])
-        return self.gate_proj(x)
+        return F.linear(x, self.gate_weight()) if self._fused else self.gate_proj(x)
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused:
-            w = self.gate_up_proj.weight
-            return F.linear(x, w[w.shape[0] // 2 :])
-        return self.up_proj(x)
+        return F.linear(x, self.up_weight()) if self._fused else self.up_proj(x)
 
     def down(self, t: torch.Tensor) -> torch.Tensor:
         return self.down_proj(t)

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .api import calibrate_methods, sparsify, unsparsify
 from .decode import Decoder
 from .evaluate import perplexity
 from .methods import get_method
 from .models import ffn_sites
+from .sweep import each_sparsified
 
 
 @dataclass
@@ -118,23 +118,15 @@ def measure_speed(
     dense = (dense_results[0].tokens[0, prompt.shape[-1]:], dense_point.tokens_per_s)
     log(f"dense: {dense_point.tokens_per_s:.1f} tokens/s ({dense_point.gb_per_s:.0f} GB/s)")
     points = [dense_point]
-    shared = [m for m in methods if not get_method(m).needs_predictor]
-    cals = calibrate_methods(model, shared, calibration, max_windows=None, progress=False) if shared else {}
-    for name in methods:
-        for s in sparsities:
-            preds = predictors_for(s) if get_method(name).needs_predictor else None
-            sparsify(model, name, s, calibration=cals.get(name, calibration), mode="threshold", predictors=preds,
-                     max_windows=None, progress=False)
-            try:
-                results = _timed(model, prompt, new_tokens, repeats, compile)
-                # sparsity the masks really had on these tokens (reference path, tracking on)
-                seen = perplexity(model, results[0].tokens, context=results[0].tokens.shape[-1], progress=False)
-            finally:
-                unsparsify(model)
-            p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense)
-            points.append(p)
-            log(f"{name} @ {s:.0%}: {p.tokens_per_s:.1f} tokens/s, {p.speedup:.2f}x (ideal {p.ideal_speedup:.2f}x), "
-                f"measured sparsity {p.measured:.1%}")
+    todo = {name: list(sparsities) for name in methods}
+    for name, s, preds in each_sparsified(model, todo, calibration, predictors_for=predictors_for, progress=False):
+        results = _timed(model, prompt, new_tokens, repeats, compile)
+        # sparsity the masks really had on these tokens (reference path, tracking on)
+        seen = perplexity(model, results[0].tokens, context=results[0].tokens.shape[-1], progress=False)
+        p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense)
+        points.append(p)
+        log(f"{name} @ {s:.0%}: {p.tokens_per_s:.1f} tokens/s, {p.speedup:.2f}x (ideal {p.ideal_speedup:.2f}x), "
+            f"measured sparsity {p.measured:.1%}")
     return points
 
 

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -49,6 +49,33 @@ def _append(path: Path | None, point: Point) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(asdict(point)) + "\n")
+
+
+def each_sparsified(
+    model: nn.Module,
+    todo: dict[str, list[float]],
+    calibration_windows: torch.Tensor,
+    *,
+    mode: str = "threshold",
+    predictors_for: Callable[[float], list] | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[str, float, list | None]]:
+    """Yield (method, sparsity, predictors) for every target in ``todo`` ({method: [sparsities]}) with
+    the model sparsified for it; the model is dense again after each step and at the end."""
+    cals = {}
+    shared = [name for name in todo if not get_method(name).needs_predictor]
+    if mode == "threshold" and shared:  # one calibration pass serves every method and sparsity
+        cals = calibrate_methods(model, shared, calibration_windows, max_windows=None, progress=progress)
+    for name, targets in todo.items():
+        for s in targets:
+            # predictors are trained per target sparsity, so their scores are calibrated per target too
+            preds = predictors_for(s) if get_method(name).needs_predictor else None
+            cal = cals.get(name, calibration_windows if mode == "threshold" else None)
+            sparsify(model, name, s, calibration=cal, mode=mode, predictors=preds, max_windows=None, progress=progress)
+            try:
+                yield name, s, preds
+            finally:
+                unsparsify(model)
 
 
 def run_grid(
@@ -96,23 +123,12 @@ def run_grid(
     todo = {name: targets for name, targets in todo.items() if targets}
     if "d-countdown" in todo and predictors_for is None:
         raise ValueError("d-countdown needs predictors: pass predictors_for (see countdown.train_predictors)")
-    cals = {}
-    shared = [name for name in todo if not get_method(name).needs_predictor]
-    if mode == "threshold" and shared:  # one calibration pass serves every method and sparsity
-        cals = calibrate_methods(model, shared, calibration_windows, max_windows=None, progress=progress)
-    for name, targets in todo.items():
-        for s in targets:
-            # predictors are trained per target sparsity, so their scores are calibrated per target too
-            preds = predictors_for(s) if get_method(name).needs_predictor else None
-            cal = cals.get(name, calibration_windows if mode == "threshold" else None)
-            sparsify(model, name, s, calibration=cal, mode=mode, predictors=preds, max_windows=None, progress=progress)
-            try:
-                point = evaluate(name, mode, s)
-            finally:
-                unsparsify(model)
-            done[point.key] = point
-            _append(results_file, point)
-            log(f"{name} @ {s:.2f} ({mode}): measured {point.measured:.3f}, ppl {point.ppl:.3f}")
+    for name, s, _ in each_sparsified(model, todo, calibration_windows, mode=mode, predictors_for=predictors_for,
+                                      progress=progress):
+        point = evaluate(name, mode, s)
+        done[point.key] = point
+        _append(results_file, point)
+        log(f"{name} @ {s:.2f} ({mode}): measured {point.measured:.3f}, ppl {point.ppl:.3f}")
 
     points = list(done.values())
     for p in points:

@@ -37,6 +37,19 @@ def activation(v: torch.Tensor, act: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
+def midpoint_threshold(score: torch.Tensor, sparsity: float) -> float:
+    """A threshold that drops a ``sparsity`` fraction of ``score``, midway between two sorted values,
+    so that rounding differences between a kernel and this reference cannot flip a neuron (for tests
+    and benchmarks; models use calibrated thresholds)."""
+    s = score.float().flatten().sort().values
+    k = int(round(sparsity * s.numel()))
+    if k == 0:
+        return float(s[0]) - 1.0
+    if k >= s.numel():
+        return float(s[-1]) + 1.0
+    return float(0.5 * (s[k - 1] + s[k]))
+
+
 def _thr(threshold: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
     if isinstance(threshold, torch.Tensor):
         return threshold.to(device=like.device, dtype=torch.float32).reshape(())

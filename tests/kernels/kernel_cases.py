@@ -43,16 +43,7 @@ def weights(hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
     return x.to(**to), kernels.pack_ffn_weights(wg.to(**to), wu.to(**to), wd.to(**to))
 
 
-def threshold_for(score: torch.Tensor, sparsity: float) -> float:
-    """A threshold that drops a `sparsity` fraction of `score`: midway between two sorted values, so
-    that rounding differences between kernel and reference cannot flip a neuron."""
-    s = score.float().flatten().sort().values
-    k = int(round(sparsity * s.numel()))
-    if k == 0:
-        return float(s[0]) - 1.0
-    if k >= s.numel():
-        return float(s[-1]) + 1.0
-    return float(0.5 * (s[k - 1] + s[k]))
+threshold_for = reference.midpoint_threshold  # kernel and reference cannot disagree at it
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
