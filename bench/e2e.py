@@ -30,13 +30,13 @@ import torch
 import countdown
 from countdown.decode import Decoder
 from countdown.ffn import sparse_modules
-from countdown.kernel_path import kernel_skip_reason
-from countdown.loading import random_model
+from countdown.loading import random_inputs, random_model
+from countdown.methods import KERNEL_METHODS
 from countdown.predictor import random_predictors
 from countdown.speed import SpeedPoint, measure_speed, model_bytes, speed_markdown
 
 SHAPES = ("smollm2-135m", "llama-2-7b", "llama-3-8b")
-METHODS = "cats,m-countdown,d-countdown-ideal,d-countdown"
+METHODS = ",".join(KERNEL_METHODS)
 
 
 def log(*a):
@@ -56,14 +56,12 @@ def copy_bandwidth() -> float:
 def check(shape: str) -> dict:
     """Kernel path vs reference on one decode step; CUDA-graph loop vs model.generate, both dense."""
     model = random_model(shape, "cuda", "bfloat16")
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(model.config.vocab_size, (1, 32), generator=g)
+    prompt, calib = random_inputs(model, 32, 4, 128, seed=1)
     n = 32
     ref = model.generate(prompt.cuda(), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     fast = Decoder(model, max_len=64).generate(prompt, n).tokens
     out = {"graph_loop_equals_generate": float((ref.cpu()[0, 32:] == fast[0, 32:]).float().mean())}
-    calib = torch.randint(model.config.vocab_size, (4, 128), generator=g)
-    for method in ("cats", "m-countdown", "d-countdown-ideal", "d-countdown"):
+    for method in KERNEL_METHODS:
         preds = random_predictors(model) if method == "d-countdown" else None
         countdown.sparsify(model, method, 0.7, calibration=calib, predictors=preds, progress=False)
         errs_kernel, errs_ref = [], []
@@ -77,7 +75,7 @@ def check(shape: str) -> dict:
                 module.kernels = "off"
                 ref = module(x).float()
                 module.kernels = "auto"
-                assert kernel_skip_reason(module, x) is None
+                assert module.kernel_skip_reason(x) is None
                 errs_kernel.append(float((module(x).float() - truth).norm() / truth.norm()))
                 errs_ref.append(float((ref - truth).norm() / truth.norm()))
                 del exact
@@ -94,10 +92,7 @@ def check(shape: str) -> dict:
 def run_shape(shape: str, methods: list[str], sparsities: list[float], args) -> dict:
     t0 = time.time()
     model = random_model(shape, "cuda", "bfloat16")
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(vocab, (1, args.prompt_len), generator=g)
-    calib = torch.randint(vocab, (4, 256), generator=g)
+    prompt, calib = random_inputs(model, args.prompt_len, 4)
     nb = model_bytes(model)
     log(f"{shape}: weights read per token {nb.weights / 1e9:.2f} GB, FFN {nb.ffn / nb.weights:.0%} of them; built in {time.time() - t0:.0f}s")
     preds = random_predictors(model) if "d-countdown" in methods else None
@@ -114,20 +109,14 @@ def run_real(path: str, text_file: str, methods: list[str], sparsities: list[flo
     greedy tokens stay equal to the dense model's."""
     from countdown.data import first_tokens, read_text_file
     from countdown.loading import load
-    from countdown.predictor import train_predictors
+    from countdown.predictor import PredictorCache
 
     t0 = time.time()
     model, tok = load(path, device="cuda", dtype="bfloat16")
     text = read_text_file(text_file)
     calib = first_tokens(tok, text, 16 * 256, 256)
     prompt = first_tokens(tok, text[len(text) // 2:], args.prompt_len, args.prompt_len)  # not in the calibration part
-    cache = {}
-
-    def predictors_for(s):
-        if s not in cache:
-            cache[s] = train_predictors(model, calib, s, progress=False)[0]
-        return cache[s]
-
+    predictors_for = PredictorCache(model, calib, log=log, progress=False)
     points = measure_speed(model, methods, sparsities, prompt, calib, new_tokens=args.new_tokens, repeats=args.repeats,
                            predictors_for=predictors_for, compile=args.compile, log=log)
     log(f"real SmolLM2 done in {time.time() - t0:.0f}s")

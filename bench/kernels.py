@@ -66,25 +66,23 @@ def path_kernel(path):
     }[path]
 
 
+# the countdown method each path serves: its byte count comes from the method's own declaration
+PATH_METHOD = {"dense": "dense", "cats": "cats", "mcd": "m-countdown", "dideal": "d-countdown-ideal",
+               "dprac": "d-countdown"}
+
+
+def _method(path):
+    from countdown.methods import get_method
+
+    return get_method(PATH_METHOD[path.replace("_fused", "")])
+
+
 def ideal_ratio(path, s):
-    base = path.replace("_fused", "")
-    if base in ("cats", "mcd"):
-        return 3 / (1 + 2 * (1 - s))
-    if base == "dideal":
-        return 3 / (2 + (1 - s))
-    return 1 / (1 - s)
+    return 1 / _method(path).ffn_bytes_read("gated", {"coef": s})
 
 
 def bytes_read(path, hidden, inter, kept):
-    row = hidden * 2
-    base = path.replace("_fused", "")
-    if base == "dense":
-        return 3 * inter * row
-    if base in ("cats", "mcd"):
-        return inter * row + 2 * kept * row
-    if base == "dideal":
-        return 2 * inter * row + kept * row
-    return 3 * kept * row
+    return 3 * inter * hidden * 2 * _method(path).ffn_bytes_read("gated", {"coef": 1 - kept / inter})
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 import countdown
 from countdown.decode import Decoder
-from countdown.loading import random_model
+from countdown.loading import random_inputs, random_model
 from countdown.predictor import random_predictors
 from countdown.speed import model_bytes
 
@@ -65,9 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     model = random_model(args.shape, "cuda", "bfloat16")
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(model.config.vocab_size, (1, 128), generator=g)
-    calib = torch.randint(model.config.vocab_size, (4, 256), generator=g)
+    prompt, calib = random_inputs(model, 128, 4)
     nb = model_bytes(model)
     floor_ms = nb.per_token(128 + args.steps / 2) / 3.0e12 * 1e3
     results = {}

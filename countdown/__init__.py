@@ -1,33 +1,42 @@
 """countdown: contextual FFN activation sparsity for Hugging Face causal LMs.
 
     import countdown
+    model, tok = countdown.load("smollm2")
     countdown.sparsify(model, "m-countdown", 0.7, calibration=texts, tokenizer=tok)
     countdown.perplexity(model, token_ids)
     countdown.save_sparsity(model, "smollm2-mcd70.safetensors")
+
+    predictors = countdown.train_predictors(model, 0.7, calibration=texts, tokenizer=tok)
+    countdown.sparsify(model, "d-countdown", 0.7, calibration=texts, tokenizer=tok, predictors=predictors)
 """
 
 from .api import (
     AlreadySparsifiedError,
     calibrate,
     calibrate_methods,
-    is_sparsified,
     load_sparsity,
     save_sparsity,
     sparsify,
     unsparsify,
 )
 from .calibrate import Calibration
+from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
-from .kernel_path import set_kernels
+from .ffn import SparsitySpec, is_sparsified, set_kernels, sparsity_spec
+from .loading import load
 from .methods import METHODS, get_method
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
+from .predictor import Predictors, load_predictors, save_predictors, train_predictors
 
 __all__ = [
     "AlreadySparsifiedError",
     "Calibration",
+    "Decoder",
     "METHODS",
     "PerplexityResult",
+    "Predictors",
     "SUPPORTED_MODEL_TYPES",
+    "SparsitySpec",
     "UnsupportedModelError",
     "calibrate",
     "calibrate_methods",
@@ -35,11 +44,16 @@ __all__ = [
     "fingerprint",
     "get_method",
     "is_sparsified",
+    "load",
+    "load_predictors",
     "load_sparsity",
     "perplexity",
+    "save_predictors",
     "save_sparsity",
     "set_kernels",
     "sparsify",
+    "sparsity_spec",
+    "train_predictors",
     "unsparsify",
 ]
 __version__ = "0.1.0"

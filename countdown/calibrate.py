@@ -1,14 +1,16 @@
 """Per-layer thresholds from score statistics on calibration text.
 
-Calibration runs the *dense* model over calibration windows with each FFN replaced by the method's
-sparse module in "collect" mode: the module computes exactly the scores it will later mask on, records
-a random subsample of them, and masks nothing. The threshold for target sparsity ``s`` at a site is the
-``s``-quantile of that layer's pooled scores, so on text like the calibration text a fraction ``s`` of
-(token, neuron) entries fall below it. One collection serves every target sparsity.
+Calibration runs the *dense* model over calibration windows with each FFN replaced by a sparse module
+whose method is `CollectScores` and whose mask rule is a `ScoreRecorder`: the module computes exactly
+the scores the methods will later mask on, records a random subsample of them, and masks nothing. The
+threshold for target sparsity ``s`` at a site is the ``s``-quantile of that layer's pooled scores, so
+on text like the calibration text a fraction ``s`` of (token, neuron) entries fall below it. One
+collection serves every target sparsity.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -35,35 +37,60 @@ class Calibration:
 
     def thresholds(self, sparsity: float) -> torch.Tensor:
         """[num_layers, num_sites] thresholds reaching ``sparsity`` on the calibration text."""
-        rows = [[self._quantile(layer[site], sparsity) for site in self.sites] for layer in self.samples]
+        rows = [[quantile(layer[site], sparsity) for site in self.sites] for layer in self.samples]
         return torch.tensor(rows, dtype=torch.float32).reshape(len(self.samples), len(self.sites))
 
-    @staticmethod
-    def _quantile(values: torch.Tensor, sparsity: float) -> float:
-        if sparsity == 0:
-            return float(values.min()) - 1.0  # below every score: nothing is skipped
-        if values.numel() > _MAX_QUANTILE_SAMPLES:
-            keep = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:_MAX_QUANTILE_SAMPLES]
-            values = values[keep]
-        return float(torch.quantile(values, sparsity))
+
+def quantile(values: torch.Tensor, sparsity: float) -> float:
+    """The ``sparsity``-quantile of ``values``; below every value at sparsity 0 (nothing skipped)."""
+    if sparsity == 0:
+        return float(values.min()) - 1.0
+    if values.numel() > _MAX_QUANTILE_SAMPLES:
+        keep = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:_MAX_QUANTILE_SAMPLES]
+        values = values[keep]
+    return float(torch.quantile(values, sparsity))
+
+
+class ScoreRecorder(nn.Module):
+    """A mask rule that masks nothing and records a random subsample of every score it sees.
+
+    ``forward(site, score [..., I]) -> ones``; ``samples[site]`` is a list of 1-D float32 CPU tensors."""
+
+    # samples of the score kept per call: enough for a stable quantile, bounded memory
+    samples_per_call = 1 << 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        # one generator per site, seeded by its name: a method's calibration subsample is the same
+        # whichever other methods are calibrated in the same pass
+        self._rngs: dict[str, torch.Generator] = {}
+
+    def forward(self, site: str, score: torch.Tensor) -> torch.Tensor:
+        flat = score.detach().reshape(-1).float()
+        if flat.numel() > self.samples_per_call:
+            rng = self._rngs.get(site)
+            if rng is None:
+                rng = self._rngs[site] = torch.Generator().manual_seed(zlib.crc32(site.encode()))
+            idx = torch.randint(flat.numel(), (self.samples_per_call,), generator=rng)
+            flat = flat[idx.to(flat.device)]
+        self.samples.setdefault(site, []).append(flat.cpu())
+        return torch.ones_like(score)
+
+
+class _MaskThenRecord(nn.Module):
+    """Masks the sites already calibrated, records the ones being calibrated (TEAL's second pass)."""
+
+    def __init__(self, masker: ffn.Masker, recorder: ScoreRecorder, recorded: set[str]):
+        super().__init__()
+        self.masker, self.recorder, self.recorded = masker, recorder, recorded
+
+    def forward(self, site: str, score: torch.Tensor) -> torch.Tensor:
+        return self.recorder(site, score) if site in self.recorded else self.masker(site, score)
 
 
 def as_token_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-
-
-@torch.no_grad()
-def collect(
-    model: nn.Module,
-    sites: list[FFNSite],
-    method: Method,
-    windows: torch.Tensor,
-    batch_size: int = 1,
-    predictors: list[dict[str, torch.Tensor]] | None = None,
-    progress: bool = True,
-) -> Calibration:
-    """Run ``windows`` ([n, seq_len] token ids) through the model and collect the method's scores."""
-    return collect_many(model, sites, [method], windows, batch_size, predictors, progress)[method.name]
 
 
 @torch.no_grad()
@@ -76,20 +103,20 @@ def collect_many(
     predictors: list[dict[str, torch.Tensor]] | None = None,
     progress: bool = True,
 ) -> dict[str, Calibration]:
-    """One pass over ``windows`` collecting the scores of several methods; a `Calibration` each."""
-    collector = CollectScores(methods)
-    maskers = [ffn.Masker(collector.sites, 0.0, "collect", None) for _ in sites]
-    _forward_all(model, sites, collector, maskers, predictors, windows, batch_size, progress)
+    """One pass over ``windows`` ([n, seq_len] token ids) collecting the scores of several methods;
+    a `Calibration` each."""
+    recorders = [ScoreRecorder() for _ in sites]
+    _forward_all(model, sites, CollectScores(methods), recorders, predictors, windows, batch_size, progress)
     fp = fingerprint(model)
     out = {}
     for m in methods:
-        samples = [{site: torch.cat(mk.collected[f"{m.name}:{site}"]) for site in m.sites} for mk in maskers]
+        samples = [{site: torch.cat(r.samples[f"{m.name}:{site}"]) for site in m.sites} for r in recorders]
         out[m.name] = Calibration(m.name, fp, m.sites, samples, windows)
     return out
 
 
-def _forward_all(model, sites, method, maskers, predictors, windows, batch_size, progress) -> None:
-    ffn.install(model, sites, method, maskers, predictors)
+def _forward_all(model, sites, method, rules, predictors, windows, batch_size, progress) -> None:
+    ffn.install(model, sites, method, rules, predictors)
     device = next(model.parameters()).device
     try:
         for batch in tqdm(as_token_batches(windows, batch_size), desc="calibrate", disable=not progress, leave=False):
@@ -104,7 +131,7 @@ def sequential_thresholds(
     sites: list[FFNSite],
     method: Method,
     cal: Calibration,
-    sparsity: float,
+    spec: ffn.SparsitySpec,
     predictors: list[dict[str, torch.Tensor]] | None = None,
     batch_size: int = 1,
     progress: bool = True,
@@ -115,13 +142,13 @@ def sequential_thresholds(
     model would skip far more than asked. Each later site is therefore re-calibrated on calibration
     text with the earlier sites already masked at their thresholds.
     """
-    thresholds = cal.thresholds(sparsity)
+    thresholds = cal.thresholds(spec.sparsity)
     for k in range(1, len(method.sites)):
         site = method.sites[k]
-        maskers = [ffn.Masker(method.sites, sparsity, "threshold", thresholds[i]) for i in range(len(sites))]
-        for m in maskers:
-            m.collect_sites = set(method.sites[k:])
-        _forward_all(model, sites, method, maskers, predictors, cal.windows, batch_size, progress)
-        for i, m in enumerate(maskers):
-            thresholds[i, k] = Calibration._quantile(torch.cat(m.collected[site]), sparsity)
+        recorders = [ScoreRecorder() for _ in sites]
+        rules = [_MaskThenRecord(ffn.Masker(spec, thresholds[i]), recorders[i], set(method.sites[k:]))
+                 for i in range(len(sites))]
+        _forward_all(model, sites, method, rules, predictors, cal.windows, batch_size, progress)
+        for i, r in enumerate(recorders):
+            thresholds[i, k] = quantile(torch.cat(r.samples[site]), spec.sparsity)
     return thresholds

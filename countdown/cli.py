@@ -1,26 +1,40 @@
 """The ``countdown`` command. ``countdown run`` with no arguments is the built-in demo: the real
-SmolLM2-135M model on packaged English text, every method at 50/70/90% sparsity, a table and a plot."""
+SmolLM2-135M model on packaged English text, the paper's predictor-free methods at 50/70/90% sparsity,
+a table and a plot in about two minutes on two CPU cores (``--full`` or ``countdown sweep`` for every
+method)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
+
+from .ffn import POSITIONS
+from .methods import KERNEL_METHODS, METHODS, SPARSE_METHODS
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
-ALL_METHODS = "cats,teal,m-countdown,d-countdown-ideal,d-countdown"
+ALL_METHODS = ",".join(SPARSE_METHODS)
+DEMO_METHODS = "cats,m-countdown,d-countdown-ideal"  # quick: no predictor training, one calibration pass
 
 ModelOpt = typer.Option("smollm2", "--model", "-m", help="'smollm2' (built in), a .gguf file, a checkpoint folder or a Hub id.")
 DeviceOpt = typer.Option("auto", help="cpu, cuda, cuda:1 … ('auto': cuda if available).")
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
 TextOpt = typer.Option("default", "--text", help="A corpus name (default, python-docs, pydoc-topics, wikitext2) or a UTF-8 text file.")
-MethodsOpt = typer.Option(ALL_METHODS, help="Comma-separated methods (dense is always measured).")
+MethodsOpt = typer.Option(ALL_METHODS, help=f"Comma-separated methods out of {', '.join(METHODS)} (dense is always measured).")
 ContextOpt = typer.Option(512, help="Tokens per perplexity window (and per calibration window).")
+ModeOpt = typer.Option("threshold", help="'threshold' (per-layer thresholds calibrated on calibration text) or 'topk' (exact per token).")
+PositionsOpt = typer.Option("all", help=f"Which positions are sparse: {' or '.join(POSITIONS)}. 'all': every position of "
+                            "every window (strict); 'decode': context dense, scored continuation sparse (the official "
+                            "COUNTDOWN protocol; prefill dense / decode sparse in generation).")
 
 
 def _fail(message: str) -> None:
@@ -28,12 +42,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def user_errors(command):
+    """Bad input (and missing optional packages) ends the command with a one-line error, exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+            _fail(str(err))
+
+    return wrapper
+
+
 def _csv(value: str, cast=str) -> list:
     try:
         return [cast(v.strip()) for v in value.split(",") if v.strip()]
     except ValueError:
-        _fail(f"could not parse {value!r} as a comma-separated list")
-        return []
+        raise ValueError(f"could not parse {value!r} as a comma-separated list") from None
 
 
 def _load(model: str, device: str, dtype: str):
@@ -53,8 +79,7 @@ def _text(spec: str, part: str) -> str:
         return data.calibration_text(spec) if part == "calibration" else data.evaluation_text(spec)
     if Path(spec).is_file():
         return data.read_text_file(spec)
-    _fail(f"--text {spec!r} is neither a known corpus ({', '.join(data.CORPORA)}) nor a file")
-    return ""
+    raise ValueError(f"--text {spec!r} is neither a known corpus ({', '.join(data.CORPORA)}) nor a file")
 
 
 def _tokens(tok, text: str, n_tokens: int, seq_len: int):
@@ -63,95 +88,78 @@ def _tokens(tok, text: str, n_tokens: int, seq_len: int):
     return first_tokens(tok, text, n_tokens, seq_len)
 
 
+def _predictor_cache(model, windows, out: Optional[Path]):
+    from .predictor import PredictorCache
+
+    return PredictorCache(model, windows, out, log=lambda s: console.print(s, highlight=False))
+
+
 @app.command()
+@user_errors
 def run(
     model: str = ModelOpt,
-    methods: str = MethodsOpt,
+    methods: str = typer.Option(DEMO_METHODS, help="Comma-separated methods (dense is always measured)."),
     sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities in [0, 1)."),
-    mode: str = typer.Option("threshold", help="'threshold' (per-layer thresholds calibrated on calibration text) or 'topk' (exact per-token)."),
+    full: bool = typer.Option(False, "--full", help="Every method (TEAL and D-COUNTDOWN practical too) with 8 "
+                              "calibration windows and 4096 evaluation tokens: the README's results table (~15 min on 2 cores)."),
+    mode: str = ModeOpt,
+    positions: str = PositionsOpt,
     text: str = TextOpt,
-    calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
-    eval_tokens: int = typer.Option(4096, help="Evaluation tokens (from the evaluation part of the corpus)."),
+    calib_windows: int = typer.Option(4, help="Calibration windows of --context tokens."),
+    eval_tokens: int = typer.Option(2048, help="Evaluation tokens (from the evaluation part of the corpus)."),
     context: int = ContextOpt,
     out: Path = typer.Option(Path("runs/run"), help="Folder for results.csv/json, table.md and plots."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
-    """Calibrate every method at every sparsity, evaluate perplexity, print the table, plot it."""
+    """Calibrate the methods at every sparsity, evaluate perplexity, print the table, plot it."""
     t0 = time.time()
+    if full:
+        methods, calib_windows, eval_tokens = ALL_METHODS, max(calib_windows, 8), max(eval_tokens, 4096)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context,
-                                   _csv(methods), _csv(sparsities, float), mode, out)
-    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode)"
+                                   _csv(methods), _csv(sparsities, float), mode, positions, out)
+    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode, positions={positions})"
     _report(points, title, model, out)
     console.print(f"wrote {out}/results.csv, table.md, ppl_vs_sparsity.png — total {time.time() - t0:.0f}s")
+    if not full:
+        console.print("every method (TEAL, D-COUNTDOWN practical) and more tokens: countdown run --full; "
+                      "a finer grid with task accuracies: countdown sweep")
 
 
-def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list, sparsity_list, mode, out,
-          results_file=None, task_list=(), task_limit=None, task_batch_size=8):
+def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list, sparsity_list, mode,
+          positions, out, results_file=None, task_list=(), task_limit=None, task_batch_size=8):
     """Load, tokenise calibration/evaluation text, run every (method, sparsity) point: what `run` and
     `sweep` share. Returns (model, tokenizer, evaluation ids, points)."""
     from .sweep import run_grid
 
-    try:
-        m, tok = _load(model, device, dtype)
-        extra_eval = None
-        if task_list:
-            from .tasks import evaluate_tasks
+    m, tok = _load(model, device, dtype)
+    extra_eval = None
+    if task_list:
+        from .tasks import evaluate_tasks
 
-            def extra_eval(model_):
-                return evaluate_tasks(model_, tok, list(task_list), limit=task_limit, batch_size=task_batch_size)
-        calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-        eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
-        console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
-        predictors_for = _predictor_trainer(m, calib, out) if "d-countdown" in method_list else None
-        points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, context=context,
-                          results_file=results_file, predictors_for=predictors_for, extra_eval=extra_eval,
-                          log=lambda s: console.print(s, highlight=False))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        _fail(str(err))
+        def extra_eval(model_):
+            return evaluate_tasks(model_, tok, list(task_list), limit=task_limit, batch_size=task_batch_size)
+    calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+    eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+    console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
+    predictors_for = _predictor_cache(m, calib, out) if "d-countdown" in method_list else None
+    points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, positions=positions,
+                      context=context, results_file=results_file, predictors_for=predictors_for,
+                      extra_eval=extra_eval, log=lambda s: console.print(s, highlight=False))
     return m, tok, eval_ids, points
 
 
 def _report(points, title: str, model: str, out: Path) -> None:
     from .report import plot_layer_sparsity, plot_ppl_vs_sparsity, print_table, write_files
 
-    print_table(points, title, console)
     write_files(points, out)
     plot_ppl_vs_sparsity(points, out / "ppl_vs_sparsity.png", title=title)
     plot_layer_sparsity(points, out / "layer_sparsity.png", title=f"{model}: per-layer measured sparsity")
-
-
-def _predictor_trainer(model, windows, out: Path):
-    """predictors_for(s): train D-COUNTDOWN predictors for target s on the calibration windows once,
-    reusing one collection of (x, |t|) pairs, and write each layer's recall report to ``out``."""
-    import json
-    from dataclasses import asdict
-
-    from .models import ffn_sites
-    from .predictor import collect_pairs, summarise, train_predictors
-
-    cache: dict[float, list] = {}
-    pairs = []
-
-    def predictors_for(s: float) -> list:
-        if s not in cache:
-            if not pairs:
-                pairs.append(collect_pairs(model, ffn_sites(model), windows))
-            preds, reports = train_predictors(model, windows, s, pairs=pairs[0])
-            summary = summarise(reports)
-            console.print(f"predictors for {s:.0%}: rank {summary['rank']}, recall mean {summary['recall_mean']:.3f} "
-                          f"min {summary['recall_min']:.3f} (layer {summary['recall_min_layer']}), "
-                          f"{summary['predictor_fraction']:.1%} of FFN weights, trained in {summary['train_seconds']:.0f}s")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"predictors_{int(round(s * 100))}.json").write_text(
-                json.dumps({"summary": summary, "layers": [asdict(r) for r in reports]}, indent=1))
-            cache[s] = preds
-        return cache[s]
-
-    return predictors_for
+    print_table(points, title, console)
 
 
 @app.command()
+@user_errors
 def sweep(
     model: str = ModelOpt,
     methods: str = MethodsOpt,
@@ -159,7 +167,8 @@ def sweep(
     tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`); empty: perplexity only."),
     task_limit: Optional[int] = typer.Option(None, help="Examples per task (default: all)."),
     task_batch_size: int = typer.Option(8, help="Batch size of lm-eval's log-likelihood requests."),
-    mode: str = typer.Option("threshold", help="'threshold' (calibrated) or 'topk' (exact per token)."),
+    mode: str = ModeOpt,
+    positions: str = PositionsOpt,
     text: str = TextOpt,
     calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
     eval_tokens: int = typer.Option(4096, help="Evaluation tokens for perplexity."),
@@ -175,10 +184,9 @@ def sweep(
 
     task_list = _csv(tasks)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
-                                   _csv(sparsities, float), mode, out, results_file=out / "results.jsonl",
+                                   _csv(sparsities, float), mode, positions, out, results_file=out / "results.jsonl",
                                    task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size)
-    title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode})"
-    _report(points, title, model, out)
+    title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode}, positions={positions})"
     plot_task_accuracy(points, out / "task_accuracy.png", title=f"{model}: task accuracy ({mode})")
     summary = f"# countdown sweep: {title}\n\n" + markdown_table(points)
     if task_list:
@@ -187,6 +195,7 @@ def sweep(
         summary += "\n## Prefetch analysis (reuse of active neurons across consecutive tokens)\n\n"
         summary += _prefetch_report(m, eval_ids, context, out)
     (out / "summary.md").write_text(summary)
+    _report(points, title, model, out)
     console.print(f"wrote {out}/summary.md, results.csv/json, plots")
 
 
@@ -203,10 +212,11 @@ def _prefetch_report(model, eval_ids, context: int, out: Path) -> str:
 
 
 @app.command("bench")
+@user_errors
 def bench_cmd(
     model: str = typer.Option("smollm2", "--model", "-m", help="As for `run`, or random:llama-3-8b / random:llama-2-7b / "
                               "random:smollm2-135m (that shape, random weights: speed does not depend on their values)."),
-    methods: str = typer.Option("cats,m-countdown,d-countdown-ideal,d-countdown", help="Comma-separated methods."),
+    methods: str = typer.Option(",".join(KERNEL_METHODS), help="Comma-separated methods."),
     sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities."),
     prompt_len: int = typer.Option(128, help="Prompt tokens."),
     new_tokens: int = typer.Option(256, help="Generated tokens per run."),
@@ -214,48 +224,38 @@ def bench_cmd(
     calib_windows: int = typer.Option(16, help="Calibration windows of 256 tokens (thresholds; predictors for real models)."),
     text: str = TextOpt,
     compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it (recommended on GPU: fuses the small kernels; bench/e2e.py uses it)."),
-    out: Optional[Path] = typer.Option(None, help="Write speed.json and speed.md here."),
+    out: Optional[Path] = typer.Option(None, help="Write speed.json, speed.md and speedup.png here."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("auto", help="'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."),
 ) -> None:
     """Tokens/s of greedy batch-1 decoding, dense and sparsified, in one fast loop (static KV cache,
     CUDA graph on GPU), with the ideal speed-up from bytes beside each measured one."""
-    import json
-    from dataclasses import asdict
-
     import torch
 
-    from .loading import RANDOM_PREFIX, resolve_device
+    from .loading import RANDOM_PREFIX, random_inputs, resolve_device
     from .predictor import random_predictors
     from .speed import measure_speed, speed_markdown
 
     method_list, sparsity_list = _csv(methods), _csv(sparsities, float)
-    try:
-        dev = resolve_device(device)
-        dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
-        m, tok = _load(model, str(dev), dtype)
-        if model.startswith(RANDOM_PREFIX):
-            g = torch.Generator().manual_seed(0)
-            vocab = m.config.vocab_size
-            prompt = torch.randint(vocab, (1, prompt_len), generator=g)
-            calib = torch.randint(vocab, (calib_windows, 256), generator=g)
-            predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
-            note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
-        else:
-            prompt = _tokens(tok, _text(text, "evaluation"), prompt_len, prompt_len)
-            calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
-            predictors_for = _predictor_trainer(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
-            note = f"real weights; prompt and calibration from '{text}'"
-        points = measure_speed(m, method_list, sparsity_list, prompt, calib, new_tokens=new_tokens, repeats=repeats,
-                               predictors_for=predictors_for, compile=compile,
-                               log=lambda s: console.print(s, highlight=False))
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        _fail(str(err))
+    dev = resolve_device(device)
+    dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+    m, tok = _load(model, str(dev), dtype)
+    if model.startswith(RANDOM_PREFIX):
+        prompt, calib = random_inputs(m, prompt_len, calib_windows)
+        predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
+        note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
+    else:
+        prompt = _tokens(tok, _text(text, "evaluation"), prompt_len, prompt_len)
+        calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
+        predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
+        note = f"real weights; prompt and calibration from '{text}'"
+    points = measure_speed(m, method_list, sparsity_list, prompt, calib, new_tokens=new_tokens, repeats=repeats,
+                           predictors_for=predictors_for, compile=compile,
+                           log=lambda s: console.print(s, highlight=False))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     title = (f"{model}, {dtype}, batch 1, prompt {prompt_len} → {new_tokens} new tokens, {where} "
              f"({'CUDA graph' if dev.type == 'cuda' else 'eager'}{', compiled' if compile else ''}; {note})")
     table = speed_markdown(points, title)
-    console.print(table, highlight=False, soft_wrap=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps({"title": title, "points": [asdict(p) for p in points]}, indent=1))
@@ -264,6 +264,7 @@ def bench_cmd(
 
         plot_speedup(points, out / "speedup.png", title=f"{model}: decode speed-up ({where})")
         console.print(f"wrote {out}/speed.json, speed.md, speedup.png")
+    console.print(table, highlight=False, soft_wrap=True)
 
 
 @app.command("tasks")
@@ -276,6 +277,7 @@ def tasks_cmd() -> None:
 
 
 @app.command("train-predictors")
+@user_errors
 def train_predictors_cmd(
     model: str = ModelOpt,
     sparsity: float = typer.Option(0.7, help="Target sparsity the predictors are trained for, in [0, 1)."),
@@ -289,30 +291,23 @@ def train_predictors_cmd(
     dtype: str = DtypeOpt,
 ) -> None:
     """Train D-COUNTDOWN's per-layer low-rank predictors of |t| and report their recall and cost."""
-    import json
-    from dataclasses import asdict
+    from .predictor import save_predictors, train_predictors
 
-    from rich.table import Table
-
-    from .predictor import save_predictors, summarise, train_predictors
-
-    try:
-        m, tok = _load(model, device, dtype)
-        windows = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-        r = rank if rank == "auto" else int(rank)
-        preds, reports = train_predictors(m, windows, sparsity, r, epochs=epochs)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        _fail(str(err))
+    m, tok = _load(model, device, dtype)
+    windows = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+    preds = train_predictors(m, sparsity, windows, rank=rank if rank == "auto" else int(rank), epochs=epochs,
+                             max_windows=None)
+    summary = preds.summary()
+    path = save_predictors(m, preds, output)
+    output.with_suffix(".json").write_text(
+        json.dumps({"summary": summary, "layers": [asdict(x) for x in preds.reports]}, indent=1))
     table = Table(title=f"predictors for {sparsity:.0%} sparsity (held-out recall of the true top-{1 - sparsity:.0%})")
     for col in ("layer", "recall (top-k)", "recall (logit>0)", "precision (logit>0)", "kept (logit>0)", "loss first→last"):
         table.add_column(col, justify="right")
-    for rep in reports:
+    for rep in preds.reports:
         table.add_row(str(rep.layer), f"{rep.recall:.3f}", f"{rep.recall_at_zero:.3f}", f"{rep.precision_at_zero:.3f}",
                       f"{rep.kept_at_zero:.2f}", f"{rep.loss_first:.3f}→{rep.loss_last:.3f}")
     console.print(table)
-    summary = summarise(reports)
-    path = save_predictors(m, preds, reports, sparsity, output)
-    output.with_suffix(".json").write_text(json.dumps({"summary": summary, "layers": [asdict(x) for x in reports]}, indent=1))
     frac = summary["predictor_fraction"]
     console.print(
         f"rank {summary['rank']}: predictor = {frac:.1%} of the FFN's weights and bytes per token "
@@ -323,11 +318,13 @@ def train_predictors_cmd(
 
 
 @app.command("calibrate")
+@user_errors
 def calibrate_cmd(
     model: str = ModelOpt,
-    method: str = typer.Option("m-countdown", help="cats, teal, m-countdown, d-countdown-ideal, d-countdown."),
+    method: str = typer.Option("m-countdown", help=f"One of {', '.join(SPARSE_METHODS)}."),
     sparsity: float = typer.Option(0.7, help="Target fraction of FFN neurons skipped per token, in [0, 1)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the .safetensors sparsity artifact."),
+    positions: str = PositionsOpt,
     text: str = TextOpt,
     calib_windows: int = typer.Option(32, help="Calibration windows of --context tokens."),
     context: int = ContextOpt,
@@ -338,15 +335,12 @@ def calibrate_cmd(
     """Calibrate per-layer thresholds for one method and sparsity; save them as an artifact."""
     from .api import save_sparsity, sparsify
 
-    try:
-        m, tok = _load(model, device, dtype)
-        preds = _predictors(m, predictors)
-        calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-        sparsify(m, method, sparsity, calibration=calib, mode="threshold", predictors=preds)
-        path = save_sparsity(m, output)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        _fail(str(err))
-    console.print(f"wrote {path} ({method} at {sparsity:.0%}, {calib.numel()} calibration tokens)")
+    m, tok = _load(model, device, dtype)
+    preds = _predictors(m, predictors)
+    calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+    sparsify(m, method, sparsity, calibration=calib, mode="threshold", positions=positions, predictors=preds)
+    path = save_sparsity(m, output)
+    console.print(f"wrote {path} ({method} at {sparsity:.0%}, positions={positions}, {calib.numel()} calibration tokens)")
 
 
 def _predictors(model, path: Optional[Path]):
@@ -358,15 +352,17 @@ def _predictors(model, path: Optional[Path]):
 
 
 @app.command("eval")
+@user_errors
 def eval_cmd(
     model: str = ModelOpt,
     sparsity_file: Optional[Path] = typer.Option(None, "--sparsity-file", "-s", help="Artifact from `countdown calibrate`."),
     method: Optional[str] = typer.Option(None, help="Without --sparsity-file: method to apply in top-k mode."),
     sparsity: float = typer.Option(0.5, help="With --method: target sparsity for top-k mode."),
+    positions: str = typer.Option("all", help="With --method: which positions are sparse (all or decode)."),
     text: str = TextOpt,
     eval_tokens: int = typer.Option(16384, help="Evaluation tokens."),
     context: int = ContextOpt,
-    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: --context, no overlap)."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: --context, or half of it with positions=decode)."),
     predictors: Optional[Path] = typer.Option(None, help="With --method d-countdown: the predictor artifact."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -374,22 +370,33 @@ def eval_cmd(
     """Perplexity of a dense or sparsified model, with the measured sparsity per layer."""
     from .api import load_sparsity, sparsify
     from .evaluate import perplexity
+    from .ffn import sparsity_spec
 
-    try:
-        m, tok = _load(model, device, dtype)
-        ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
-        dense = perplexity(m, ids, context=context, stride=stride)
-        if sparsity_file is not None:
-            load_sparsity(m, sparsity_file)
-        elif method is not None and method != "dense":
-            sparsify(m, method, sparsity, mode="topk", predictors=_predictors(m, predictors))
-        r = perplexity(m, ids, context=context, stride=stride) if (sparsity_file or method) else dense
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        _fail(str(err))
-    console.print(f"tokens: {r.n_tokens}  dense ppl: {dense.ppl:.4f}  ppl: {r.ppl:.4f}  Δppl: {r.ppl - dense.ppl:+.4f}")
+    m, tok = _load(model, device, dtype)
+    ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+    if sparsity_file is not None:
+        load_sparsity(m, sparsity_file)
+    elif method is not None and method != "dense":
+        sparsify(m, method, sparsity, mode="topk", positions=positions, predictors=_predictors(m, predictors))
+    spec = sparsity_spec(m)
+    protocol = spec.positions if spec is not None else positions
+    r = perplexity(m, ids, context=context, stride=stride, positions=protocol)
+    if spec is not None:
+        from .api import unsparsify
+
+        unsparsify(m)  # the dense reference, on the same tokens and protocol
+        dense = perplexity(m, ids, context=context, stride=stride, positions=protocol)
+    else:
+        dense = r
+    table = Table(title=f"{model}: perplexity on {r.n_tokens} scored tokens of '{text}' (positions={protocol})")
+    for col in ("method", "mode", "target", "measured", "ppl", "dense ppl", "Δppl", "FFN bytes read"):
+        table.add_column(col, justify="right")
+    table.add_row(spec.method if spec else "dense", spec.mode if spec else "—",
+                  f"{spec.sparsity:.0%}" if spec else "—", f"{r.sparsity:.1%}" if spec else "—",
+                  f"{r.ppl:.4f}", f"{dense.ppl:.4f}", f"{r.ppl - dense.ppl:+.4f}", f"{r.ffn_bytes_read:.0%}")
     if r.layer_sparsity:
-        console.print(f"measured sparsity: {r.sparsity:.2%} overall; per layer: " + " ".join(f"{s:.2f}" for s in r.layer_sparsity))
-        console.print(f"FFN weight bytes a kernel reads: {r.ffn_bytes_read:.1%}")
+        console.print("measured sparsity per layer: " + " ".join(f"{s:.2f}" for s in r.layer_sparsity))
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover

@@ -332,3 +332,25 @@ def first_tokens(tokenizer: Any, text: str, n_tokens: int, seq_len: int) -> torc
     """The first ``n_tokens`` tokens of ``text`` (rounded down to whole windows, at least one) as
     ``[n, seq_len]`` windows."""
     return token_windows(tokenizer, text, seq_len, max_windows=max(1, n_tokens // seq_len))
+
+
+def calibration_windows(calibration: Any, tokenizer: Any, seq_len: int, max_windows: int | None) -> torch.LongTensor:
+    """Texts (a str or a list of str, with ``tokenizer``) or token batches ([n, L] / [L] tensors or a
+    list of them) as ``[n, seq_len]`` windows of token ids, with clear errors for bad input."""
+    if isinstance(calibration, torch.Tensor):
+        windows = calibration if calibration.dim() == 2 else calibration.reshape(1, -1)
+    elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, torch.Tensor) for c in calibration):
+        windows = torch.cat([c.reshape(1, -1) if c.dim() == 1 else c for c in calibration])
+    else:
+        texts = [calibration] if isinstance(calibration, str) else list(calibration or [])
+        text = "\n\n".join(t for t in texts if isinstance(t, str))
+        if not text.strip():
+            raise ValueError("calibration text is empty: pass real text (str or list of str) or token batches")
+        if tokenizer is None:
+            raise ValueError("calibration is text, so it needs tokenizer=... to cut it into token windows")
+        return token_windows(tokenizer, text, seq_len, max_windows=max_windows)
+    if windows.numel() == 0:
+        raise ValueError("calibration token batches are empty")
+    if windows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"calibration token batches must be integer token ids, got {windows.dtype}")
+    return windows.long()[:max_windows] if max_windows else windows.long()

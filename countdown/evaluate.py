@@ -1,7 +1,13 @@
 """Perplexity (sliding window) and the sparsity the model actually had while computing it.
 
-Every token position of every window goes through the sparse FFNs, context tokens included: each
-position is masked independently with its own scores, as a decode step would be.
+Which positions are sparse follows the model's `SparsitySpec.positions`:
+
+* ``"all"`` (strict): every position of every window goes through the sparse FFNs, context tokens
+  included, each masked with its own scores; windows are back to back by default.
+* ``"decode"`` (the official COUNTDOWN protocol): each window's context runs densely, as a prefill
+  would, and only the scored positions are sparse, so the first scored token is predicted by a dense
+  position, exactly as prefill-then-decode generation produces it. Windows then overlap by half by
+  default (``stride = context // 2``) and score only their last ``stride`` tokens, the first window too.
 """
 
 from __future__ import annotations
@@ -29,18 +35,22 @@ class PerplexityResult:
     site_sparsity: dict[str, float] = field(default_factory=dict)
     # fraction of FFN weight bytes a kernel for this method reads at the measured sparsity
     ffn_bytes_read: float = 1.0
+    positions: str = "all"  # which positions were sparse (see the module docstring)
 
 
-def score_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+def score_spans(n_tokens: int, context: int, stride: int, score_first_window: bool = True) -> list[tuple[int, int, int]]:
     """(begin, end, n_scored) windows: each window is ``context`` tokens ending at ``end``; only the
     last ``n_scored`` positions are scored, so every token is scored once with up to ``context`` of
-    history (the Hugging Face sliding-window recipe)."""
+    history (the Hugging Face sliding-window recipe). Without ``score_first_window`` the first window
+    scores only its last ``stride`` tokens, so every scored token has some context."""
     if stride <= 0 or stride > context:
         raise ValueError(f"stride must be in [1, context={context}], got {stride}")
     spans, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
         n_scored = end - prev_end
+        if not spans and not score_first_window:
+            n_scored = min(n_scored, stride)
         if n_scored > 0 and end - begin > 1:
             spans.append((begin, end, n_scored))
         prev_end = end
@@ -56,22 +66,35 @@ def perplexity(
     *,
     context: int = 512,
     stride: int | None = None,
+    positions: str | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of ``token_ids`` ([n] or [1, n]) under the model, with measured FFN sparsity."""
+    """Perplexity of ``token_ids`` ([n] or [1, n]) under the model, with measured FFN sparsity.
+
+    ``positions`` ("all" or "decode") picks the protocol; default: the model's `SparsitySpec` (a dense
+    model: "all"). Give the sparse model's protocol to a dense model so both score the same tokens."""
     ids = token_ids.reshape(-1)
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to compute perplexity")
-    stride = stride or context
+    spec = ffn.sparsity_spec(model)
+    positions = positions or (spec.positions if spec is not None else "all")
+    if positions not in ffn.POSITIONS:
+        raise ValueError(f"positions must be one of {ffn.POSITIONS}, got {positions!r}")
+    if spec is not None and spec.positions != positions:
+        raise ValueError(f"the model was sparsified with positions={spec.positions!r}; evaluate it with that")
+    decode_protocol = positions == "decode"
+    stride = stride or (context // 2 if decode_protocol else context)
     device = next(model.parameters()).device
     modules = ffn.sparse_modules(model)
     for m in modules:
-        m.masker.reset_stats()
-        m.masker.track = True
+        m.meter = ffn.SparsityMeter()
     total_nll, total_tokens = 0.0, 0
     try:
-        for begin, end, n_scored in tqdm(score_spans(ids.numel(), context, stride), desc="perplexity", disable=not progress, leave=False):
+        spans = score_spans(ids.numel(), context, stride, score_first_window=not decode_protocol)
+        for begin, end, n_scored in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
             window = ids[begin:end].to(device).unsqueeze(0)
+            for m in modules:  # the context of the window dense, the scored continuation sparse
+                m.sparse_from = (end - begin) - n_scored if decode_protocol else None
             logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
             targets = window[0, 1:]
             n = min(n_scored, targets.numel())
@@ -79,17 +102,19 @@ def perplexity(
             total_nll += float(nll)
             total_tokens += n
     finally:
+        meters = [m.meter for m in modules]
         for m in modules:
-            m.masker.track = False
-    result = PerplexityResult(math.exp(total_nll / total_tokens), total_nll / total_tokens, total_tokens)
+            m.meter, m.sparse_from = None, None
+    result = PerplexityResult(math.exp(total_nll / total_tokens), total_nll / total_tokens, total_tokens,
+                              positions=positions)
     if modules:
-        _attach_sparsity(result, modules)
+        _attach_sparsity(result, modules, meters)
     return result
 
 
-def _attach_sparsity(result: PerplexityResult, modules: list) -> None:
-    per_layer = [m.masker.measured() for m in modules]
-    sites = modules[0].masker.sites
+def _attach_sparsity(result: PerplexityResult, modules: list, meters: list[ffn.SparsityMeter]) -> None:
+    sites = modules[0].spec.sites
+    per_layer = [meter.measured(sites) for meter in meters]
     result.site_sparsity = {s: sum(layer[s] for layer in per_layer) / len(per_layer) for s in sites}
     if "coef" in sites:
         result.layer_sparsity = [layer["coef"] for layer in per_layer]

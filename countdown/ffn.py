@@ -1,125 +1,171 @@
-"""The modules that take the place of a model's FFN, and the per-token masking they share.
+"""The modules that take the place of a model's FFN, the per-token mask rule, and the kernel path.
 
 * `SparseFFN` replaces a gated MLP (``layer.mlp``). It keeps the original projection modules under
   their original names, so ``state_dict()`` keys, ``save_pretrained`` and weight tying are untouched.
+  It runs decode tokens through its method's Triton kernel on CUDA (`SparseFFN.kernel_skip_reason`
+  says when and why not) and everything else through the method's reference ``forward``.
 * `SparseActivation` replaces the activation of a plain FFN (GPT-2, OPT, GPT-NeoX): there the
   activation's output *is* the coefficient vector, so masking it is masking the FFN. Methods that must
   see the FFN input (TEAL, the predictor) get it from a forward pre-hook on the input projection.
 
-Thresholds and predictors are non-persistent buffers: they travel with ``.to()`` but never enter the
-model's checkpoint; `countdown.api.save_sparsity` writes them to their own artifact.
+What a model's sparsification *is* (method, target, mode, sites, positions) is one frozen
+`SparsitySpec` shared by all its modules. Thresholds and predictors are non-persistent buffers: they
+travel with ``.to()`` but never enter the model's checkpoint (`countdown.artifact` writes them).
+
+One copy of each weight: the kernels want W_down as ``[I, H]`` rows (a skipped neuron is one skipped
+contiguous row). When the kernel path is enabled, ``down_proj.weight`` becomes a transposed *view* of
+such a tensor: same values, shape, key and ``state_dict``; ``F.linear`` (prefill, reference path) reads
+the same storage. `unsparsify` puts the original layout back.
 """
 
 from __future__ import annotations
 
-import zlib
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .kernel_path import kernel_skip_reason, run_kernel
-from .methods import Method
+from . import kernels
+from .methods import Keep, Method, keep_count
 from .models import FFNSite
+
+KERNEL_MODES = ("auto", "off", "always")
+POSITIONS = ("all", "decode")
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """How a model was sparsified: one object per model, shared by every sparse module.
+
+    ``positions``: "all" masks every token position of every forward (the strict evaluation);
+    "decode" runs multi-token forwards (prefill, the context of a log-likelihood request) densely and
+    masks single-token decode steps and the positions at or after ``SparseFFN.sparse_from``."""
+
+    method: str
+    sparsity: float
+    mode: str  # "threshold" | "topk"
+    sites: tuple[str, ...]
+    positions: str = "all"
 
 
 class Masker(nn.Module):
-    """Turns a score into a 0/1 keep-mask per token: exact top-k, or a calibrated per-site threshold.
+    """The mask rule of one layer: exact top-k per token, or a calibrated threshold per site.
 
-    Every token position is masked independently. When ``track`` is on it accumulates, per site, how
-    many entries were skipped, so the *measured* sparsity can be reported beside the target.
-    """
+    ``forward(site, score [..., I]) -> mask [..., I]`` of 0/1 in the score's dtype."""
 
-    def __init__(self, sites: tuple[str, ...], sparsity: float, mode: str, thresholds: torch.Tensor | None):
+    def __init__(self, spec: SparsitySpec, thresholds: torch.Tensor | None):
         super().__init__()
-        self.sites = sites
-        self.sparsity = float(sparsity)
-        self.mode = mode
-        init = thresholds if thresholds is not None else torch.zeros(len(sites))
-        self.register_buffer("thresholds", init.detach().clone().float(), persistent=False)
-        self.track = False
-        self.collect_sites: set[str] = set()  # sites still being calibrated while earlier ones mask
-        self.collected: dict[str, list[torch.Tensor]] = {}
-        # one generator per site, seeded by its name: a method's calibration subsample is the same
-        # whichever other methods are calibrated in the same pass
-        self._rngs: dict[str, torch.Generator] = {}
+        self.spec = spec
+        init = thresholds if thresholds is not None else torch.zeros(len(spec.sites))
+        self.register_buffer("thresholds", init.detach().clone().float().reshape(len(spec.sites)),
+                             persistent=False)
+
+    def threshold(self, site: str) -> torch.Tensor:
+        """The site's threshold as a 1-element view (on the module's device: no copy per call)."""
+        i = self.spec.sites.index(site)
+        return self.thresholds[i : i + 1]
+
+    def forward(self, site: str, score: torch.Tensor) -> torch.Tensor:
+        if self.spec.mode == "topk":
+            idx = score.topk(keep_count(score.shape[-1], self.spec.sparsity), dim=-1).indices
+            return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+        return (score > self.threshold(site).to(score.dtype)).to(score.dtype)
+
+
+class SparsityMeter:
+    """Counts, per site, how many mask entries were zero: the *measured* sparsity."""
+
+    def __init__(self) -> None:
         self.skipped: dict[str, torch.Tensor] = {}
         self.seen: dict[str, int] = {}
 
-    def threshold(self, site: str) -> torch.Tensor:
-        return self.thresholds[self.sites.index(site)]
+    def add(self, site: str, mask: torch.Tensor) -> None:
+        self.skipped[site] = self.skipped.get(site, 0) + (mask == 0).sum(dtype=torch.float64)
+        self.seen[site] = self.seen.get(site, 0) + mask.numel()
 
-    # samples of the score kept per call in "collect" mode: enough for a stable quantile, bounded memory
-    samples_per_call = 1 << 16
-
-    def forward(self, site: str, score: torch.Tensor) -> torch.Tensor:
-        if self.mode == "collect" or site in self.collect_sites:  # calibration: record, mask nothing
-            flat = score.detach().reshape(-1).float()
-            if flat.numel() > self.samples_per_call:
-                rng = self._rngs.get(site)
-                if rng is None:
-                    rng = self._rngs[site] = torch.Generator().manual_seed(zlib.crc32(site.encode()))
-                idx = torch.randint(flat.numel(), (self.samples_per_call,), generator=rng)
-                flat = flat[idx.to(flat.device)]
-            self.collected.setdefault(site, []).append(flat.cpu())
-            return torch.ones_like(score)
-        if self.mode == "topk":
-            width = score.shape[-1]
-            n_keep = width - int(round(self.sparsity * width))
-            idx = score.topk(n_keep, dim=-1).indices
-            mask = torch.zeros_like(score).scatter_(-1, idx, 1.0)
-        else:
-            mask = (score > self.threshold(site).to(score.dtype)).to(score.dtype)
-        if self.track:
-            skipped = (mask == 0).sum(dtype=torch.float64)
-            self.skipped[site] = self.skipped.get(site, 0) + skipped
-            self.seen[site] = self.seen.get(site, 0) + mask.numel()
-        return mask
-
-    def reset_stats(self) -> None:
-        self.skipped, self.seen = {}, {}
-
-    def measured(self) -> dict[str, float]:
-        """Skipped fraction per site since the last reset (NaN where nothing was seen)."""
-        return {s: float(self.skipped[s]) / self.seen[s] if self.seen.get(s) else float("nan") for s in self.sites}
+    def measured(self, sites: tuple[str, ...]) -> dict[str, float]:
+        """Skipped fraction per site (NaN where nothing was seen)."""
+        return {s: float(self.skipped[s]) / self.seen[s] if self.seen.get(s) else float("nan") for s in sites}
 
 
 class _SparseModule(nn.Module):
-    """What both replacement modules share: the method, the masker, the optional predictor."""
+    """What both replacement modules share: method, mask rule, spec, optional predictor and meter."""
 
-    def _setup(self, site: FFNSite, method: Method, masker: Masker, predictor: dict[str, torch.Tensor] | None):
+    def _setup(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None,
+               predictor: dict[str, torch.Tensor] | None) -> None:
         self.layer_idx = site.layer
         self.kind = site.kind
         self.method = method
-        self.masker = masker
+        self.masker = rule  # a Masker, or a calibration recorder with the same signature
+        self.spec = spec
         self.act_name = site.act_name
+        self.kernel_act = site.kernel_act
+        self.meter: SparsityMeter | None = None
+        # positions before this index of a multi-token forward stay dense (positions="decode" only)
+        self.sparse_from: int | None = None
         if predictor is not None:
-            for key, value in predictor.items():
-                self.register_buffer(f"predictor_{key}", value.detach().clone(), persistent=False)
+            dtype = next(iter(site.modules.values())).weight.dtype
+            for key, value in predictor.items():  # stored in the model's dtype: bytes as the kernel reads them
+                self.register_buffer(f"predictor_{key}", value.detach().to(dtype).clone(), persistent=False)
         self.has_predictor = predictor is not None
 
+    def keep(self, site: str, score: torch.Tensor) -> torch.Tensor:
+        mask = self.masker(site, score)
+        if self.meter is not None:
+            self.meter.add(site, mask)
+        return mask
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Low-rank predictor of |t|: ``B · act(A · x)`` (see `countdown.predictor`)."""
+        """Low-rank predictor logits ``(x V) Uᵀ + b`` ([..., I]; see `countdown.predictor`)."""
         if not self.has_predictor:
             raise RuntimeError(
                 f"layer {self.layer_idx}: method {self.method.name!r} needs trained predictors; "
                 "run `countdown train-predictors` or `countdown.train_predictors(...)` first"
             )
-        from .predictor import apply_predictor  # predictor.py depends on this module's buffers only
-
-        return apply_predictor(self, x)
+        v = self.predictor_V
+        return (x.to(v.dtype) @ v) @ self.predictor_U.t() + self.predictor_b
 
     def needs_input(self) -> bool:
         return any(site.endswith("input") for site in self.method.sites) or self.method.needs_predictor
 
+    def _dense_positions(self, n_positions: int) -> int:
+        """How many leading positions of this forward run densely under the spec's position policy."""
+        if self.spec is None or self.spec.positions == "all":
+            return 0
+        if self.sparse_from is not None:
+            return min(self.sparse_from, n_positions)
+        return n_positions if n_positions > 1 else 0  # prefill dense, decode steps sparse
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.forward(self, x, self.keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H] (or [T, H]); an FFN acts per position, so splitting along T is exact
+        n_dense = self._dense_positions(x.shape[-2] if x.dim() > 1 else 1)
+        if n_dense == 0:
+            return self._sparse_forward(x)
+        dense = self._dense_forward(x[..., :n_dense, :])
+        if n_dense == x.shape[-2]:
+            return dense
+        return torch.cat([dense, self._sparse_forward(x[..., n_dense:, :])], dim=-2)
+
     def extra_repr(self) -> str:
-        return f"layer={self.layer_idx}, method={self.method.name}, sparsity={self.masker.sparsity}, mode={self.masker.mode}"
+        spec = self.spec
+        if spec is None:
+            return f"layer={self.layer_idx}, method={self.method.name}"
+        return (f"layer={self.layer_idx}, method={spec.method}, sparsity={spec.sparsity}, mode={spec.mode}, "
+                f"positions={spec.positions}")
 
 
 class SparseFFN(_SparseModule):
     """Drop-in replacement for a gated MLP (Llama/Mistral/Qwen/Gemma/Phi-3)."""
 
-    def __init__(self, site: FFNSite, method: Method, masker: Masker, predictor: dict | None = None):
+    # "auto": Triton kernels for decode tokens on CUDA; "off": reference path only; "always": wherever
+    # Triton runs them (the CPU interpreter included, for tests). Set with `set_kernels`.
+    kernels = "auto"
+
+    def __init__(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None = None,
+                 predictor: dict | None = None):
         super().__init__()
         self.original = [site.module]  # a list, so the old module is not registered twice
         for name, module in site.modules.items():
@@ -127,22 +173,23 @@ class SparseFFN(_SparseModule):
         self.add_module(site.act_attr, site.act)  # same name as in the original MLP
         self._act = site.act
         self._fused = "gate_up_proj" in site.modules
-        self._setup(site, method, masker, predictor)
+        self._setup(site, method, rule, spec, predictor)
 
     # -- FFNParts -------------------------------------------------------------------------------
     def act(self, h: torch.Tensor) -> torch.Tensor:
         return self._act(h)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.gate_weight()) if self._fused else self.gate_proj(x)
+        return nn.functional.linear(x, self.gate_weight()) if self._fused else self.gate_proj(x)
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.up_weight()) if self._fused else self.up_proj(x)
+        return nn.functional.linear(x, self.up_weight()) if self._fused else self.up_proj(x)
 
     def down(self, t: torch.Tensor) -> torch.Tensor:
         return self.down_proj(t)
 
     def gate_weight(self) -> torch.Tensor:
+        """W_gate [I, H] (for Phi-3, the first half of the fused gate_up rows: a contiguous view)."""
         if self._fused:
             w = self.gate_up_proj.weight
             return w[: w.shape[0] // 2]
@@ -154,6 +201,10 @@ class SparseFFN(_SparseModule):
             return w[w.shape[0] // 2 :]
         return self.up_proj.weight
 
+    def down_t(self) -> torch.Tensor:
+        """W_down as [I, H]: contiguous once the kernel layout is in place (`use_kernel_layout`)."""
+        return self.down_proj.weight.t()
+
     def has_bias(self) -> bool:
         projections = (self.gate_up_proj,) if self._fused else (self.gate_proj, self.up_proj)
         return any(p.bias is not None for p in (*projections, self.down_proj))
@@ -161,16 +212,52 @@ class SparseFFN(_SparseModule):
     def ffn_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def mask_input(self, x: torch.Tensor, keep) -> torch.Tensor:
+    def mask_input(self, x: torch.Tensor, keep: Keep) -> torch.Tensor:
         return x * keep("input", x.abs())
 
-    # "auto": Triton kernel for one decode token on CUDA, reference path otherwise (see kernel_path)
-    kernels = "auto"
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernel_skip_reason(self, x) is None:
-            return run_kernel(self, x)
-        return self.method.forward(self, x, self.masker)
+    # -- the fast path --------------------------------------------------------------------------
+    def use_kernel_layout(self, on: bool) -> None:
+        """Store W_down as the kernels want it ([I, H] rows, ``weight`` a transposed view) or as
+        nn.Linear does ([H, I] rows). Same values either way; one copy of the weight."""
+        w = self.down_proj.weight
+        if self.down_t().is_contiguous() == on:
+            return
+        data = w.detach().t().contiguous().t() if on else w.detach().contiguous()
+        self.down_proj.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+
+    def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
+        """None when ``x`` (decode tokens) can run through the method's kernel, else why not."""
+        if self.kernels == "off":
+            return "kernels are switched off"
+        if not self.method.has_kernel:
+            return f"method {self.method.name!r} has no kernel"
+        if self.spec is None or self.spec.mode != "threshold":
+            return "the kernels apply calibrated thresholds only (top-k mode uses the reference path)"
+        if self.meter is not None:
+            return "measured-sparsity tracking is on (evaluation counts every mask on the reference path)"
+        if self.kernel_act is None:
+            return f"activation {self.act_name!r} has no kernel"
+        if self.has_bias():
+            return "the FFN's projections have biases, which the kernels do not add"
+        if self.kernels == "auto" and x.device.type != "cuda":
+            return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
+        if not self.down_t().is_contiguous():
+            if torch.compiler.is_compiling() or _capturing(x.device):
+                return "W_down is not in the kernel layout; call countdown.set_kernels(model) before capture"
+            self.use_kernel_layout(True)  # first eager call after the model moved to the GPU
+        return kernels.kernel_unavailable_reason(x, self.down_t())
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_skip_reason(x) is None:
+            return self.method.kernel_forward(self, x, self.masker.threshold("coef"))
+        return self.method.forward(self, x, self.keep)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class SparseActivation(_SparseModule):
@@ -179,25 +266,35 @@ class SparseActivation(_SparseModule):
     ``gate`` here returns the pre-activation it was called with: the model has already applied W_in.
     """
 
-    def __init__(self, site: FFNSite, method: Method, masker: Masker, predictor: dict | None = None):
+    kind = "plain"
+    kernel_act = None
+
+    def __init__(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None = None,
+                 predictor: dict | None = None):
         super().__init__()
         self.original = [site.module]
         self._act = site.act
         self._in_proj = [site.modules["in_proj"]]  # not a child: it belongs to the model
         self._input: torch.Tensor | None = None
-        self._setup(site, method, masker, predictor)
+        self._setup(site, method, rule, spec, predictor)
         self._hook = None
         if self.needs_input():
             self._hook = site.modules["in_proj"].register_forward_pre_hook(self._see_input)
 
-    kind = "plain"
-
     def _see_input(self, module, args):
         x = args[0]
         self._input = x
-        if "input" in self.method.sites:  # TEAL masks W_in's input channels
-            return (x * self.masker("input", x.abs()),) + tuple(args[1:])
-        return None
+        if "input" not in self.method.sites:
+            return None
+        # TEAL masks W_in's input channels, at the sparse positions only
+        n_dense = self._dense_positions(x.shape[-2] if x.dim() > 1 else 1)
+        if n_dense == 0:
+            return (x * self.keep("input", x.abs()),) + tuple(args[1:])
+        if n_dense >= x.shape[-2]:
+            return None
+        tail = x[..., n_dense:, :]
+        x = torch.cat([x[..., :n_dense, :], tail * self.keep("input", tail.abs())], dim=-2)
+        return (x,) + tuple(args[1:])
 
     def remove_hook(self) -> None:
         if self._hook is not None:
@@ -217,16 +314,18 @@ class SparseActivation(_SparseModule):
         return t  # the model applies W_out after the activation
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
-        return super().predict(self._input)
+        x = self._input
+        n_dense = x.shape[-2] - h.shape[-2] if x.dim() > 1 else 0  # the sparse tail of a split forward
+        return super().predict(x[..., n_dense:, :] if n_dense else x)
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         return self._input
 
-    def mask_input(self, h: torch.Tensor, keep) -> torch.Tensor:
+    def mask_input(self, h: torch.Tensor, keep: Keep) -> torch.Tensor:
         return h  # W_in's input was masked by the pre-hook before W_in ran; h already reflects it
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.method.forward(self, h, self.masker)
+    def _dense_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._act(h)
 
 
 def sparse_modules(model: nn.Module) -> list[_SparseModule]:
@@ -234,18 +333,29 @@ def sparse_modules(model: nn.Module) -> list[_SparseModule]:
     return sorted((m for m in model.modules() if isinstance(m, _SparseModule)), key=lambda m: m.layer_idx)
 
 
+def is_sparsified(model: nn.Module) -> bool:
+    return bool(sparse_modules(model))
+
+
+def sparsity_spec(model: nn.Module) -> SparsitySpec | None:
+    """The model's `SparsitySpec`, or None if it is dense."""
+    modules = sparse_modules(model)
+    return modules[0].spec if modules else None
+
+
 def install(
     model: nn.Module,
     sites: list[FFNSite],
     method: Method,
-    maskers: list[Masker],
+    rules: list[Keep],
     predictors: list[dict[str, torch.Tensor]] | None = None,
+    spec: SparsitySpec | None = None,
 ) -> None:
     """Put a sparse module in place of every FFN site (all inputs must already be validated)."""
     for i, site in enumerate(sites):
         cls = SparseFFN if site.kind == "gated" else SparseActivation
         predictor = predictors[i] if predictors is not None else None
-        module = cls(site, method, maskers[i], predictor)
+        module = cls(site, method, rules[i], spec, predictor)
         ref = next((p for p in model.parameters()), None)
         if ref is not None:
             module.to(ref.device)
@@ -253,11 +363,29 @@ def install(
 
 
 def remove(model: nn.Module) -> None:
-    """Put the original FFN modules back; the model is dense again."""
+    """Put the original FFN modules back, with W_down in its original layout; the model is dense."""
     for module in sparse_modules(model):
         if isinstance(module, SparseActivation):
             module.remove_hook()
+        else:
+            module.use_kernel_layout(False)
         for parent in model.modules():
             for name, child in list(parent.named_children()):
                 if child is module:
                     setattr(parent, name, module.original[0])
+
+
+def set_kernels(model: nn.Module, mode: str = "auto") -> int:
+    """Choose the FFN path of every installed sparse FFN: "auto" (Triton kernels for decode tokens on
+    CUDA, reference elsewhere), "off" (always the reference path) or "always" (kernels wherever Triton
+    can run them, the CPU interpreter included). Lays W_down out for the kernels now, not inside a
+    CUDA-graph capture or a torch.compile trace. Returns how many FFNs were set."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
+    modules = [m for m in sparse_modules(model) if isinstance(m, SparseFFN)]
+    for m in modules:
+        m.kernels = mode
+        on_gpu = m.down_proj.weight.device.type == "cuda"
+        wanted = m.method.has_kernel and (mode == "always" or (mode == "auto" and on_gpu))
+        m.use_kernel_layout(wanted)
+    return len(modules)

@@ -76,6 +76,16 @@ def random_model(shape: str, device: str | torch.device = "cpu", dtype: str | to
     return model.eval()
 
 
+def random_inputs(model, prompt_len: int, calib_windows: int, seq_len: int = 256,
+                  seed: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """(prompt [1, prompt_len], calibration [calib_windows, seq_len]): token ids drawn uniformly from the
+    model's vocabulary, for speed runs of random-weight models (which have no tokenizer or text)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(vocab, (1, prompt_len), generator=g)
+    return prompt, torch.randint(vocab, (calib_windows, seq_len), generator=g)
+
+
 def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype = "float32"):
     """(model, tokenizer) in eval mode on ``device`` in ``dtype``.
 

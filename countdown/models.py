@@ -23,6 +23,19 @@ _PLAIN = {"gpt2", "opt", "gpt_neox"}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_GATED | _PLAIN))
 
 
+# activation names used by transformers configs -> the names the Triton kernels implement
+_KERNEL_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+
+
 class UnsupportedModelError(ValueError):
     """The model has no FFN layout that countdown knows."""
 
@@ -44,6 +57,11 @@ class FFNSite:
     # gated: gate_proj/up_proj/down_proj (or gate_up_proj for Phi-3); plain: in_proj/out_proj
     modules: dict[str, nn.Module]
     act_attr: str = "act_fn"  # the activation's attribute name on a gated MLP
+
+    @property
+    def kernel_act(self) -> str | None:
+        """The kernels' name for this FFN's activation, or None when no kernel implements it."""
+        return _KERNEL_ACTIVATIONS.get(self.act_name)
 
     @property
     def module(self) -> nn.Module:

@@ -11,21 +11,30 @@ gate, up and down are read only for those.
 Training data are (x, |t|) pairs from the calibration text (the paper uses lm-eval train splits; we
 keep calibration text disjoint from evaluation text instead). The last tenth of the windows is held
 out to measure recall/precision of the true top-(1 − s) set.
+
+`train_predictors` returns a `Predictors`: the per-layer tensors, the sparsity they were trained for
+(``sparsify`` refuses another target) and the per-layer reports.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import FFNSite, ffn_sites
+from . import artifact
+from .data import calibration_windows
+from .ffn import is_sparsified
+from .methods import check_sparsity, keep_count
+from .models import FFNSite, ffn_sites, fingerprint
 
 # The paper's rank 512 on Llama-3.1-8B (H=4096, I=14336) makes a predictor ≈5% of the FFN's weights;
 # "auto" keeps that ratio on other shapes.
@@ -37,9 +46,9 @@ def auto_rank(hidden: int, intermediate: int, ffn_matrices: int = 3) -> int:
     return max(16, int(round(r / 16)) * 16)
 
 
-def apply_predictor(module, x: torch.Tensor) -> torch.Tensor:
-    """Logits [..., I] of the predictor stored on a sparse FFN module (buffers ``predictor_V/U/b``)."""
-    return (x.to(module.predictor_V.dtype) @ module.predictor_V) @ module.predictor_U.t() + module.predictor_b
+def _rank_for(sites: list[FFNSite], rank: int | str) -> int:
+    hidden, inter = sites[0].hidden_size, sites[0].intermediate_size
+    return auto_rank(hidden, inter, 3 if sites[0].kind == "gated" else 2) if rank == "auto" else int(rank)
 
 
 @dataclass
@@ -56,6 +65,40 @@ class LayerReport:
     seconds: float
 
 
+@dataclass
+class Predictors:
+    """One low-rank predictor per layer (``layers[i]``: {"V": [H, r], "U": [I, r], "b": [I]}), the
+    target sparsity they were trained for (None: untrained, for speed tests) and training reports."""
+
+    layers: list[dict[str, torch.Tensor]]
+    sparsity: float | None
+    reports: list[LayerReport] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.layers[i]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.layers)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    def summary(self) -> dict:
+        """Rank, held-out recall (mean, min and where), size relative to the FFN, training time."""
+        reports = self.reports
+        recalls = [r.recall for r in reports]
+        return {
+            "sparsity": self.sparsity,
+            "rank": reports[0].rank,
+            "recall_mean": sum(recalls) / len(recalls),
+            "recall_min": min(recalls),
+            "recall_min_layer": recalls.index(min(recalls)),
+            "predictor_fraction": reports[0].predictor_fraction,
+            "train_seconds": sum(r.seconds for r in reports),
+        }
 @torch.no_grad()
 def collect_pairs(model: nn.Module, sites: list[FFNSite], windows: torch.Tensor, progress: bool = True):
     """Per layer, the FFN inputs X [N, H] and |t| [N, I] (float32, CPU) of the dense model."""
@@ -82,8 +125,7 @@ def collect_pairs(model: nn.Module, sites: list[FFNSite], windows: torch.Tensor,
 
 
 def _topk_labels(t_abs: torch.Tensor, sparsity: float) -> torch.Tensor:
-    n_keep = t_abs.shape[-1] - int(round(sparsity * t_abs.shape[-1]))
-    idx = t_abs.topk(n_keep, dim=-1).indices
+    idx = t_abs.topk(keep_count(t_abs.shape[-1], sparsity), dim=-1).indices
     return torch.zeros_like(t_abs).scatter_(-1, idx, 1.0)
 
 
@@ -134,8 +176,7 @@ def train_layer(
         v_out = v / scale[:, None]
         params = {"V": v_out.cpu(), "U": u.detach().cpu(), "b": b.detach().cpu()}
         logits = (x_test @ v_out) @ u.t() + b
-        n_keep = inter - int(round(sparsity * inter))
-        pred_topk = torch.zeros_like(logits).scatter_(-1, logits.topk(n_keep, dim=-1).indices, 1.0)
+        pred_topk = torch.zeros_like(logits).scatter_(-1, logits.topk(keep_count(inter, sparsity), dim=-1).indices, 1.0)
         true = y_test.sum().clamp_min(1)
         pred_zero = (logits > 0).float()
         metrics = {
@@ -151,104 +192,111 @@ def train_layer(
 
 def train_predictors(
     model: nn.Module,
-    windows: torch.Tensor,
     sparsity: float,
-    rank: int | str = "auto",
+    calibration: Any = None,
+    tokenizer: Any = None,
     *,
+    rank: int | str = "auto",
     epochs: int = 15,
     lr: float = 1e-2,
+    seq_len: int = 512,
+    max_windows: int | None = 32,
     pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     progress: bool = True,
-) -> tuple[list[dict[str, torch.Tensor]], list[LayerReport]]:
-    """Train one predictor per layer on ``windows`` ([n, seq_len] calibration tokens).
+) -> Predictors:
+    """Train one D-COUNTDOWN predictor per layer for target ``sparsity``.
 
-    ``pairs`` (from `collect_pairs`) skips the collection pass, e.g. when training for several
-    target sparsities on the same text."""
-    from .api import check_sparsity, is_sparsified
-
+    ``calibration``: texts (with ``tokenizer``) or token windows, as for `countdown.sparsify`; the last
+    tenth of the windows is held out for the recall reports. ``pairs`` (from `collect_pairs`) skips the
+    collection pass, e.g. when training for several targets on the same text. The result goes to
+    ``sparsify(model, "d-countdown", sparsity, predictors=...)`` as is."""
     check_sparsity(sparsity)
     sites = ffn_sites(model)
     if is_sparsified(model):
         raise ValueError("train_predictors needs the dense model; call countdown.unsparsify(model) first")
-    if windows.dim() != 2 or windows.shape[0] < 2:
-        raise ValueError("train_predictors needs at least 2 calibration windows (the last tenth is held out)")
+    if calibration is None and pairs is None:
+        raise ValueError("train_predictors needs calibration=... (texts with tokenizer=..., or token windows)")
+    r = _rank_for(sites, rank)
     hidden, inter = sites[0].hidden_size, sites[0].intermediate_size
-    r = auto_rank(hidden, inter, 3 if sites[0].kind == "gated" else 2) if rank == "auto" else int(rank)
     if not 1 <= r <= min(hidden, inter):
         raise ValueError(f"rank must be in [1, {min(hidden, inter)}], got {rank}")
-    xs, ts = pairs if pairs is not None else collect_pairs(model, sites, windows, progress)
+    if pairs is None:
+        windows = calibration_windows(calibration, tokenizer, seq_len, max_windows)
+        if windows.shape[0] < 2:
+            raise ValueError("train_predictors needs at least 2 calibration windows (the last tenth is held out)")
+        pairs = collect_pairs(model, sites, windows, progress)
+    xs, ts = pairs
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     ffn_weights = (3 if sites[0].kind == "gated" else 2) * hidden * inter
-    predictors, reports = [], []
+    layers, reports = [], []
     for i in tqdm(range(len(sites)), desc="train predictors", disable=not progress, leave=False):
         t0 = time.time()
         params, metrics = train_layer(xs[i], ts[i], sparsity, r, epochs=epochs, lr=lr, device=device, seed=i)
-        dtype = next(model.parameters()).dtype
-        predictors.append({k: v.to(dtype) for k, v in params.items()})
+        layers.append({k: v.to(dtype) for k, v in params.items()})
         reports.append(LayerReport(i, r, predictor_fraction=r * (hidden + inter) / ffn_weights,
                                    seconds=time.time() - t0, **metrics))
-    return predictors, reports
+    return Predictors(layers, float(sparsity), reports)
 
 
-def summarise(reports: list[LayerReport]) -> dict:
-    recalls = [r.recall for r in reports]
-    return {
-        "rank": reports[0].rank,
-        "recall_mean": sum(recalls) / len(recalls),
-        "recall_min": min(recalls),
-        "recall_min_layer": recalls.index(min(recalls)),
-        "predictor_fraction": reports[0].predictor_fraction,
-        "train_seconds": sum(r.seconds for r in reports),
-    }
+class PredictorCache:
+    """``cache(s)``: predictors for target ``s`` trained once on ``windows`` (one collection of
+    (x, |t|) pairs for every target), with each summary logged and, given ``out``, written to
+    ``out/predictors_<s%>.json``."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, out: Path | None = None,
+                 log: Callable[[str], None] = print, progress: bool = True):
+        self.model, self.windows, self.out, self.log, self.progress = model, windows, out, log, progress
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._trained: dict[float, Predictors] = {}
+
+    def __call__(self, sparsity: float) -> Predictors:
+        if sparsity not in self._trained:
+            if self._pairs is None:
+                self._pairs = collect_pairs(self.model, ffn_sites(self.model), self.windows, self.progress)
+            preds = train_predictors(self.model, sparsity, pairs=self._pairs, progress=self.progress)
+            s = preds.summary()
+            self.log(f"predictors for {sparsity:.0%}: rank {s['rank']}, recall mean {s['recall_mean']:.3f} "
+                     f"min {s['recall_min']:.3f} (layer {s['recall_min_layer']}), "
+                     f"{s['predictor_fraction']:.1%} of FFN weights, trained in {s['train_seconds']:.0f}s")
+            if self.out is not None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / f"predictors_{int(round(sparsity * 100))}.json").write_text(
+                    json.dumps({"summary": s, "layers": [asdict(r) for r in preds.reports]}, indent=1))
+            self._trained[sparsity] = preds
+        return self._trained[sparsity]
 
 
-def save_predictors(model: nn.Module, predictors: list[dict[str, torch.Tensor]], reports: list[LayerReport],
-                    sparsity: float, path: str | Path) -> Path:
+def save_predictors(model: nn.Module, predictors: Predictors, path: str | Path) -> Path:
     """Predictors alone (before thresholds are calibrated) as a safetensors artifact."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from .api import ARTIFACT_FORMAT, ARTIFACT_VERSION
-    from .models import fingerprint
-
-    tensors = {f"layers.{i}.predictor_{k}": v.contiguous() for i, p in enumerate(predictors) for k, v in p.items()}
-    meta = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "method": "d-countdown", "kind": "predictors",
-            "sparsity": sparsity, "fingerprint": fingerprint(model), "reports": [asdict(r) for r in reports]}
-    save_file(tensors, str(path), metadata={"countdown": json.dumps(meta)})
-    return Path(path)
+    meta = {"kind": "predictors", "method": "d-countdown", "sparsity": predictors.sparsity,
+            "predictor_sparsity": predictors.sparsity, "fingerprint": fingerprint(model),
+            "reports": [asdict(r) for r in predictors.reports]}
+    return artifact.write(path, artifact.predictor_tensors(predictors.layers), meta)
 
 
-def load_predictors(model: nn.Module, path: str | Path) -> list[dict[str, torch.Tensor]]:
+def load_predictors(model: nn.Module, path: str | Path) -> Predictors:
     """Predictors from an artifact (predictor-only or a full d-countdown sparsity artifact)."""
-    from .api import _check_fingerprint, read_artifact
-    from .models import fingerprint
-
-    meta, tensors = read_artifact(path)
-    _check_fingerprint(meta["fingerprint"], fingerprint(model), f"predictor artifact ({path})")
-    n_layers = len(ffn_sites(model))
-    out = []
-    for i in range(n_layers):
-        prefix = f"layers.{i}.predictor_"
-        layer = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not layer:
-            raise ValueError(f"{path}: no predictor for layer {i}")
-        out.append(layer)
-    return out
+    meta, tensors = artifact.read(path)
+    artifact.check_fingerprint(meta["fingerprint"], fingerprint(model), f"predictor artifact ({path})")
+    layers = artifact.predictor_layers(tensors, len(ffn_sites(model)), path)
+    reports = [LayerReport(**r) for r in meta.get("reports", [])]
+    return Predictors(layers, meta.get("predictor_sparsity", meta.get("sparsity")), reports)
 
 
-def random_predictors(model: nn.Module, rank: int | str = "auto", seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def random_predictors(model: nn.Module, rank: int | str = "auto", seed: int = 0) -> Predictors:
     """Untrained predictors of the trained ones' size, for speed measurements only: the kernels' time
-    depends on how many neurons pass the threshold, not on which."""
+    depends on how many neurons pass the threshold, not on which. Their sparsity is None, so they
+    serve any target."""
     sites = ffn_sites(model)
     hidden, inter = sites[0].hidden_size, sites[0].intermediate_size
-    r = auto_rank(hidden, inter, 3 if sites[0].kind == "gated" else 2) if rank == "auto" else int(rank)
+    r = _rank_for(sites, rank)
     ref = next(model.parameters())
     g = torch.Generator(device=ref.device).manual_seed(seed)
-    out = []
+    layers = []
     for _ in sites:
         layer = {"V": torch.randn(hidden, r, generator=g, device=ref.device) / math.sqrt(hidden),
                  "U": torch.randn(inter, r, generator=g, device=ref.device) / math.sqrt(r),
                  "b": torch.zeros(inter, device=ref.device)}
-        out.append({k: v.to(ref.dtype) for k, v in layer.items()})
-    return out
+        layers.append({k: v.to(ref.dtype) for k, v in layer.items()})
+    return Predictors(layers, None)

@@ -27,16 +27,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .ffn import is_sparsified
+from .methods import check_sparsity, keep_count
 from .models import FFNSite, ffn_sites
 
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.9)
 DEFAULT_CACHE_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16)
 DEFAULT_RECALLS: tuple[float, ...] = (1.0, 0.9, 0.8)
-
-
-def n_keep(sparsity: float, intermediate: int) -> int:
-    """Neurons kept per token at ``sparsity``: the same rounding as the top-k masker in `countdown.ffn`."""
-    return intermediate - int(round(sparsity * intermediate))
 
 
 def _check_windows(windows: torch.Tensor) -> torch.Tensor:
@@ -56,8 +53,6 @@ def _iter_window_masks(
     One dense forward per window serves every sparsity; only bool masks are kept (the float |t| of a
     layer is dropped as soon as its top-k is taken), so memory is O(seq · I · layers) per window.
     """
-    from .api import check_sparsity, is_sparsified
-
     sparsities = [check_sparsity(s) for s in sparsities]
     windows = _check_windows(windows)
     if is_sparsified(model):
@@ -71,7 +66,7 @@ def _iter_window_masks(
             # same score and same topk call as the D-COUNTDOWN-ideal top-k masker, so ties break alike
             score = site.coefficient(x).abs()
             for j, s in enumerate(sparsities):
-                idx = score.topk(n_keep(s, score.shape[-1]), dim=-1).indices
+                idx = score.topk(keep_count(score.shape[-1], s), dim=-1).indices
                 mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
                 current[j][i] = mask.scatter_(-1, idx, True).cpu()
 
@@ -202,8 +197,6 @@ def traffic_with_predictor(
     Result: ``TP·(1 − cache_hit) + FP·(1 − cache_occupancy) + predictor_fraction`` with
     ``TP = recall·(1 − s)`` and ``FP = TP·(1/precision − 1)``.
     """
-    from .api import check_sparsity
-
     s = check_sparsity(sparsity)
     precision = recall if precision is None else precision
     for name, value in (("recall", recall), ("precision", precision)):
@@ -288,7 +281,7 @@ def analyse(
                          for layer in range(len(sites))]
             traffic[f"{r:g}"] = _spread(per_layer)
         result["sparsities"][f"{s:g}"] = {
-            "n_keep": n_keep(s, inter),
+            "n_keep": keep_count(inter, s),
             "hit_rate": _spread(hit_pl),
             "occupancy": _spread(occ_pl),
             "chance_hit_rate": [1.0 - s**k for k in sizes],

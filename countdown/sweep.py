@@ -8,14 +8,14 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .api import calibrate_methods, check_sparsity, sparsify, unsparsify
+from .api import calibrate_methods, sparsify, unsparsify
 from .evaluate import perplexity
-from .methods import get_method
+from .methods import check_sparsity, get_method
 
 
 @dataclass
@@ -32,10 +32,11 @@ class Point:
     n_tokens: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)  # e.g. downstream task accuracies
+    positions: str = "all"  # which positions were sparse: "all" or "decode" (context dense)
 
     @property
-    def key(self) -> tuple[str, str, float]:
-        return (self.method, self.mode, round(self.target, 6))
+    def key(self) -> tuple[str, str, float, str]:
+        return (self.method, self.mode, round(self.target, 6), self.positions)
 
 
 def load_points(path: Path | None) -> list[Point]:
@@ -57,9 +58,10 @@ def each_sparsified(
     calibration_windows: torch.Tensor,
     *,
     mode: str = "threshold",
-    predictors_for: Callable[[float], list] | None = None,
+    positions: str = "all",
+    predictors_for: Callable[[float], Sequence[dict]] | None = None,
     progress: bool = True,
-) -> Iterator[tuple[str, float, list | None]]:
+) -> Iterator[tuple[str, float, Sequence[dict] | None]]:
     """Yield (method, sparsity, predictors) for every target in ``todo`` ({method: [sparsities]}) with
     the model sparsified for it; the model is dense again after each step and at the end."""
     cals = {}
@@ -71,7 +73,8 @@ def each_sparsified(
             # predictors are trained per target sparsity, so their scores are calibrated per target too
             preds = predictors_for(s) if get_method(name).needs_predictor else None
             cal = cals.get(name, calibration_windows if mode == "threshold" else None)
-            sparsify(model, name, s, calibration=cal, mode=mode, predictors=preds, max_windows=None, progress=progress)
+            sparsify(model, name, s, calibration=cal, mode=mode, positions=positions, predictors=preds,
+                     max_windows=None, progress=progress)
             try:
                 yield name, s, preds
             finally:
@@ -86,10 +89,11 @@ def run_grid(
     eval_ids: torch.Tensor,
     *,
     mode: str = "threshold",
+    positions: str = "all",
     context: int = 512,
     stride: int | None = None,
     results_file: Path | None = None,
-    predictors_for: Callable[[float], list] | None = None,
+    predictors_for: Callable[[float], Sequence[dict]] | None = None,
     extra_eval: Callable[[nn.Module], dict] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -103,34 +107,35 @@ def run_grid(
 
     def evaluate(method: str, point_mode: str, target: float) -> Point:
         t0 = time.time()
-        r = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
+        r = perplexity(model, eval_ids, context=context, stride=stride, positions=positions, progress=progress)
         point = Point(method, point_mode, target, r.sparsity if method != "dense" else 0.0, r.ppl,
                       ffn_bytes_read=r.ffn_bytes_read, site_sparsity=r.site_sparsity,
-                      layer_sparsity=r.layer_sparsity, n_tokens=r.n_tokens)
+                      layer_sparsity=r.layer_sparsity, n_tokens=r.n_tokens, positions=positions)
         if extra_eval is not None:
             point.extra = extra_eval(model)
         point.seconds = time.time() - t0
         return point
 
-    dense_key = ("dense", "dense", 0.0)
+    dense_key = ("dense", "dense", 0.0, positions)
     if dense_key not in done:
         done[dense_key] = evaluate("dense", "dense", 0.0)
         _append(results_file, done[dense_key])
         log(f"dense: ppl {done[dense_key].ppl:.3f}")
     dense_ppl = done[dense_key].ppl
 
-    todo = {name: [s for s in sparsities if (name, mode, round(s, 6)) not in done] for name in methods if name != "dense"}
+    todo = {name: [s for s in sparsities if (name, mode, round(s, 6), positions) not in done]
+            for name in methods if name != "dense"}
     todo = {name: targets for name, targets in todo.items() if targets}
     if "d-countdown" in todo and predictors_for is None:
         raise ValueError("d-countdown needs predictors: pass predictors_for (see countdown.train_predictors)")
-    for name, s, _ in each_sparsified(model, todo, calibration_windows, mode=mode, predictors_for=predictors_for,
-                                      progress=progress):
+    for name, s, _ in each_sparsified(model, todo, calibration_windows, mode=mode, positions=positions,
+                                      predictors_for=predictors_for, progress=progress):
         point = evaluate(name, mode, s)
         done[point.key] = point
         _append(results_file, point)
         log(f"{name} @ {s:.2f} ({mode}): measured {point.measured:.3f}, ppl {point.ppl:.3f}")
 
-    points = list(done.values())
+    points = [p for p in done.values() if p.positions == positions]
     for p in points:
         p.delta_ppl = p.ppl - dense_ppl
     order = {m: i for i, m in enumerate(["dense", *methods])}

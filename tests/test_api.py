@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import countdown
-from countdown import ffn
+from countdown.calibrate import ScoreRecorder
 from tiny_models import ARCHS, tiny_model, tokens
 
 SPARSE_METHODS = [m for m in countdown.METHODS if m not in ("dense", "d-countdown")]
@@ -87,8 +87,8 @@ def test_save_and_load_sparsity_roundtrip(tmp_path):
     fresh = tiny_model("qwen2")
     countdown.load_sparsity(fresh, path)
     torch.testing.assert_close(logits(fresh, ids), expected)
-    m = ffn.sparse_modules(fresh)[0]
-    assert (m.method.name, m.masker.sparsity, m.masker.mode) == ("teal", 0.6, "threshold")
+    spec = countdown.sparsity_spec(fresh)
+    assert (spec.method, spec.sparsity, spec.mode) == ("teal", 0.6, "threshold")
 
 
 def test_artifact_is_pickle_free_safetensors(tmp_path):
@@ -104,7 +104,7 @@ def test_artifact_is_pickle_free_safetensors(tmp_path):
 
 def test_a_methods_thresholds_do_not_depend_on_the_methods_calibrated_beside_it(monkeypatch):
     # scores are subsampled per call; each site must draw its own sample whatever else is collected
-    monkeypatch.setattr(ffn.Masker, "samples_per_call", 200)
+    monkeypatch.setattr(ScoreRecorder, "samples_per_call", 200)
     model, ids = tiny_model("llama"), tokens(4, 24)
     alone = countdown.calibrate_methods(model, ["m-countdown"], ids, progress=False)["m-countdown"]
     shared = countdown.calibrate_methods(model, ["cats", "teal", "m-countdown"], ids, progress=False)["m-countdown"]

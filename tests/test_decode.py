@@ -44,7 +44,7 @@ def test_decoder_runs_every_method_like_the_model_does(method):
     model, calib = tiny_model("llama"), tokens(4, 24)
     preds = None
     if method == "d-countdown":
-        preds, _ = train_predictors(model, calib, 0.5, rank=4, epochs=1, progress=False)
+        preds = train_predictors(model, 0.5, calib, rank=4, epochs=1, progress=False)
     countdown.sparsify(model, method, 0.5, calibration=calib, predictors=preds, progress=False)
     prompt = tokens(1, 8, seed=3)
     assert torch.equal(Decoder(model, max_len=32).generate(prompt, 12).tokens, _generate(model, prompt, 12))
@@ -79,7 +79,7 @@ def test_bad_decoder_settings_give_clear_errors():
 def test_cuda_graph_loop_equals_eager_loop_on_gpu(method):
     model, calib = tiny_model("llama").cuda(), tokens(4, 24)
     if method != "dense":
-        preds = train_predictors(model, calib, 0.5, rank=4, epochs=1, progress=False)[0] if method == "d-countdown" else None
+        preds = train_predictors(model, 0.5, calib, rank=4, epochs=1, progress=False) if method == "d-countdown" else None
         countdown.sparsify(model, method, 0.5, calibration=calib, predictors=preds, progress=False)
     prompt = tokens(1, 8, seed=3)
     graph = Decoder(model, max_len=40, cuda_graph=True)

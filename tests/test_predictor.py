@@ -25,8 +25,8 @@ def test_training_reduces_loss_and_beats_chance_on_learnable_labels():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_d_countdown_runs_with_trained_predictors(arch):
     model, ids = tiny_model(arch), tokens(10, 32)
-    preds, reports = train_predictors(model, ids, 0.5, rank=8, epochs=2, progress=False)
-    assert len(preds) == len(reports) == 2
+    preds = train_predictors(model, 0.5, ids, rank=8, epochs=2, progress=False)
+    assert len(preds) == len(preds.reports) == 2
     countdown.sparsify(model, "d-countdown", 0.5, mode="topk", predictors=preds)
     r = countdown.perplexity(model, ids.reshape(-1), context=32, progress=False)
     assert abs(r.sparsity - 0.5) < 0.02 and r.ffn_bytes_read == pytest.approx(0.5, abs=0.02)
@@ -34,7 +34,7 @@ def test_d_countdown_runs_with_trained_predictors(arch):
 
 def test_predictors_roundtrip_through_sparsity_artifact(tmp_path):
     model, ids = tiny_model("llama"), tokens(10, 32)
-    preds, _ = train_predictors(model, ids, 0.6, rank=8, epochs=1, progress=False)
+    preds = train_predictors(model, 0.6, ids, rank=8, epochs=1, progress=False)
     countdown.sparsify(model, "d-countdown", 0.6, calibration=ids, predictors=preds, progress=False)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -47,8 +47,8 @@ def test_predictors_roundtrip_through_sparsity_artifact(tmp_path):
 
 def test_predictor_artifact_roundtrip_and_refused_for_another_model(tmp_path):
     model, ids = tiny_model("llama"), tokens(10, 32)
-    preds, reports = train_predictors(model, ids, 0.5, rank=8, epochs=1, progress=False)
-    path = save_predictors(model, preds, reports, 0.5, tmp_path / "p.safetensors")
+    preds = train_predictors(model, 0.5, ids, rank=8, epochs=1, progress=False)
+    path = save_predictors(model, preds, tmp_path / "p.safetensors")
     again = load_predictors(tiny_model("llama"), path)
     for a, b in zip(preds, again):
         for k in a:
@@ -60,11 +60,11 @@ def test_predictor_artifact_roundtrip_and_refused_for_another_model(tmp_path):
 def test_bad_predictor_arguments():
     model, ids = tiny_model("llama"), tokens(10, 32)
     with pytest.raises(ValueError, match="rank"):
-        train_predictors(model, ids, 0.5, rank=10_000, progress=False)
+        train_predictors(model, 0.5, ids, rank=10_000, progress=False)
     with pytest.raises(ValueError, match="at least 2"):
-        train_predictors(model, ids[:1], 0.5, rank=4, progress=False)
+        train_predictors(model, 0.5, ids[:1], rank=4, progress=False)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        train_predictors(model, ids, 1.5, rank=4, progress=False)
+        train_predictors(model, 1.5, ids, rank=4, progress=False)
     with pytest.raises(ValueError, match="layers"):
         countdown.sparsify(model, "d-countdown", 0.5, mode="topk", predictors=[{}])
 
@@ -72,3 +72,29 @@ def test_bad_predictor_arguments():
 def test_auto_rank_matches_paper_ratio():
     assert auto_rank(4096, 14336) == 512  # the paper's Llama-3.1-8B setting
     assert auto_rank(576, 1536) == 64  # SmolLM2-135M
+
+
+def test_predictors_trained_for_another_sparsity_are_refused():
+    model, ids = tiny_model("llama"), tokens(10, 32)
+    preds = train_predictors(model, 0.7, ids, rank=4, epochs=1, progress=False)
+    assert preds.sparsity == 0.7
+    with pytest.raises(ValueError, match="trained for 70% sparsity, not 50%"):
+        countdown.sparsify(model, "d-countdown", 0.5, mode="topk", predictors=preds)
+    assert not countdown.is_sparsified(model)
+
+
+def test_train_predictors_takes_text_like_sparsify(smollm2_tokenizer):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=72,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    from countdown.data import calibration_text
+
+    text = calibration_text("pydoc-topics")[:20000]
+    preds = countdown.train_predictors(model, 0.5, calibration=text, tokenizer=smollm2_tokenizer, seq_len=64,
+                                       max_windows=6, rank=4, epochs=1, progress=False)
+    countdown.sparsify(model, "d-countdown", 0.5, calibration=text, tokenizer=smollm2_tokenizer, seq_len=64,
+                       max_windows=4, predictors=preds, progress=False)
+    assert countdown.sparsity_spec(model).method == "d-countdown"
+    assert all(m.predictor_V.dtype == next(model.parameters()).dtype for m in countdown.ffn.sparse_modules(model))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import countdown
+from countdown.methods import keep_count
 from countdown.models import ffn_sites
 from countdown.prefetch import (
     active_sets,
     analyse,
-    n_keep,
     plot_reuse,
     reuse_curve,
     summary_table,
@@ -38,7 +38,7 @@ def test_active_sets_shapes_and_size(llama):
     assert len(masks) == len(ffn_sites(llama))
     for m in masks:
         assert m.dtype == torch.bool and m.shape == (3, 20, INTER)
-        assert (m.sum(-1) == n_keep(0.7, INTER)).all()  # exactly (1 − s)·I per token
+        assert (m.sum(-1) == keep_count(INTER, 0.7)).all()  # exactly (1 − s)·I per token
 
 
 def test_active_sets_match_topk_of_coefficient(llama):
@@ -54,7 +54,7 @@ def test_active_sets_match_topk_of_coefficient(llama):
     handle.remove()
     for w, x in enumerate(seen):
         t = site.coefficient(x).abs()
-        expected = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, t.topk(n_keep(0.5, INTER), -1).indices, True)
+        expected = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, t.topk(keep_count(INTER, 0.5), -1).indices, True)
         assert torch.equal(masks[1][w], expected)
 
 

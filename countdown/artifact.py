@@ -1,0 +1,77 @@
+"""The sparsity artifact: one safetensors file with JSON metadata. The only module that writes,
+reads or validates it.
+
+Tensors: ``thresholds`` [L, n_sites] (float32) for a full artifact, and per layer
+``layers.{i}.predictor_{V,U,b}`` for D-COUNTDOWN predictors. Metadata (key ``countdown``): format,
+version, kind ("sparsity" or "predictors"), method, sparsity (target), mode, sites, positions,
+predictor_sparsity (the target the predictors were trained for), the model fingerprint, and for
+predictor files the per-layer training reports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT = "countdown-sparsity"
+VERSION = 1
+_META_KEY = "countdown"
+
+
+def write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write ``tensors`` and ``meta`` (JSON-serialisable) to ``path``; returns the path."""
+    path = Path(path)
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(path), metadata={_META_KEY: json.dumps(meta)})
+    return path
+
+
+def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an artifact, or a clear error if it is missing, corrupt or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no sparsity artifact at {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
+    if raw is None:
+        raise ValueError(f"{path} is a safetensors file but not a countdown sparsity artifact")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: countdown metadata is corrupt: {err}") from err
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported artifact format {meta.get('format')!r} v{meta.get('version')!r}")
+    return meta, tensors
+
+
+def check_fingerprint(found: dict, expected: dict, what: str) -> None:
+    """Refuse an artifact (or calibration) made for another model, naming what differs."""
+    diffs = [f"{k}: {found.get(k)!r} != {v!r}" for k, v in expected.items() if found.get(k) != v]
+    if diffs:
+        raise ValueError(f"this {what} was made for another model ({'; '.join(diffs)})")
+
+
+def predictor_tensors(layers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The artifact's tensors for per-layer predictors."""
+    return {f"layers.{i}.predictor_{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
+
+
+def predictor_layers(tensors: dict[str, torch.Tensor], n_layers: int, path: str | Path) -> list[dict[str, torch.Tensor]]:
+    """Per-layer predictor tensors back from an artifact; every layer must have one."""
+    out = []
+    for i in range(n_layers):
+        prefix = f"layers.{i}.predictor_"
+        layer = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not layer:
+            raise ValueError(f"{path}: no predictor for layer {i}")
+        out.append(layer)
+    return out
