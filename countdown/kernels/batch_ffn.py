@@ -67,8 +67,8 @@ from . import _core
 from ._core import KIND_GATE, KIND_SCORE, KIND_T, KIND_UP, _act, _keep
 from .pack import ACTIVATIONS, MAX_BATCH
 
-B_PAD = 16  # the batch padded to tl.dot's smallest side; must be >= MAX_BATCH
-assert B_PAD >= MAX_BATCH
+B_PAD = tl.constexpr(16)  # the batch padded to tl.dot's smallest side; must be >= MAX_BATCH
+assert B_PAD.value >= MAX_BATCH
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _project(w1_ptr, w2_ptr, x_ptr, rows, rmask, rb, bm, H,
              TWO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-             STAGES: tl.constexpr):
+             STAGES: tl.constexpr, EVEN_K: tl.constexpr):
     """(w1[rows] @ x.T, w2[rows] @ x.T), each [BLOCK_I, B_PAD] fp32 (the second only when TWO).
     Rows outside rmask are not read and give zeros; x [B, H] is read transposed, BLOCK_K a step."""
     acc1 = tl.zeros([BLOCK_I, B_PAD], dtype=tl.float32)
@@ -90,9 +90,13 @@ def _project(w1_ptr, w2_ptr, x_ptr, rows, rmask, rb, bm, H,
     roff = rows.to(tl.int64)[:, None] * H
     for k in tl.range(0, H, BLOCK_K, num_stages=STAGES):
         kk = k + tl.arange(0, BLOCK_K)
-        km = kk < H
-        xt = tl.load(x_ptr + rb[None, :] * H + kk[:, None], mask=km[:, None] & bm[None, :], other=0.0)
-        m2 = rmask[:, None] & km[None, :]
+        if EVEN_K:  # no column mask: the loads stay vectorised along the row
+            xt = tl.load(x_ptr + rb[None, :] * H + kk[:, None], mask=bm[None, :], other=0.0)
+            m2 = rmask[:, None]
+        else:
+            km = kk < H
+            xt = tl.load(x_ptr + rb[None, :] * H + kk[:, None], mask=km[:, None] & bm[None, :], other=0.0)
+            m2 = rmask[:, None] & km[None, :]
         w1 = tl.load(w1_ptr + roff + kk[None, :], mask=m2, other=0.0, eviction_policy="evict_first")
         acc1 = _dot(w1, xt, acc1, IEEE)
         if TWO:
@@ -112,7 +116,7 @@ def _coef_kernel(
     thr_value, B, H, I,
     KIND: tl.constexpr, COMPUTE: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr,
     THR_PTR: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     if THR_PTR:
         thr = tl.load(thr_ptr).to(tl.float32)
@@ -128,14 +132,14 @@ def _coef_kernel(
     # the score vector v [BLOCK_I, B_PAD]: given, or the dense projection(s) of this program's rows
     if COMPUTE:
         if KIND == 0:
-            g, u = _project(wg_ptr, wu_ptr, x_ptr, rows, im, rb, bm, H, True, BLOCK_I, BLOCK_K, IEEE, STAGES)
+            g, u = _project(wg_ptr, wu_ptr, x_ptr, rows, im, rb, bm, H, True, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
             v = _act(g, ACT) * u
         elif KIND == 1:
             v, _unused = _project(wg_ptr, wg_ptr, x_ptr, rows, im, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE,
-                                  STAGES)
+                                  STAGES, EVEN_K)
         else:
             v, _unused = _project(wu_ptr, wu_ptr, x_ptr, rows, im, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE,
-                                  STAGES)
+                                  STAGES, EVEN_K)
     else:
         v = tl.load(vec_ptr + vptr, mask=valid, other=0.0).to(tl.float32)
     keep = _keep(v, thr, KIND, SCORE_ACT, ACT) & valid
@@ -145,13 +149,13 @@ def _coef_kernel(
     if KIND == 0:
         t = v
     elif KIND == 1:
-        u, _unused = _project(wu_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE, STAGES)
+        u, _unused = _project(wu_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
         t = _act(v, ACT) * u
     elif KIND == 2:
-        g, _unused = _project(wg_ptr, wg_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE, STAGES)
+        g, _unused = _project(wg_ptr, wg_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
         t = _act(g, ACT) * v
     else:
-        g, u = _project(wg_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, True, BLOCK_I, BLOCK_K, IEEE, STAGES)
+        g, u = _project(wg_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, True, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
         t = _act(g, ACT) * u
     tl.store(coef_ptr + vptr, tl.where(keep, t, 0.0), mask=valid)
 
@@ -280,11 +284,12 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
             x, x if vec is None else vec, wg, wu, thr_arg, coef, float(threshold_value), batch, hidden, inter,
             KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, ACT=ACTIVATIONS.index(act),
             THR_PTR=threshold is not None, BLOCK_I=cfg.block_i, BLOCK_K=cfg.block_k, IEEE=ieee,
-            STAGES=cfg.stages, num_warps=cfg.coef_warps)
+            STAGES=cfg.stages, EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.coef_warps)
     splits, nh, npp = _down_grid(hidden, inter, cfg)
-    ws = _core._persistent_workspace(device, B_PAD * hidden + nh)
-    acc_ws = ws[: B_PAD * hidden].view(torch.float32)
-    counters = ws[B_PAD * hidden:]
+    pad = B_PAD.value
+    ws = _core._persistent_workspace(device, pad * hidden + nh)
+    acc_ws = ws[: pad * hidden].view(torch.float32)
+    counters = ws[pad * hidden:]
     if out is None:
         out = torch.empty(batch, hidden, dtype=dtype, device=device)
     _down_kernel[(splits, nh)](
