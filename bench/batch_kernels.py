@@ -276,7 +276,8 @@ def main():
         log("sweep (us per layer):")
         keys = sorted({(r["path"], r["batch"], r["s"]) for r in results["sweep"]})
         for k in keys:
-            cells = " ".join(f"{r['config']}={r['us']:.1f}" for r in results["sweep"] if (r["path"], r["batch"], r["s"]) == k)
+            cells = " ".join(f"{r['config']}={r['us']:.1f}" for r in results["sweep"]
+                             if (r["path"], r["batch"], r["s"]) == k)
             log(f"  {k[0]} B={k[1]} s={k[2]}: {cells}")
     dense = {r["batch"]: r["us"] for r in timings if r["path"] == "dense"}
     log("\nus per layer (speed-up vs dense) [union kept, floor us, GB/s]; dense us: " +
@@ -288,7 +289,8 @@ def main():
             cells = []
             for b in BATCHES:
                 r = next(r for r in timings if r["path"] == path and r["batch"] == b and r["s"] == s)
-                cells.append(f"{r['us']:5.1f} ({r['speedup']:.2f}x) [{r['union']:.2f},{r['bytes'] / COPY_BW * 1e6:3.0f},"
+                floor_us = r["bytes"] / COPY_BW * 1e6
+                cells.append(f"{r['us']:5.1f} ({r['speedup']:.2f}x) [{r['union']:.2f},{floor_us:3.0f},"
                              f"{r['bytes'] / r['us'] / 1e3:4.0f}]")
             log(f"  {path:13s} " + " ".join(f"{c:25s}" for c in cells))
     worst = min(r["speedup"] for r in timings if r["path"] != "dense")

@@ -149,10 +149,12 @@ def _coef_kernel(
     if KIND == 0:
         t = v
     elif KIND == 1:
-        u, _unused = _project(wu_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
+        u, _unused = _project(wu_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE,
+                              STAGES, EVEN_K)
         t = _act(v, ACT) * u
     elif KIND == 2:
-        g, _unused = _project(wg_ptr, wg_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
+        g, _unused = _project(wg_ptr, wg_ptr, x_ptr, rows, union, rb, bm, H, False, BLOCK_I, BLOCK_K, IEEE,
+                              STAGES, EVEN_K)
         t = _act(g, ACT) * v
     else:
         g, u = _project(wg_ptr, wu_ptr, x_ptr, rows, union, rb, bm, H, True, BLOCK_I, BLOCK_K, IEEE, STAGES, EVEN_K)
