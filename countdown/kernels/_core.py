@@ -46,9 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+from .pack import ACTIVATIONS
+
 KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
-MAX_HIDDEN = 16384  # register accumulator over H: beyond this the kernel path is not offered
 
 
 # Read once: Triton itself fixes the mode when it is imported (see below), and a constant keeps the
@@ -69,7 +69,8 @@ def interpret_mode() -> bool:
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
-    """Activation on fp32 values: 0 silu, 1 gelu (tanh approximation), 2 gelu (erf), 3 relu."""
+    """Activation on fp32 values; ACT indexes pack.ACTIVATIONS: 0 silu, 1 gelu (tanh approximation),
+    2 gelu (erf), 3 relu."""
     if ACT == 0:
         r = v * tl.sigmoid(v)
     elif ACT == 1:
@@ -456,7 +457,7 @@ def _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, 
     if not balance:
         programs = triton.cdiv(inter, npp)
     meta = dict(
-        KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, ACT=ACTIVATIONS[act], THR_PTR=thr_is_tensor,
+        KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, ACT=ACTIVATIONS.index(act), THR_PTR=thr_is_tensor,
         H_PAD=triton.next_power_of_2(hidden), I_PAD=triton.next_power_of_2(inter) if balance else 1,
         BLOCK_D=cfg.block_d, BLOCK_I=cfg.block_i, CHUNK=cfg.chunk, BALANCE=balance,
         INTERLEAVE=cfg.interleave and compute, PREFETCH=cfg.prefetch, FINALIZE=cfg.finalize,
@@ -489,15 +490,3 @@ def op_or_impl(op, impl):
     """The registered op under torch.compile (opaque to the compiler, with its fake kernel); the plain
     implementation when eager, which skips the custom-op dispatch (about 20 us a call on a CPU)."""
     return op if torch.compiler.is_compiling() else impl
-
-
-def check_kernel_target(device: torch.device, hidden: int, inter: int) -> None:
-    """Raise ValueError when the kernel path cannot run on this device / shape."""
-    if device.type != "cuda" and not interpret_mode():
-        raise ValueError(f"the Triton kernels need CUDA tensors, got {device}; use countdown.kernels.reference "
-                         f"(or set TRITON_INTERPRET=1 to run them slowly on the CPU)")
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"hidden size {hidden} > {MAX_HIDDEN}: the kernel keeps the output row in registers; "
-                         f"use countdown.kernels.reference")
-    if hidden * inter >= 2**31:
-        raise ValueError(f"weights of {inter}x{hidden} elements exceed int32 indexing; use the reference path")

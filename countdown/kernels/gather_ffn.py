@@ -10,7 +10,8 @@
     fused_gather_ffn(x, w_dense, w_sparse, w_down_t, thr, act, dense, score_act)
         the same, with a = w_dense x computed in the same kernel (one launch for the whole FFN).
 
-Shapes: x [H] (or [1, H], [1, 1, H]), a [I] (same leading shape, any float dtype), w_dense /
+Shapes: x [H] / [B, H] / [B, 1, H] with B <= 16 tokens (B >= 2 runs ``batch_ffn``: each token keeps
+its own neurons, the union's rows are read once), a [I] / [B, I] / [B, 1, I] (any float dtype), w_dense /
 w_sparse / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
 threshold: Python float or 1-element float tensor. Output: x's shape and dtype; fp32 accumulation.
 Rows of w_sparse and w_down_t of neurons that fail the test are never read.
@@ -22,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from . import _core
-from .pack import check_act, check_input, check_threshold, check_vector, check_weight
+from . import _core, batch_ffn
+from .pack import check_act, check_down, check_input, check_threshold, check_vector, check_weight
 
 
 __all__ = ["gather_ffn", "fused_gather_ffn"]
@@ -67,12 +68,9 @@ def _(x, w_dense, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_
 
 
 def _common(x, weights, w_down_t, threshold, act, dense, score_act):
-    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
-        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
-    inter, hidden = w_down_t.shape
-    xv, dtype, device = check_input(x, hidden)
+    inter, hidden = check_down(w_down_t)
     for name, w in weights + (("w_down_t", w_down_t),):
-        check_weight(name, w, (inter, hidden), dtype, device)
+        check_weight(name, w, (inter, hidden), w_down_t.dtype, w_down_t.device)
     check_act(act)
     if dense not in ("gate", "up"):
         raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
@@ -80,20 +78,25 @@ def _common(x, weights, w_down_t, threshold, act, dense, score_act):
         score_act = dense == "gate"
     if score_act and dense != "gate":
         raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
-    _core.check_kernel_target(device, hidden, inter)
-    thr_t, thr_v = check_threshold(threshold, device)
-    return xv, inter, device, thr_t, thr_v, bool(score_act)
+    xv, batch = check_input(x, w_down_t)
+    thr_t, thr_v = check_threshold(threshold, x.device)
+    return xv, batch, inter, thr_t, thr_v, bool(score_act)
 
 
 def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
                score_act: bool | None = None) -> torch.Tensor:
     """CATS (dense="gate") / M-COUNTDOWN (dense="up") given the dense projection a; see the module doc."""
-    xv, inter, device, thr_t, thr_v, score_act = _common(x, (("w_sparse", w_sparse),), w_down_t, threshold, act,
-                                                         dense, score_act)
-    av = check_vector("a", a, inter, device)
-    run = _core.op_or_impl(_gather_ffn_op, _gather_ffn_impl)
-    y = run(xv, av, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act)
+    xv, batch, inter, thr_t, thr_v, score_act = _common(x, (("w_sparse", w_sparse),), w_down_t, threshold, act,
+                                                        dense, score_act)
+    av = check_vector("a", a, inter, x.device, batch)
+    if batch > 1:
+        w_gate, w_up = (None, w_sparse) if dense == "gate" else (w_sparse, None)
+        y = batch_ffn.batch_sparse_ffn(_kind(dense == "gate"), False, xv, av, w_gate, w_up, w_down_t, thr_t, thr_v,
+                                       act, score_act)
+    else:
+        run = _core.op_or_impl(_gather_ffn_op, _gather_ffn_impl)
+        y = run(xv.reshape(-1), av.reshape(-1), w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act)
     return y.reshape(x.shape)
 
 
@@ -101,8 +104,13 @@ def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Ten
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
                      score_act: bool | None = None) -> torch.Tensor:
     """``gather_ffn`` with a = w_dense x computed in the same kernel (w_dense = W_gate or W_up)."""
-    xv, _, _, thr_t, thr_v, score_act = _common(x, (("w_dense", w_dense), ("w_sparse", w_sparse)), w_down_t,
-                                                threshold, act, dense, score_act)
-    run = _core.op_or_impl(_fused_gather_ffn_op, _fused_gather_ffn_impl)
-    y = run(xv, w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act)
+    xv, batch, _, thr_t, thr_v, score_act = _common(x, (("w_dense", w_dense), ("w_sparse", w_sparse)), w_down_t,
+                                                    threshold, act, dense, score_act)
+    if batch > 1:
+        w_gate, w_up = (w_dense, w_sparse) if dense == "gate" else (w_sparse, w_dense)
+        y = batch_ffn.batch_sparse_ffn(_kind(dense == "gate"), True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v,
+                                       act, score_act)
+    else:
+        run = _core.op_or_impl(_fused_gather_ffn_op, _fused_gather_ffn_impl)
+        y = run(xv.reshape(-1), w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act)
     return y.reshape(x.shape)

@@ -1,6 +1,7 @@
 """Weight layout for the sparse-FFN ops, and the argument checks shared by their entry points.
 
-``pack_ffn_weights`` is run once, at sparsify time. It needs no Triton.
+``pack_ffn_weights`` is run once, at sparsify time. Nothing here needs Triton: the reference path
+and ``kernel_unavailable_reason`` (the one place that says where the kernels apply) work without it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from typing import NamedTuple
 import torch
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")  # the kernels' activation codes are indices here
+MAX_HIDDEN = 16384  # the batch-1 kernel keeps an output row [H] in registers
+MAX_BATCH = 16  # decode tokens per call (the batched kernels pad the batch to 16)
 
 
 class PackedFFN(NamedTuple):
@@ -57,7 +61,63 @@ def pack_ffn_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------
-# checks used by the ops' entry points
+# where the kernels apply, and the checks used by the ops' entry points
+
+
+def decode_batch(shape: torch.Size | tuple[int, ...]) -> tuple[int, str | None]:
+    """(B, None) for tokens laid out [F], [B, F] or [B, 1, ..., 1, F] (B <= MAX_BATCH), else (B, reason)."""
+    lead = tuple(shape[:-1])
+    batch = lead[0] if lead else 1
+    per_seq = 1
+    for n in lead[1:]:
+        per_seq *= n
+    if per_seq != 1:
+        return batch, (f"prefill: shape {tuple(shape)} holds {per_seq} tokens per sequence; the kernels serve "
+                       f"decode (one token per sequence)")
+    if batch > MAX_BATCH:
+        return batch, f"batch B = {batch} > {MAX_BATCH} tokens"
+    if batch < 1:
+        return batch, "empty batch"
+    return batch, None
+
+
+def kernel_unavailable_reason(x: torch.Tensor, w_down_t: torch.Tensor, *, coefficients: bool = False) -> str | None:
+    """None when the Triton kernels can serve these tokens with these weights, else the reason.
+
+    x: the tokens [..., H] in the weights' dtype (with ``coefficients``: sparse_down's t [..., I],
+    any float dtype). w_down_t: [I, H] (only its shape, dtype and device are looked at, so W_down.t()
+    will do). The kernels serve decode batches of 1 to MAX_BATCH tokens ([H], [B, H], [B, 1, H]).
+    """
+    try:
+        from . import _core  # imports triton
+    except ImportError:
+        return "Triton is not installed (pip install 'countdown-llm[gpu]')"
+    if x.device.type != "cuda" and not _core.interpret_mode():
+        return (f"tensors are on {x.device.type}, the kernels need CUDA (or TRITON_INTERPRET=1 to run them "
+                f"slowly on the CPU)")
+    if w_down_t.dim() != 2:
+        return f"w_down_t must be 2-D [I, H], got shape {tuple(w_down_t.shape)}"
+    inter, hidden = w_down_t.shape
+    if w_down_t.dtype not in SUPPORTED_DTYPES or not (coefficients or x.dtype == w_down_t.dtype):
+        return f"dtype {x.dtype} / weights {w_down_t.dtype} not supported (bf16, fp16, fp32, matching)"
+    width = inter if coefficients else hidden
+    if x.dim() == 0 or x.shape[-1] != width:
+        return f"input of shape {tuple(x.shape)} does not end in {width} ({'I' if coefficients else 'H'})"
+    _, reason = decode_batch(x.shape)
+    if reason:
+        return reason
+    if hidden > MAX_HIDDEN:
+        return f"hidden size {hidden} > {MAX_HIDDEN} (the batch-1 kernel holds an output row in registers)"
+    if hidden * inter >= 2**31:
+        return f"weights of {inter}x{hidden} elements exceed int32 indexing"
+    return None
+
+
+def require_kernel(x: torch.Tensor, w_down_t: torch.Tensor, *, coefficients: bool = False) -> None:
+    """Raise ValueError with ``kernel_unavailable_reason``'s reason when it is not None."""
+    reason = kernel_unavailable_reason(x, w_down_t, coefficients=coefficients)
+    if reason is not None:
+        raise ValueError(f"{reason}; use countdown.kernels.reference")
 
 
 def check_weight(name: str, w: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype,
@@ -75,21 +135,26 @@ def check_weight(name: str, w: torch.Tensor, shape: tuple[int, int], dtype: torc
                          f"got strides {w.stride()}")
 
 
-def check_vector(name: str, v: torch.Tensor, length: int, device: torch.device,
+def check_vector(name: str, v: torch.Tensor, length: int, device: torch.device, batch: int,
                  allow_bool: bool = False) -> torch.Tensor:
-    """A batch-1 vector of ``length`` entries ([L], [1, L] or [1, 1, L]); returns it as [L] contiguous."""
+    """``batch`` tokens' vectors of ``length`` entries ([L] for one token, [B, L], [B, 1, L]); returns
+    them as [B, L] contiguous."""
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
     ok = SUPPORTED_DTYPES + ((torch.bool, torch.uint8) if allow_bool else ())
     if v.dtype not in ok:
         raise TypeError(f"{name} has dtype {v.dtype}; supported: {', '.join(map(str, ok))}")
-    if v.shape[-1:] != (length,) or v.numel() != length:
-        raise ValueError(f"{name} must hold one token ({length} values; shape [{length}], [1, {length}] "
-                         f"or [1, 1, {length}]), got shape {tuple(v.shape)}; batch > 1 and prefill "
-                         f"use the reference path")
+    if v.dim() == 0 or v.shape[-1] != length:
+        raise ValueError(f"{name} must have {length} values per token (shape [B, {length}]), got shape "
+                         f"{tuple(v.shape)}")
+    got, reason = decode_batch(v.shape)
+    if reason:
+        raise ValueError(f"{name}: {reason}; use countdown.kernels.reference")
+    if got != batch:
+        raise ValueError(f"{name} holds {got} token(s) (shape {tuple(v.shape)}) but the input holds {batch}")
     if v.device != device:
         raise ValueError(f"{name} is on {v.device}, expected {device}")
-    return v.reshape(length).contiguous()
+    return v.reshape(batch, length).contiguous()
 
 
 def check_threshold(threshold, device: torch.device) -> tuple[torch.Tensor | None, float]:
@@ -108,30 +173,36 @@ def check_threshold(threshold, device: torch.device) -> tuple[torch.Tensor | Non
 
 
 def check_act(act: str) -> None:
-    if act not in ("silu", "gelu_tanh", "gelu", "relu"):
-        raise ValueError(f"unknown activation {act!r}; expected 'silu', 'gelu_tanh', 'gelu' or 'relu'")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
-def check_input(x: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.dtype, torch.device]:
+def check_input(x: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tokens x ([H], [B, H] or [B, 1, H]) as [B, H] contiguous, and B; raises when the kernels
+    cannot serve them (see ``kernel_unavailable_reason``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported: bfloat16, float16, float32")
-    xv = check_vector("x", x, hidden, x.device)
-    return xv, x.dtype, x.device
+    if x.dtype != w_down_t.dtype:
+        raise TypeError(f"x has dtype {x.dtype}, the weights {w_down_t.dtype}: they must match")
+    require_kernel(x, w_down_t)
+    batch, _ = decode_batch(x.shape)
+    return x.reshape(batch, w_down_t.shape[1]).contiguous(), batch
+
+
+def check_down(w_down_t: torch.Tensor) -> tuple[int, int]:
+    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+    return w_down_t.shape
 
 
 def check_gated_call(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                     act: str) -> tuple[torch.Tensor, int, int, torch.device]:
-    """Validate a call that reads all three gated-FFN matrices; returns (x as [H], I, H, device)."""
-    from . import _core  # _core imports triton, which this module must not need
-
-    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
-        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
-    inter, hidden = w_down_t.shape
-    xv, dtype, device = check_input(x, hidden)
+                     act: str) -> tuple[torch.Tensor, int, int]:
+    """Validate a call that reads all three gated-FFN matrices; returns (x as [B, H], B, I)."""
+    inter, hidden = check_down(w_down_t)
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
-        check_weight(name, w, (inter, hidden), dtype, device)
+        check_weight(name, w, (inter, hidden), w_down_t.dtype, w_down_t.device)
     check_act(act)
-    _core.check_kernel_target(device, hidden, inter)
-    return xv, inter, hidden, device
+    xv, batch = check_input(x, w_down_t)
+    return xv, batch, inter

@@ -4,7 +4,8 @@
         kept: score_i > thr (signed: a predictor's logits; a bool mask keeps True and ignores thr)
         y = sum over kept i of act(W_gate[i] . x) * (W_up[i] . x) * w_down_t[i, :]
 
-Shapes: x [H] (or [1, H], [1, 1, H]), score [I] (same leading shape; float, bool or uint8),
+Shapes: x [H] / [B, H] / [B, 1, H] with B <= 16 tokens (B >= 2 runs ``batch_ffn``: each token keeps
+its own neurons, the union's rows are read once), score [I] / [B, I] / [B, 1, I] (float, bool or uint8),
 w_gate / w_up / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
 threshold: Python float or 1-element float tensor. Output: x's shape and dtype; fp32 accumulation.
 Nothing of a neuron that fails the test is read: cost scales with the kept fraction.
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _core
+from . import _core, batch_ffn
 from .pack import check_gated_call, check_threshold, check_vector
 
 
@@ -43,11 +44,15 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
                          w_down_t: torch.Tensor, threshold: float | torch.Tensor, *,
                          act: str = "silu") -> torch.Tensor:
     """D-COUNTDOWN practical; see the module docstring."""
-    xv, inter, hidden, device = check_gated_call(x, w_gate, w_up, w_down_t, act)
-    sv = check_vector("score", score, inter, device, allow_bool=True)
+    xv, batch, inter = check_gated_call(x, w_gate, w_up, w_down_t, act)
+    sv = check_vector("score", score, inter, x.device, batch, allow_bool=True)
     if sv.dtype == torch.bool:
         sv, thr_t, thr_v = sv.view(torch.uint8), None, 0.5
     else:
-        thr_t, thr_v = check_threshold(threshold, device)
-    y = _core.op_or_impl(_predicted_op, _predicted_impl)(xv, sv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+        thr_t, thr_v = check_threshold(threshold, x.device)
+    if batch > 1:
+        y = batch_ffn.batch_sparse_ffn(_core.KIND_SCORE, False, xv, sv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+    else:
+        run = _core.op_or_impl(_predicted_op, _predicted_impl)
+        y = run(xv.reshape(-1), sv.reshape(-1), w_gate, w_up, w_down_t, thr_t, thr_v, act)
     return y.reshape(x.shape)

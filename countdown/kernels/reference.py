@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
+from .pack import ACTIVATIONS
 
 
 def activation(v: torch.Tensor, act: str) -> torch.Tensor:
@@ -48,6 +48,15 @@ def midpoint_threshold(score: torch.Tensor, sparsity: float) -> float:
     if k >= s.numel():
         return float(s[-1]) + 1.0
     return float(0.5 * (s[k - 1] + s[k]))
+
+
+def union_kept_fraction(keep: torch.Tensor) -> torch.Tensor:
+    """Fraction of neurons kept by at least one token of a batch: keep [..., B, I] bool (token b keeps
+    neuron i) gives [...] fp32. This is the share of rows a batched kernel reads (each union row
+    once); for B independent masks of sparsity s it is about 1 - s**B."""
+    if keep.dim() < 2:
+        raise ValueError(f"keep must be [..., B, I], got shape {tuple(keep.shape)}")
+    return keep.bool().any(dim=-2).float().mean(dim=-1)
 
 
 def _thr(threshold: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:

@@ -5,8 +5,9 @@
                                          the same with t = act(W_gate x) * (W_up x) computed densely
                                          inside the same kernel (one launch for the whole FFN)
 
-Shapes (H hidden, I intermediate): t [I] (or [1, I], [1, 1, I]; any float dtype), x [H] (same
-leading shape), w_gate / w_up / w_down_t [I, H] contiguous in the weights' dtype (bf16, fp16,
+Shapes (H hidden, I intermediate): t [I] / [B, I] / [B, 1, I] with B <= 16 tokens (any float dtype;
+B >= 2 runs ``batch_ffn``: each token keeps its own neurons, the union's rows are read once), x [H]
+(same leading shape), w_gate / w_up / w_down_t [I, H] contiguous in the weights' dtype (bf16, fp16,
 fp32), see ``pack_ffn_weights``. threshold: Python float or 1-element float tensor on the device
 (a tensor lets one CUDA graph serve every threshold value). Output: [..., H] in the weights'
 dtype; accumulation is fp32. Rows of w_down_t whose neuron fails the test are never read.
@@ -18,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from . import _core
-from .pack import check_gated_call, check_threshold, check_vector, check_weight
+from . import _core, batch_ffn
+from .pack import (check_down, check_gated_call, check_threshold, check_vector, check_weight,
+                   decode_batch, require_kernel)
 
 
 __all__ = ["sparse_down", "coefficient_ffn"]
@@ -56,16 +58,19 @@ def _(x, w_gate, w_up, w_down_t, threshold, threshold_value, act):
 
 def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """y = sum over i with |t_i| > threshold of t_i * w_down_t[i, :]; y has t's leading shape + [H]."""
-    if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
-        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
-    inter, hidden = w_down_t.shape
+    inter, hidden = check_down(w_down_t)
     if w_down_t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"w_down_t has dtype {w_down_t.dtype}; supported: bfloat16, float16, float32")
     check_weight("w_down_t", w_down_t, (inter, hidden), w_down_t.dtype, w_down_t.device)
-    _core.check_kernel_target(w_down_t.device, hidden, inter)
-    tv = check_vector("t", t, inter, w_down_t.device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    require_kernel(t, w_down_t, coefficients=True)
+    tv = check_vector("t", t, inter, w_down_t.device, decode_batch(t.shape)[0])
     thr_t, thr_v = check_threshold(threshold, w_down_t.device)
-    y = _core.op_or_impl(_sparse_down_op, _sparse_down_impl)(tv, w_down_t, thr_t, thr_v)
+    if tv.shape[0] > 1:
+        y = batch_ffn.batch_sparse_ffn(_core.KIND_T, False, None, tv, None, None, w_down_t, thr_t, thr_v)
+    else:
+        y = _core.op_or_impl(_sparse_down_op, _sparse_down_impl)(tv.reshape(-1), w_down_t, thr_t, thr_v)
     return y.reshape(*t.shape[:-1], hidden)
 
 
@@ -73,7 +78,11 @@ def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w
                     threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
     """D-COUNTDOWN ideal in one kernel: t = act(W_gate x) * (W_up x) for every neuron, then the down
     projection over |t_i| > threshold. Reads all of W_gate and W_up, and only the kept rows of w_down_t."""
-    xv, inter, hidden, device = check_gated_call(x, w_gate, w_up, w_down_t, act)
-    thr_t, thr_v = check_threshold(threshold, device)
-    y = _core.op_or_impl(_coefficient_ffn_op, _coefficient_ffn_impl)(xv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+    xv, batch, _ = check_gated_call(x, w_gate, w_up, w_down_t, act)
+    thr_t, thr_v = check_threshold(threshold, x.device)
+    if batch > 1:
+        y = batch_ffn.batch_sparse_ffn(_core.KIND_T, True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+    else:
+        run = _core.op_or_impl(_coefficient_ffn_op, _coefficient_ffn_impl)
+        y = run(xv.reshape(-1), w_gate, w_up, w_down_t, thr_t, thr_v, act)
     return y.reshape(x.shape)

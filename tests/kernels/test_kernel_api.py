@@ -37,9 +37,9 @@ def test_argument_errors():
         kernels.gather_ffn(x, a, p.w_up.float(), p.w_down_t, 0.1)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.gather_ffn(x, a, p.w_up.t().contiguous().t(), p.w_down_t, 0.1)
-    with pytest.raises(ValueError, match="one token"):
+    with pytest.raises(ValueError, match="a holds 1 token"):
         kernels.gather_ffn(x.expand(2, hidden), a, p.w_up, p.w_down_t, 0.1)
-    with pytest.raises(ValueError, match="a must hold one token"):
+    with pytest.raises(ValueError, match=f"a must have {inter} values per token"):
         kernels.gather_ffn(x, a[:-1], p.w_up, p.w_down_t, 0.1)
     with pytest.raises(ValueError, match="dense must be"):
         kernels.gather_ffn(x, a, p.w_up, p.w_down_t, 0.1, dense="down")
@@ -59,7 +59,12 @@ def test_kernel_unavailable_reason():
     hidden, inter = SHAPES[0]
     x, p = weights(hidden, inter, torch.bfloat16)
     assert kernels.kernel_unavailable_reason(x, p.w_down_t) is None
-    assert "one decode token" in kernels.kernel_unavailable_reason(x.expand(3, hidden), p.w_down_t)
+    assert kernels.kernel_unavailable_reason(x.expand(3, hidden), p.w_down_t) is None  # a decode batch
+    assert kernels.kernel_unavailable_reason(x.expand(16, 1, hidden), p.w_down_t) is None
+    assert "batch B = 17 > 16" in kernels.kernel_unavailable_reason(x.expand(17, hidden), p.w_down_t)
+    assert "prefill" in kernels.kernel_unavailable_reason(x.expand(1, 5, hidden), p.w_down_t)
+    assert "does not end in" in kernels.kernel_unavailable_reason(x[:-1], p.w_down_t)
+    assert "not supported" in kernels.kernel_unavailable_reason(x.float(), p.w_down_t)
     if ON_GPU:
         assert "CUDA" in kernels.kernel_unavailable_reason(x.cpu(), p.w_down_t.cpu())
 
