@@ -195,7 +195,9 @@ class InputSparseConfig:
     dot: bool = True
 
 
-_GPU_CONFIG = InputSparseConfig()
+# The sweep of bench/input_sparse.py on an H100 (docs/KERNELS.md, "Input-sparse GEMV") picked this one
+# at every Llama-3-8B shape, for batch 1 and batch 8, at sparsity 0 and 0.5.
+_GPU_CONFIG = InputSparseConfig(block_n=256, block_k=32, num_warps=4, num_stages=4, programs_per_sm=2)
 _INTERPRET_CONFIG = InputSparseConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, programs_per_sm=8,
                                       chunk=32)
 
@@ -225,6 +227,7 @@ def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Te
     cfg = config or pick_config(batch, k, n, device)
     n_tiles, split, kpp = _grid(cfg, k, n, device)
     dot = cfg.dot or batch > 1
+    block_k = max(cfg.block_k, 16) if dot else cfg.block_k  # tl.dot needs K >= 16
     # one zero-on-exit workspace per (device, N): 16 fp32 rows, then one ticket per tile of >= 16 columns
     ws = _core._persistent_workspace(device, MAX_BATCH * n + triton.cdiv(n, 16))
     acc_ws = ws[: MAX_BATCH * n].view(torch.float32)
@@ -233,7 +236,7 @@ def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Te
         x, w_t, w_t if channel_scale is None else channel_scale, tickets if threshold is None else threshold,
         acc_ws, tickets, out, float(threshold_value), batch, k, n, kpp,
         WINA=channel_scale is not None, THR_PTR=threshold is not None, B_PAD=16 if dot else 1,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=cfg.chunk, DOT=dot, COMPACT=cfg.compact,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, CHUNK=max(cfg.chunk, block_k), DOT=dot, COMPACT=cfg.compact,
         SPLIT=split > 1, NUM_STAGES=cfg.num_stages, F32=x.dtype == torch.float32 or device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
