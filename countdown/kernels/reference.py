@@ -139,3 +139,16 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
         keep = score.float() > _thr(threshold, score)
     t = activation(_proj(x, w_gate), act) * _proj(x, w_up)
     return _down(t, keep, w_down_t).to(w_down_t.dtype)
+
+
+def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
+                        channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = sum over input channels j with score_j > threshold of x_j * w_t[j, :]  (TEAL / WINA).
+
+    x [..., K]; w_t [K, N] = W^T (W the nn.Linear weight [N, K]); score = |x| (TEAL) or
+    |x| * channel_scale (WINA, channel_scale [K]); each token has its own mask. Returns [..., N] in
+    x's dtype."""
+    x32 = x.float()
+    score = x32.abs() if channel_scale is None else x32.abs() * channel_scale.float()
+    xk = torch.where(score > _thr(threshold, x), x32, torch.zeros_like(x32))
+    return (xk @ w_t.float()).to(x.dtype)

@@ -1,0 +1,342 @@
+"""Input-sparse GEMV: a linear layer that reads only the weight rows of the input channels it keeps.
+
+    input_sparse_linear(x, w_t, thr, channel_scale=None)
+        y[b, :] = sum over channels j with score[b, j] > thr of x[b, j] * w_t[j, :]
+        score = |x|                      (TEAL)
+        score = |x| * channel_scale      (WINA; channel_scale[j] = a norm of weight column j, fp32)
+
+This is the op behind sparsity on the *input* of a linear layer (TEAL, WINA, R-Sparse's sparse part):
+the mask is on the channels of x, so what is skipped is one row of W^T per dropped channel.
+
+Shapes and layout (B tokens, K input channels, N output channels):
+    x              [B, K], [B, 1, K] or [K]; B in 1..16; bf16, fp16 or fp32
+    w_t            [K, N] contiguous, x's dtype: W^T, so input channel j's weights are one contiguous
+                   row (8 KB at N=4096, bf16). Keep this as the one copy of the weight: the model's
+                   nn.Linear weight can be the view ``w_t.t()`` ([N, K], column-major), which
+                   F.linear / cuBLAS take as it is for prefill and for the fallback.
+    channel_scale  [K] fp32 (WINA) or None (TEAL)
+    threshold      Python float, or a 1-element float tensor on the device (read by the kernel, so one
+                   CUDA graph serves every threshold)
+    y              [B, N] (x's leading shape + [N]) in x's dtype; accumulation is fp32.
+For B > 1 each token keeps its own channels; a row of w_t is read once for the whole batch when any
+token keeps its channel (the union), and multiplied by zero for the tokens that do not.
+
+Kernel (``_input_sparse_kernel``): a grid of (N tiles of BLOCK_N columns) x (SPLIT contiguous ranges
+of input channels), about ``programs_per_sm`` programs per SM. A program walks its channel range
+BLOCK_K channels a step: it loads x for those channels and all tokens (L2-resident), tests the scores
+against the threshold, and loads the [BLOCK_K, BLOCK_N] weight tile with the rows no token keeps
+masked off (masked rows are never fetched). ``compact`` instead ranks the kept channels of a CHUNK
+(cumsum of the union mask) and loads BLOCK_K *kept* rows a step. Tokens are accumulated with one
+``tl.dot`` ([16, BLOCK_K] x [BLOCK_K, BLOCK_N], tokens padded to 16 rows, masked x values zero), or
+for one token optionally with fp32 FMAs. With SPLIT > 1 the programs of one N tile add their fp32
+partials into a persistent workspace with relaxed atomics; the last one to take the tile's ticket
+casts the tile into y and zeroes the workspace and ticket again, so one launch gives the result
+and leaves the workspace ready for the next call (as ``_core`` does for the FFN ops).
+
+``input_sparse_unavailable_reason(x, w_t, channel_scale)`` says why the kernel cannot serve a call
+(None when it can); the caller then uses ``countdown.kernels.reference.input_sparse_linear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _core
+from .pack import SUPPORTED_DTYPES, check_threshold
+
+__all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_unavailable_reason", "MAX_BATCH"]
+
+MAX_BATCH = 16  # tokens padded to one 16-row MMA tile
+
+
+@triton.jit
+def _step(acc, rows, rm, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N,
+          WINA: tl.constexpr, DOT: tl.constexpr, F32: tl.constexpr):
+    """acc += the contribution of input channels ``rows`` [BLOCK_K] (valid where ``rm``).
+
+    Reloads x at those channels for every token (cheap: x is in L1/L2), so the same step serves the
+    masked walk and the compacted one. Rows that no token keeps are not fetched."""
+    xm2 = bm[:, None] & rm[None, :]
+    xv = tl.load(x_ptr + offs_b[:, None] * K + rows[None, :], mask=xm2, other=0.0,
+                 eviction_policy="evict_last")  # [B_PAD, BLOCK_K]
+    s = tl.abs(xv.to(tl.float32))
+    if WINA:
+        sc = tl.load(scale_ptr + rows, mask=rm, other=0.0, eviction_policy="evict_last")
+        s = s * sc[None, :]
+    keep = (s > thr) & xm2  # padding must never count as kept, even for a negative threshold
+    xk = tl.where(keep, xv, tl.zeros_like(xv))
+    any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: the union over tokens
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=any_keep[:, None] & nm[None, :],
+                other=0.0, eviction_policy="evict_first")
+    if DOT:
+        if F32:  # fp32 inputs, or any input in the interpreter (whose bf16 dot is wrong in triton 3.9)
+            acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk, w, acc)
+    else:  # one token: [BLOCK_K, BLOCK_N] partials, reduced over K once at the end
+        acc += tl.sum(xk.to(tl.float32), axis=0)[:, None] * w.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _input_sparse_kernel(
+    x_ptr,      # [B, K] tokens, contiguous
+    w_ptr,      # [K, N] W^T, contiguous
+    scale_ptr,  # [K] fp32 channel scale (read when WINA)
+    thr_ptr,    # [1] threshold tensor (read when THR_PTR)
+    ws_ptr,     # [16, N] fp32 workspace, zero on entry and on exit (used when SPLIT)
+    cnt_ptr,    # [>= N tiles] int32 tickets, zero on entry and on exit (used when SPLIT)
+    out_ptr,    # [B, N] output, x's dtype
+    thr_value,  # float threshold (when not THR_PTR)
+    B, K, N, KPP,  # tokens, input channels, output channels, input channels per program
+    WINA: tl.constexpr, THR_PTR: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr, COMPACT: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if THR_PTR:
+        thr = tl.load(thr_ptr).to(tl.float32)
+    else:
+        thr = thr_value
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = offs_n < N
+    offs_b = tl.arange(0, B_PAD)
+    bm = offs_b < B
+    lo = pid_k * KPP
+    hi = tl.minimum(lo + KPP, K)
+    kr = tl.arange(0, BLOCK_K)
+    if DOT:
+        acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+
+    if COMPACT:
+        # Rank the channels any token keeps within a CHUNK, then load BLOCK_K kept rows a step.
+        cr = tl.arange(0, CHUNK)
+        c = lo
+        while c < hi:
+            idx = c + cr
+            inr = idx < hi
+            xm2 = bm[:, None] & inr[None, :]
+            xv = tl.load(x_ptr + offs_b[:, None] * K + idx[None, :], mask=xm2, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            s = tl.abs(xv)
+            if WINA:
+                sc = tl.load(scale_ptr + idx, mask=inr, other=0.0, eviction_policy="evict_last")
+                s = s * sc[None, :]
+            union = tl.max(((s > thr) & xm2).to(tl.int32), axis=0)  # [CHUNK] 0/1
+            pos = tl.cumsum(union, axis=0) - 1
+            n_kept = tl.sum(union, axis=0)
+            k0 = 0
+            while k0 < n_kept:
+                kk = k0 + kr
+                sel = (pos[None, :] == kk[:, None]) & (union[None, :] > 0)  # [BLOCK_K, CHUNK]
+                rows = tl.sum(tl.where(sel, idx[None, :], 0), axis=1)
+                acc = _step(acc, rows, kk < n_kept, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N,
+                            WINA, DOT, F32)
+                k0 += BLOCK_K
+            c += CHUNK
+    else:
+        for k in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+            rows = k + kr
+            acc = _step(acc, rows, rows < hi, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N,
+                        WINA, DOT, F32)
+
+    if DOT:
+        res = acc
+    else:
+        res = tl.sum(acc, axis=0)[None, :]  # B_PAD == 1
+    om = bm[:, None] & nm[None, :]
+    off = offs_b[:, None] * N + offs_n[None, :]
+    if SPLIT:
+        tl.atomic_add(ws_ptr + off, res, mask=om, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds precede this program's ticket
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:
+            # atomic reads: the totals live in L2, where the other programs' adds landed
+            tot = tl.atomic_add(ws_ptr + off, tl.zeros_like(res), mask=om, sem="relaxed")
+            tl.debug_barrier()  # all reads done before any thread zeroes (layouts may differ)
+            tl.store(ws_ptr + off, tl.zeros_like(res), mask=om)
+            tl.store(cnt_ptr + pid_n, 0)
+            tl.store(out_ptr + off, tot.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        tl.store(out_ptr + off, res.to(out_ptr.dtype.element_ty), mask=om)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSparseConfig:
+    """Launch parameters of ``_input_sparse_kernel``.
+
+    block_n: output columns per program.  block_k: input channels (rows of w_t) per step.
+    programs_per_sm: the channel split is chosen so that the grid is about this many programs per SM.
+    num_stages: software-pipeline depth of the masked walk (loads of later steps in flight).
+    compact: load BLOCK_K kept rows a step (ranked within chunks of ``chunk`` channels) instead of
+             BLOCK_K consecutive rows with the dropped ones masked off.
+    dot: (one token) accumulate with tl.dot on a 16-row tile; False: fp32 FMAs. B > 1 always uses dot.
+    """
+
+    block_n: int = 256
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2
+    compact: bool = False
+    chunk: int = 128
+    dot: bool = True
+
+
+# The sweep of bench/input_sparse.py on an H100 (docs/KERNELS.md, "Input-sparse GEMV") picked this one
+# at every Llama-3-8B shape, for batch 1 and batch 8, at sparsity 0 and 0.5.
+_GPU_CONFIG = InputSparseConfig(block_n=256, block_k=32, num_warps=4, num_stages=4, programs_per_sm=2)
+_INTERPRET_CONFIG = InputSparseConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, programs_per_sm=8,
+                                      chunk=32)
+
+
+def pick_config(batch: int, k: int, n: int, device: torch.device) -> InputSparseConfig:
+    """The launch configuration the public op uses (one per shape, whatever the sparsity)."""
+    return _INTERPRET_CONFIG if device.type != "cuda" else _GPU_CONFIG
+
+
+def _grid(cfg: InputSparseConfig, k: int, n: int, device: torch.device) -> tuple[int, int, int]:
+    """(N tiles, channel split, channels per program)."""
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    step = cfg.chunk if cfg.compact else cfg.block_k
+    target = cfg.programs_per_sm * _core._num_sms(device)
+    split = max(1, min(target // n_tiles, triton.cdiv(k, step)))
+    kpp = triton.cdiv(triton.cdiv(k, split), step) * step
+    return n_tiles, triton.cdiv(k, kpp), kpp
+
+
+def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
+            threshold: Optional[torch.Tensor], threshold_value: float, out: torch.Tensor,
+            config: Optional[InputSparseConfig] = None) -> torch.Tensor:
+    """Run the kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out."""
+    batch, k = x.shape
+    n = w_t.shape[1]
+    device = w_t.device
+    cfg = config or pick_config(batch, k, n, device)
+    n_tiles, split, kpp = _grid(cfg, k, n, device)
+    dot = cfg.dot or batch > 1
+    block_k = max(cfg.block_k, 16) if dot else cfg.block_k  # tl.dot needs K >= 16
+    # one zero-on-exit workspace per (device, N): 16 fp32 rows, then one ticket per tile of >= 16 columns
+    ws = _core._persistent_workspace(device, MAX_BATCH * n + triton.cdiv(n, 16))
+    acc_ws = ws[: MAX_BATCH * n].view(torch.float32)
+    tickets = ws[MAX_BATCH * n:]
+    _input_sparse_kernel[(n_tiles, split)](
+        x, w_t, w_t if channel_scale is None else channel_scale, tickets if threshold is None else threshold,
+        acc_ws, tickets, out, float(threshold_value), batch, k, n, kpp,
+        WINA=channel_scale is not None, THR_PTR=threshold is not None, B_PAD=16 if dot else 1,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, CHUNK=max(cfg.chunk, block_k), DOT=dot, COMPACT=cfg.compact,
+        SPLIT=split > 1, NUM_STAGES=cfg.num_stages, F32=x.dtype == torch.float32 or device.type != "cuda",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _impl(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
+          threshold: Optional[torch.Tensor], threshold_value: float) -> torch.Tensor:
+    out = torch.empty(x.shape[0], w_t.shape[1], dtype=x.dtype, device=x.device)
+    return _launch(x, w_t, channel_scale, threshold, threshold_value, out)
+
+
+def _impl_out(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
+              threshold: Optional[torch.Tensor], threshold_value: float, out: torch.Tensor) -> None:
+    _launch(x, w_t, channel_scale, threshold, threshold_value, out)
+
+
+_op = torch.library.custom_op("countdown::input_sparse_linear", _impl, mutates_args=())
+_op_out = torch.library.custom_op("countdown::input_sparse_linear_out", _impl_out, mutates_args=("out",))
+
+
+@_op.register_fake
+def _(x, w_t, channel_scale, threshold, threshold_value):
+    return x.new_empty(x.shape[0], w_t.shape[1])
+
+
+@_op_out.register_fake
+def _(x, w_t, channel_scale, threshold, threshold_value, out):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def _problem(x, w_t, channel_scale) -> tuple[type[Exception], str] | None:
+    """(exception type, reason) when the kernel cannot serve these arguments, else None."""
+    if not isinstance(x, torch.Tensor) or not isinstance(w_t, torch.Tensor):
+        return TypeError, "x and w_t must be torch.Tensors"
+    if x.dtype not in SUPPORTED_DTYPES or w_t.dtype != x.dtype:
+        return TypeError, f"dtypes x {x.dtype} / w_t {w_t.dtype} not supported (bf16, fp16 or fp32, matching)"
+    if x.device.type != "cuda" and not _core.interpret_mode():
+        return ValueError, f"tensors are on {x.device.type}, the kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if w_t.dim() != 2:
+        return ValueError, f"w_t must be 2-D [K, N] (W transposed), got shape {tuple(w_t.shape)}"
+    k, n = w_t.shape
+    if n == 0 or k == 0:
+        return ValueError, f"empty weight {tuple(w_t.shape)}"
+    if x.dim() == 0 or x.shape[-1] != k:
+        return ValueError, f"x has shape {tuple(x.shape)}; its last dimension must be w_t's K = {k}"
+    batch = x.numel() // k
+    if not 1 <= batch <= MAX_BATCH:
+        return ValueError, f"x holds {batch} tokens; the kernel serves 1 to {MAX_BATCH} (decode)"
+    if w_t.device != x.device:
+        return ValueError, f"w_t is on {w_t.device}, x on {x.device}"
+    if not w_t.is_contiguous():
+        return ValueError, (f"w_t must be contiguous [K, N] (W.t().contiguous(): one row per input channel), "
+                            f"got strides {w_t.stride()}")
+    if MAX_BATCH * n + triton.cdiv(n, 16) >= 2**31 or batch * k >= 2**31:
+        return ValueError, "N or B*K too large for int32 indexing of the workspace / input"
+    if channel_scale is not None:
+        if not isinstance(channel_scale, torch.Tensor) or channel_scale.dtype != torch.float32:
+            return TypeError, "channel_scale must be a float32 tensor"
+        if channel_scale.dim() != 1 or channel_scale.numel() != k:
+            return ValueError, f"channel_scale must have shape [{k}], got {tuple(channel_scale.shape)}"
+        if channel_scale.device != x.device:
+            return ValueError, f"channel_scale is on {channel_scale.device}, x on {x.device}"
+        if not channel_scale.is_contiguous():
+            return ValueError, "channel_scale must be contiguous"
+    return None
+
+
+def input_sparse_unavailable_reason(x: torch.Tensor, w_t: torch.Tensor,
+                                    channel_scale: Optional[torch.Tensor] = None) -> str | None:
+    """None when ``input_sparse_linear`` can run on these arguments, else why not (then use
+    ``reference.input_sparse_linear``, or F.linear(x_masked, w_t.t()), with the same arguments)."""
+    p = _problem(x, w_t, channel_scale)
+    return None if p is None else p[1]
+
+
+def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
+                        channel_scale: Optional[torch.Tensor] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = sum over input channels j with score_j > threshold of x_j * w_t[j, :]; see the module docstring.
+
+    x [B, K] / [B, 1, K] / [K] (B <= 16), w_t [K, N] contiguous in x's dtype, channel_scale [K] fp32
+    (score |x| * channel_scale) or None (score |x|). out: optional [B, N] buffer of x's dtype.
+    Returns y with x's leading shape + [N], in x's dtype. Raises ValueError / TypeError naming the
+    problem when the kernel cannot serve the call (``input_sparse_unavailable_reason``)."""
+    p = _problem(x, w_t, channel_scale)
+    if p is not None:
+        raise p[0](f"input_sparse_linear: {p[1]}")
+    k, n = w_t.shape
+    x2 = x.reshape(-1, k).contiguous()
+    thr_t, thr_v = check_threshold(threshold, x.device)
+    if out is None:
+        y = _core.op_or_impl(_op, _impl)(x2, w_t, channel_scale, thr_t, thr_v)
+        return y.reshape(*x.shape[:-1], n)
+    if out.dtype != x.dtype or out.device != x.device or out.numel() != x2.shape[0] * n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {x2.shape[0] * n} elements on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    _core.op_or_impl(_op_out, _impl_out)(x2, w_t, channel_scale, thr_t, thr_v, out.view(x2.shape[0], n))
+    return out
