@@ -75,7 +75,7 @@ def sparsify(
     calibration: CalibrationInput | None = None,
     tokenizer=None,
     mode: str | None = None,
-    positions: str = "all",
+    positions: str = "decode",
     seq_len: int = 512,
     max_windows: int | None = 32,
     batch_size: int = 1,
@@ -88,9 +88,10 @@ def sparsify(
     ``mode="topk"`` keeps exactly the ``1 - sparsity`` highest-scoring neurons of every token (needs no
     calibration); ``mode="threshold"`` masks scores below per-layer thresholds calibrated on
     ``calibration`` (texts with ``tokenizer``, token batches, or a `Calibration`). Default: threshold
-    when calibration is given, else top-k. ``positions="all"`` masks every position of every forward;
-    ``"decode"`` keeps multi-token forwards (prefill) dense and masks decode steps, as the official
-    COUNTDOWN generation does. ``d-countdown`` needs ``predictors`` from
+    when calibration is given, else top-k. ``positions="decode"`` (default: what serves generation)
+    keeps multi-token forwards (prefill) dense and masks decode steps, as the official COUNTDOWN code
+    does, and `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every
+    position of every forward (the strict evaluation). ``d-countdown`` needs ``predictors`` from
     ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
     reference path everywhere. Every input is checked before the model is touched.

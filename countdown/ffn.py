@@ -45,7 +45,7 @@ class SparsitySpec:
     sparsity: float
     mode: str  # "threshold" | "topk"
     sites: tuple[str, ...]
-    positions: str = "all"
+    positions: str = "decode"
 
 
 class Masker(nn.Module):

@@ -8,7 +8,8 @@ class is everything there is to know about it:
 * ``forward``: the pure-PyTorch reference. It computes the skipped products too and zeroes them, which
   is numerically what a kernel that never reads the skipped weights produces;
 * ``ffn_bytes_read``: which products are dense and which are skipped, as a fraction of FFN bytes;
-* ``kernel_forward`` (``has_kernel``): the Triton op that serves one decode token, if any.
+* ``kernel_forward`` (``has_kernel``): the Triton op that serves a decode step (1 to 16 tokens, each
+  with its own mask), if any.
 
 ``keep(site, score)`` is supplied by the caller (`countdown.ffn`): it turns a score into a 0/1 mask by
 per-token top-k or by a calibrated threshold. Scores and masks are ``[..., I]`` (one row per token).

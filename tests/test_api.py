@@ -24,7 +24,7 @@ def test_sparsity_zero_equals_dense(arch):
     for method in countdown.METHODS:
         if method == "d-countdown":
             continue
-        countdown.sparsify(model, method, 0.0, mode="topk")
+        countdown.sparsify(model, method, 0.0, mode="topk", positions="all")
         torch.testing.assert_close(logits(model, ids), ref, rtol=1e-5, atol=1e-5)
         countdown.unsparsify(model)
     torch.testing.assert_close(logits(model, ids), ref)
@@ -58,7 +58,7 @@ def test_calibrated_thresholds_reach_target_on_calibration_text(arch):
 def test_sparse_model_generates_and_masks_change_output():
     model, ids = tiny_model("llama"), tokens(1, 8)
     dense_out = model.generate(ids, max_new_tokens=6, do_sample=False)
-    countdown.sparsify(model, "m-countdown", 0.9, mode="topk")
+    countdown.sparsify(model, "m-countdown", 0.9, mode="topk", positions="all")
     sparse_logits = logits(model, ids)
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape == dense_out.shape
@@ -81,7 +81,7 @@ def test_state_dict_keys_unchanged_and_save_pretrained_roundtrip(tmp_path):
 
 def test_save_and_load_sparsity_roundtrip(tmp_path):
     model, ids = tiny_model("qwen2"), tokens(3, 24)
-    countdown.sparsify(model, "teal", 0.6, calibration=ids)
+    countdown.sparsify(model, "teal", 0.6, calibration=ids, positions="all")
     expected = logits(model, ids)
     path = countdown.save_sparsity(model, tmp_path / "a.safetensors")
     fresh = tiny_model("qwen2")

@@ -171,3 +171,19 @@ def test_decode_protocol_masks_only_the_scored_continuation(arch):
     assert r.ppl != dense.ppl
     with pytest.raises(ValueError, match="positions='decode'"):
         countdown.perplexity(model, ids, context=32, positions="all", progress=False)
+
+
+@pytest.mark.parametrize("method", ["m-countdown", "d-countdown"])
+def test_a_decode_batch_takes_the_kernel_with_each_tokens_own_mask(method):
+    model = _sparse_model("llama", method, 0.7)
+    module = sparse_modules(model)[0]
+    module.kernels = "always"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 32, generator=g).to(DEVICE)  # three sequences, one decode token each
+    assert module.kernel_skip_reason(x) is None
+    assert "17" in module.kernel_skip_reason(torch.randn(17, 1, 32, device=DEVICE))
+    fast = module(x)
+    module.kernels = "off"
+    torch.testing.assert_close(fast, module(x), rtol=1e-4, atol=1e-4)
+    alone = torch.cat([module(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(fast, alone, rtol=1e-4, atol=1e-4)

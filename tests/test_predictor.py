@@ -35,7 +35,7 @@ def test_d_countdown_runs_with_trained_predictors(arch):
 def test_predictors_roundtrip_through_sparsity_artifact(tmp_path):
     model, ids = tiny_model("llama"), tokens(10, 32)
     preds = train_predictors(model, 0.6, ids, rank=8, epochs=1, progress=False)
-    countdown.sparsify(model, "d-countdown", 0.6, calibration=ids, predictors=preds, progress=False)
+    countdown.sparsify(model, "d-countdown", 0.6, calibration=ids, predictors=preds, positions="all", progress=False)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     path = countdown.save_sparsity(model, tmp_path / "d.safetensors")
