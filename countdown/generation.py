@@ -10,12 +10,19 @@ random numbers. The first call for a (batch size, cache length) pays for a CUDA-
 for ``compile=True`` a ``torch.compile``); later calls reuse it. Cache lengths are rounded up to a
 multiple of `BUCKET` so that prompts of similar lengths share one capture.
 
-Why not ``model.generate`` itself: transformers 5.17 compiles the forward with cudagraph trees
-when asked for a static cache, and that path fails ("accessing tensor output of CUDAGraphs that has
-been overwritten by a subsequent run", the static cache's in-place position counter); even where it
-runs, its per-token Python (logits processors, stopping criteria, a host sync each token) stays.
-Here the whole step, token choice included, is one graph replay and the host looks at the device
-only every 16 tokens.
+Why not ``model.generate`` itself: it stays correct but host-bound (25-32 tokens/s per row on the
+Llama-3-8B shape on an H100, against 107 here without and 139 with ``compile=True``; see
+bench/results/generate-llama-3-8b-2026-11-23.json). Its documented fast recipe,
+``cache_implementation="static"`` (on CUDA it compiles the forward with ``mode="reduce-overhead"``,
+i.e. cudagraph trees), fails in transformers 5.17 with "accessing tensor output of CUDAGraphs that
+has been overwritten by a subsequent run". The likely cause (read from the source, not confirmed on a
+GPU here): the static cache keeps its write position in tensors it mutates in place
+(``cumulative_length.add_``), ``generate`` makes a fresh cache every call, and memory that cudagraph
+trees hand out does not survive the next replay unless it was marked static before capture
+(transformers PR #48199 fixed the same error for encoder-decoder caches that way). Even where that
+path runs, each token still goes through Python logits processors, a stop check that waits for the
+GPU every token, and the dynamo guards and cudagraph-tree checks of a compiled call. Here the whole step, token choice
+and stop bookkeeping included, is one graph replay, and the host reads the device every 16 tokens.
 """
 
 from __future__ import annotations
