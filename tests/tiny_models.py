@@ -20,6 +20,9 @@ CONFIGS = {
     "qwen3": lambda: tf.Qwen3Config(**_GATED_COMMON, head_dim=8),
     "gemma": lambda: tf.GemmaConfig(**_GATED_COMMON, head_dim=8),
     "gemma2": lambda: tf.Gemma2Config(**_GATED_COMMON, head_dim=8),
+    # one sliding-window layer and one full-attention layer, as Gemma 3 alternates them (5:1 in 270M)
+    "gemma3": lambda: tf.Gemma3TextConfig(**_GATED_COMMON, head_dim=8, sliding_window=8,
+                                          layer_types=["sliding_attention", "full_attention"]),
     "phi3": lambda: tf.Phi3Config(**_GATED_COMMON, pad_token_id=0),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTER, n_layer=2, n_head=4, n_positions=256),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTER, num_hidden_layers=2,
