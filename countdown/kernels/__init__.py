@@ -25,29 +25,24 @@ must be used.
 from __future__ import annotations
 
 from . import reference
-from .pack import MAX_BATCH, MAX_HIDDEN, PackedFFN, kernel_unavailable_reason, pack_ffn_weights
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: the reference path still works
-    HAS_TRITON = False
+from .pack import (HAS_TRITON, MAX_BATCH, MAX_HIDDEN, PackedFFN, interpret_mode, kernel_unavailable_reason,
+                   pack_ffn_weights)
 
 if HAS_TRITON:
-    from ._core import interpret_mode
     from .gather_ffn import fused_gather_ffn, gather_ffn
+    from .input_sparse import input_sparse_linear, input_sparse_unavailable_reason
     from .predicted_ffn import predicted_sparse_ffn
     from .sparse_down import coefficient_ffn, sparse_down
 else:
-    def interpret_mode() -> bool:
-        return False
-
     def _no_triton(*args, **kwargs):
         raise RuntimeError("Triton is not installed (pip install 'countdown-llm[gpu]'); "
                            "use countdown.kernels.reference instead")
 
     sparse_down = coefficient_ffn = gather_ffn = fused_gather_ffn = predicted_sparse_ffn = _no_triton
+    input_sparse_linear = _no_triton
+
+    def input_sparse_unavailable_reason(*args, **kwargs) -> str:
+        return "Triton is not installed"
 
 
 __all__ = [
@@ -58,6 +53,9 @@ __all__ = [
     "coefficient_ffn",
     "fused_gather_ffn",
     "gather_ffn",
+    "input_sparse_linear",
+    "input_sparse_unavailable_reason",
+    "interpret_mode",
     "kernel_unavailable_reason",
     "pack_ffn_weights",
     "predicted_sparse_ffn",

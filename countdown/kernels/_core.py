@@ -40,26 +40,16 @@ neuron's down column is one contiguous row too. All weights share x's dtype (bf1
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .pack import ACTIVATIONS
+from .pack import ACTIVATIONS, interpret_mode
 
 KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
 
 
-# Read once: Triton itself fixes the mode when it is imported (see below), and a constant keeps the
-# entry points traceable by torch.compile.
-_INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else (
-    os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    return _INTERPRET
 
 
 # Triton decides between compiled and interpreted kernels when a function is decorated, for its own

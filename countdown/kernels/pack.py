@@ -6,9 +6,19 @@ and ``kernel_unavailable_reason`` (the one place that says where the kernels app
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
+
+try:  # optional: CPU-only installs keep the reference path
+    import triton
+
+    HAS_TRITON = True
+    _INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else (
+        os.environ.get("TRITON_INTERPRET", "0") == "1")
+except ImportError:
+    HAS_TRITON, _INTERPRET = False, False
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")  # the kernels' activation codes are indices here
@@ -81,6 +91,12 @@ def decode_batch(shape: torch.Size | tuple[int, ...]) -> tuple[int, str | None]:
     return batch, None
 
 
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when triton was first
+    imported: Triton fixes the mode then, so it is read once; a constant keeps callers traceable)."""
+    return _INTERPRET
+
+
 def kernel_unavailable_reason(x: torch.Tensor, w_down_t: torch.Tensor, *, coefficients: bool = False) -> str | None:
     """None when the Triton kernels can serve these tokens with these weights, else the reason.
 
@@ -88,11 +104,9 @@ def kernel_unavailable_reason(x: torch.Tensor, w_down_t: torch.Tensor, *, coeffi
     any float dtype). w_down_t: [I, H] (only its shape, dtype and device are looked at, so W_down.t()
     will do). The kernels serve decode batches of 1 to MAX_BATCH tokens ([H], [B, H], [B, 1, H]).
     """
-    try:
-        from . import _core  # imports triton
-    except ImportError:
+    if not HAS_TRITON:
         return "Triton is not installed (pip install 'countdown-llm[gpu]')"
-    if x.device.type != "cuda" and not _core.interpret_mode():
+    if x.device.type != "cuda" and not interpret_mode():
         return (f"tensors are on {x.device.type}, the kernels need CUDA (or TRITON_INTERPRET=1 to run them "
                 f"slowly on the CPU)")
     if w_down_t.dim() != 2:
