@@ -67,13 +67,15 @@ class SpeedPoint:
     speedup: float  # tokens/s over dense tokens/s, same process, same loop
     ideal_speedup: float  # dense bytes per token over this method's bytes per token
     bytes_per_token: float
-    gb_per_s: float  # bytes per token / time per token
+    gb_per_s: float  # bytes a decode step reads (weights once, every sequence's KV cache) / time per step
     match_dense: float  # fraction of generated tokens equal to the dense model's at the same position
     runs: list[float] = field(default_factory=list)  # tokens/s of every timed repeat
+    batch: int = 1  # sequences decoded together; tokens/s is per sequence
+    memory_gib: float = float("nan")  # GPU memory allocated with the model sparsified (CUDA only)
 
 
 def _timed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool):
-    decoder = Decoder(model, max_len=prompt.shape[-1] + new_tokens, compile=compile)
+    decoder = Decoder(model, max_len=prompt.shape[-1] + new_tokens, batch_size=prompt.shape[0], compile=compile)
     decoder.generate(prompt, new_tokens)  # warm-up, CUDA-graph capture, kernel autotuning
     results = [decoder.generate(prompt, new_tokens) for _ in range(repeats)]
     return results
@@ -90,11 +92,14 @@ def measure_speed(
     repeats: int = 5,
     predictors_for: Callable[[float], list] | None = None,
     compile: bool = False,
+    positions: str = "decode",
     log: Callable[[str], None] = print,
 ) -> list[SpeedPoint]:
     """Dense first, then every (method, sparsity) in threshold mode; returns one point each.
 
-    ``prompt`` [1, P] token ids; ``calibration`` [n, L] token windows for the thresholds."""
+    ``prompt`` [B, P] token ids (B sequences decoded together, 1 to 16); ``calibration`` [n, L] token
+    windows for the thresholds. The ideal speed-up from bytes is given at batch 1 only (a batch reads
+    the union of its kept rows, which per-token sparsity does not tell)."""
     for name in methods:
         if get_method(name).needs_predictor and predictors_for is None:
             raise ValueError(f"{name} needs predictors: pass predictors_for")
@@ -104,14 +109,21 @@ def measure_speed(
     context = prompt.shape[-1] + new_tokens / 2  # mean cached positions over the decode steps
     dense_bytes = nbytes.per_token(context)
 
+    batch = prompt.shape[0]
+    context *= batch  # a step reads every sequence's KV cache
+
     def point(method: str, target: float, measured: float, ffn_fraction: float, extra: int, results, dense):
         runs = [r.tokens_per_second for r in results]
         tps = statistics.median(runs)
         b = nbytes.per_token(context, ffn_fraction, extra)
         gen = results[0].tokens[0, prompt.shape[-1]:]
         match = float((gen == dense[0]).float().mean()) if dense is not None else 1.0
+        ideal = dense_bytes / b if batch == 1 else float("nan")
+        memory = torch.cuda.memory_allocated(prompt.device if prompt.is_cuda else None) / 2**30 \
+            if torch.cuda.is_available() and next(model.parameters()).is_cuda else float("nan")
         return SpeedPoint(method, target, measured, tps, 1e3 / tps, 1e3 * statistics.median(r.prefill_seconds for r in results),
-                          tps / dense[1] if dense is not None else 1.0, dense_bytes / b, b, b * tps / 1e9, match, runs)
+                          tps / dense[1] if dense is not None else 1.0, ideal, b, b * tps / 1e9, match, runs,
+                          batch, memory)
 
     dense_results = _timed(model, prompt, new_tokens, repeats, compile)
     dense_point = point("dense", 0.0, 0.0, 1.0, 0, dense_results, None)
@@ -119,10 +131,12 @@ def measure_speed(
     log(f"dense: {dense_point.tokens_per_s:.1f} tokens/s ({dense_point.gb_per_s:.0f} GB/s)")
     points = [dense_point]
     todo = {name: list(sparsities) for name in methods}
-    for name, s, preds in each_sparsified(model, todo, calibration, predictors_for=predictors_for, progress=False):
+    for name, s, preds in each_sparsified(model, todo, calibration, positions=positions, predictors_for=predictors_for,
+                                          progress=False):
         results = _timed(model, prompt, new_tokens, repeats, compile)
-        # sparsity the masks really had on these tokens (reference path, tracking on)
-        seen = perplexity(model, results[0].tokens, context=results[0].tokens.shape[-1], progress=False)
+        # sparsity the masks really had on the generated tokens of the first sequence (reference path)
+        seq = results[0].tokens[0]
+        seen = perplexity(model, seq, context=seq.numel(), stride=new_tokens, positions=positions, progress=False)
         p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense)
         points.append(p)
         log(f"{name} @ {s:.0%}: {p.tokens_per_s:.1f} tokens/s, {p.speedup:.2f}x (ideal {p.ideal_speedup:.2f}x), "
@@ -133,13 +147,15 @@ def measure_speed(
 def speed_markdown(points: list[SpeedPoint], title: str = "") -> str:
     head = f"**{title}**\n\n" if title else ""
     lines = [
-        "| method | target | measured | tokens/s | ms/token | speed-up | ideal (bytes) | % of ideal | GB/s | same tokens as dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | target | batch | measured | tokens/s per sequence | ms/token | speed-up | ideal (bytes) | % of ideal | GB/s | GPU GiB | same tokens as dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         target = "—" if p.method == "dense" else f"{p.target:.0%}"
         measured = "—" if p.method == "dense" else f"{p.measured:.1%}"
-        lines.append(f"| {p.method} | {target} | {measured} | {p.tokens_per_s:.1f} | {p.ms_per_token:.3f} | "
-                     f"{p.speedup:.2f}× | {p.ideal_speedup:.2f}× | {p.speedup / p.ideal_speedup:.0%} | "
-                     f"{p.gb_per_s:.0f} | {p.match_dense:.0%} |")
+        ideal = "—" if p.ideal_speedup != p.ideal_speedup else f"{p.ideal_speedup:.2f}×"
+        of_ideal = "—" if p.ideal_speedup != p.ideal_speedup else f"{p.speedup / p.ideal_speedup:.0%}"
+        lines.append(f"| {p.method} | {target} | {p.batch} | {measured} | {p.tokens_per_s:.1f} | {p.ms_per_token:.3f} | "
+                     f"{p.speedup:.2f}× | {ideal} | {of_ideal} | {p.gb_per_s * p.batch:.0f} | {p.memory_gib:.1f} | "
+                     f"{p.match_dense:.0%} |")
     return head + "\n".join(lines) + "\n"
