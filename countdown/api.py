@@ -12,7 +12,7 @@ from . import artifact, ffn
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
 from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified, set_kernels
-from .methods import Method, check_sparsity, get_method
+from .methods import Method, check_ffn_kind, check_sparsity, get_method
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
 
@@ -60,6 +60,8 @@ def calibrate_methods(
     """`calibrate` for several methods in one pass over the calibration text: {method: Calibration}."""
     ms = [get_method(name) for name in methods]
     sites = ffn_sites(model)
+    for m in ms:
+        check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
         raise AlreadySparsifiedError("calibration needs the dense model; call countdown.unsparsify(model) first")
     layers = _predictor_layers(predictors, sites, None) if any(m.needs_predictor for m in ms) else None
@@ -92,7 +94,8 @@ def sparsify(
     keeps multi-token forwards (prefill) dense and masks decode steps, as the official COUNTDOWN code
     does, and `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every
     position of every forward (the strict evaluation). ``d-countdown`` needs ``predictors`` from
-    ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity.
+    ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity. Methods with
+    per-neuron statistics (``chess``) need ``calibration`` in top-k mode too.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
     reference path everywhere. Every input is checked before the model is touched.
     """
@@ -103,6 +106,7 @@ def sparsify(
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     sites = ffn_sites(model)
+    check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
     mode = mode or ("threshold" if calibration is not None else "topk")
@@ -110,28 +114,36 @@ def sparsify(
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
     spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions)
-    thresholds = None
-    if mode == "threshold" and m.sites:
+    thresholds, stats = None, None
+    if (mode == "threshold" and m.sites) or m.stats:
         if calibration is None:
+            if mode == "topk":
+                raise ValueError(f"method {m.name!r} measures per-neuron statistics ({', '.join(m.stats)}) on "
+                                 "calibration text, also in top-k mode: pass calibration=... (texts or token batches)")
             raise ValueError("mode='threshold' needs calibration=... (texts or token batches); or use mode='topk'")
         cal = calibrate(model, method, calibration, tokenizer, seq_len=seq_len, max_windows=max_windows,
                         batch_size=batch_size, predictors=layers, progress=progress)
         if cal.method != m.name:
             raise ValueError(f"calibration was collected for method {cal.method!r}, not {m.name!r}")
         artifact.check_fingerprint(cal.fingerprint, fingerprint(model), "calibration")
-        if len(m.sites) > 1:
+        if m.stats:
+            if len(cal.stats) != len(sites) or any(name not in layer for layer in cal.stats for name in m.stats):
+                raise ValueError(f"this calibration lacks the per-neuron statistics {m.stats} of method {m.name!r}; "
+                                 "collect it with countdown.calibrate(model, method, ...)")
+            stats = cal.stats
+        if mode == "threshold" and len(m.sites) > 1:
             thresholds = sequential_thresholds(model, sites, m, cal, spec, layers, batch_size, progress)
-        else:
+        elif mode == "threshold":
             thresholds = cal.thresholds(sparsity)
-    _install(model, sites, m, spec, thresholds, layers)
+    _install(model, sites, m, spec, thresholds, layers, stats)
     set_kernels(model, kernels)
     return model
 
 
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
-             thresholds: torch.Tensor | None, layers: list[dict] | None) -> None:
+             thresholds: torch.Tensor | None, layers: list[dict] | None, stats: list[dict] | None = None) -> None:
     rules = [ffn.Masker(spec, thresholds[i] if thresholds is not None else None) for i in range(len(sites))]
-    ffn.install(model, sites, method, rules, layers, spec)
+    ffn.install(model, sites, method, rules, layers, spec, stats)
 
 
 def _predictor_layers(predictors: PredictorInput | None, sites: list[FFNSite],
@@ -166,6 +178,9 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
                if name.startswith("predictor_")} for m in modules]
     if any(layers):
         tensors.update(artifact.predictor_tensors(layers))
+    stats = [{name: m.stat(name) for name in m.method.stats} for m in modules]
+    if any(stats):
+        tensors.update(artifact.predictor_tensors(stats, prefix="stat_"))
     meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
             "sites": list(spec.sites), "positions": spec.positions, "fingerprint": fingerprint(model)}
     return artifact.write(path, tensors, meta)
@@ -179,11 +194,13 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
     method = get_method(meta["method"])
+    check_ffn_kind(method, {site.kind for site in sites})
     thresholds = tensors["thresholds"]
     if thresholds.shape[0] != len(sites):
         raise ValueError(f"{path}: thresholds for {thresholds.shape[0]} layers, model has {len(sites)}")
     layers = artifact.predictor_layers(tensors, len(sites), path) if method.needs_predictor else None
+    stats = artifact.predictor_layers(tensors, len(sites), path, prefix="stat_") if method.stats else None
     spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"))
-    _install(model, sites, method, spec, thresholds, layers)
+    _install(model, sites, method, spec, thresholds, layers, stats)
     set_kernels(model, kernels)
     return model

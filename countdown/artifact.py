@@ -1,8 +1,9 @@
 """The sparsity artifact: one safetensors file with JSON metadata. The only module that writes,
 reads or validates it.
 
-Tensors: ``thresholds`` [L, n_sites] (float32) for a full artifact, and per layer
-``layers.{i}.predictor_{V,U,b}`` for D-COUNTDOWN predictors. Metadata (key ``countdown``): format,
+Tensors: ``thresholds`` [L, n_sites] (float32) for a full artifact, per layer
+``layers.{i}.predictor_{V,U,b}`` for D-COUNTDOWN predictors, and ``layers.{i}.stat_<name>`` ([I] float32)
+for per-neuron calibration statistics (CHESS's ``up_abs_mean``). Metadata (key ``countdown``): format,
 version, kind ("sparsity" or "predictors"), method, sparsity (target), mode, sites, positions,
 predictor_sparsity (the target the predictors were trained for), the model fingerprint, and for
 predictor files the per-layer training reports.
@@ -60,18 +61,20 @@ def check_fingerprint(found: dict, expected: dict, what: str) -> None:
         raise ValueError(f"this {what} was made for another model ({'; '.join(diffs)})")
 
 
-def predictor_tensors(layers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The artifact's tensors for per-layer predictors."""
-    return {f"layers.{i}.predictor_{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
+def predictor_tensors(layers: list[dict[str, torch.Tensor]], prefix: str = "predictor_") -> dict[str, torch.Tensor]:
+    """The artifact's tensors for per-layer predictors (or, with ``prefix="stat_"``, statistics)."""
+    return {f"layers.{i}.{prefix}{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
 
 
-def predictor_layers(tensors: dict[str, torch.Tensor], n_layers: int, path: str | Path) -> list[dict[str, torch.Tensor]]:
-    """Per-layer predictor tensors back from an artifact; every layer must have one."""
+def predictor_layers(tensors: dict[str, torch.Tensor], n_layers: int, path: str | Path,
+                     prefix: str = "predictor_") -> list[dict[str, torch.Tensor]]:
+    """Per-layer predictor (or ``prefix="stat_"`` statistics) tensors back from an artifact; every
+    layer must have them."""
     out = []
     for i in range(n_layers):
-        prefix = f"layers.{i}.predictor_"
-        layer = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        key = f"layers.{i}.{prefix}"
+        layer = {k[len(key):]: v for k, v in tensors.items() if k.startswith(key)}
         if not layer:
-            raise ValueError(f"{path}: no predictor for layer {i}")
+            raise ValueError(f"{path}: no {prefix[:-1]} tensors for layer {i}")
         out.append(layer)
     return out

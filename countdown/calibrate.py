@@ -6,6 +6,10 @@ the scores the methods will later mask on, records a random subsample of them, a
 threshold for target sparsity ``s`` at a site is the ``s``-quantile of that layer's pooled scores, so
 on text like the calibration text a fraction ``s`` of (token, neuron) entries fall below it. One
 collection serves every target sparsity.
+
+Methods whose score uses a per-neuron constant measured on calibration text (``Method.stats``: CHESS's
+E|up_i|) get one more pass first, through `CollectStats` and a `MeanRecorder`; the means ride along in
+the `Calibration` (``stats``) and are installed as module buffers for the score pass and afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ffn
-from .methods import CollectScores, Method
+from .methods import CollectScores, CollectStats, Method
 from .models import FFNSite, fingerprint
 
 # torch.quantile refuses inputs above 2**24 elements
@@ -34,6 +38,8 @@ class Calibration:
     sites: tuple[str, ...]
     samples: list[dict[str, torch.Tensor]] = field(repr=False)
     windows: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    # per layer {name: [I] float32} for the method's `stats` (empty when it has none)
+    stats: list[dict[str, torch.Tensor]] = field(repr=False, default_factory=list)
 
     def thresholds(self, sparsity: float) -> torch.Tensor:
         """[num_layers, num_sites] thresholds reaching ``sparsity`` on the calibration text."""
@@ -78,6 +84,27 @@ class ScoreRecorder(nn.Module):
         return torch.ones_like(score)
 
 
+class MeanRecorder(nn.Module):
+    """A mask rule that masks nothing and averages what it is shown over tokens, per site.
+
+    ``forward(site, value [..., I]) -> ones``; ``means()`` is {site: [I] float32 CPU tensor}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def forward(self, site: str, value: torch.Tensor) -> torch.Tensor:
+        rows = value.detach().reshape(-1, value.shape[-1])
+        total = rows.sum(dim=0, dtype=torch.float64)
+        self.sums[site] = self.sums[site] + total if site in self.sums else total
+        self.counts[site] = self.counts.get(site, 0) + rows.shape[0]
+        return torch.ones_like(value)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {site: (total / self.counts[site]).float().cpu() for site, total in self.sums.items()}
+
+
 class _MaskThenRecord(nn.Module):
     """Masks the sites already calibrated, records the ones being calibrated (TEAL's second pass)."""
 
@@ -104,19 +131,25 @@ def collect_many(
     progress: bool = True,
 ) -> dict[str, Calibration]:
     """One pass over ``windows`` ([n, seq_len] token ids) collecting the scores of several methods;
-    a `Calibration` each."""
+    a `Calibration` each. Methods with per-neuron ``stats`` add one pass before it that measures them."""
+    stats = None
+    if any(m.stats for m in methods):
+        means = [MeanRecorder() for _ in sites]
+        _forward_all(model, sites, CollectStats(methods), means, predictors, windows, batch_size, progress)
+        stats = [r.means() for r in means]
     recorders = [ScoreRecorder() for _ in sites]
-    _forward_all(model, sites, CollectScores(methods), recorders, predictors, windows, batch_size, progress)
+    _forward_all(model, sites, CollectScores(methods), recorders, predictors, windows, batch_size, progress, stats)
     fp = fingerprint(model)
     out = {}
     for m in methods:
         samples = [{site: torch.cat(r.samples[f"{m.name}:{site}"]) for site in m.sites} for r in recorders]
-        out[m.name] = Calibration(m.name, fp, m.sites, samples, windows)
+        own = [{name: layer[name] for name in m.stats} for layer in stats] if m.stats else []
+        out[m.name] = Calibration(m.name, fp, m.sites, samples, windows, own)
     return out
 
 
-def _forward_all(model, sites, method, rules, predictors, windows, batch_size, progress) -> None:
-    ffn.install(model, sites, method, rules, predictors)
+def _forward_all(model, sites, method, rules, predictors, windows, batch_size, progress, stats=None) -> None:
+    ffn.install(model, sites, method, rules, predictors, stats=stats)
     device = next(model.parameters()).device
     try:
         for batch in tqdm(as_token_batches(windows, batch_size), desc="calibrate", disable=not progress, leave=False):
@@ -148,7 +181,7 @@ def sequential_thresholds(
         recorders = [ScoreRecorder() for _ in sites]
         rules = [_MaskThenRecord(ffn.Masker(spec, thresholds[i]), recorders[i], set(method.sites[k:]))
                  for i in range(len(sites))]
-        _forward_all(model, sites, method, rules, predictors, cal.windows, batch_size, progress)
+        _forward_all(model, sites, method, rules, predictors, cal.windows, batch_size, progress, cal.stats or None)
         for i, r in enumerate(recorders):
             thresholds[i, k] = quantile(torch.cat(r.samples[site]), spec.sparsity)
     return thresholds

@@ -134,6 +134,7 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
     from .sweep import run_grid
 
     m, tok = _load(model, device, dtype)
+    method_list = _applicable(m, method_list)
     extra_eval = None
     if task_list:
         from .tasks import evaluate_tasks
@@ -148,6 +149,18 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
                       context=context, results_file=results_file, predictors_for=predictors_for,
                       extra_eval=extra_eval, log=lambda s: console.print(s, highlight=False))
     return m, tok, eval_ids, points
+
+
+def _applicable(model, method_list: list[str]) -> list[str]:
+    """The methods that apply to this model's FFN layout (gated-only methods skip plain FFNs, said so)."""
+    from .methods import get_method
+    from .models import ffn_sites
+
+    plain = ffn_sites(model)[0].kind == "plain"
+    skipped = [m for m in method_list if plain and get_method(m).gated_only]
+    if skipped:
+        console.print(f"skipping {', '.join(skipped)}: they need a gated FFN (W_gate, W_up, W_down)")
+    return [m for m in method_list if m not in skipped]
 
 
 def _report(points, title: str, model: str, out: Path) -> None:

@@ -28,7 +28,8 @@ class PerplexityResult:
     ppl: float
     nll: float
     n_tokens: int
-    # measured skipped fraction of the coefficient vector (site "coef"), per layer and overall
+    # measured skipped fraction at the method's reported site (the coefficient vector, site "coef",
+    # where the method masks it; see Method.reported_site), per layer and overall
     layer_sparsity: list[float] = field(default_factory=list)
     sparsity: float = float("nan")
     # per-site measured fractions (TEAL has an "input" site too)
@@ -116,9 +117,10 @@ def _attach_sparsity(result: PerplexityResult, modules: list, meters: list[ffn.S
     sites = modules[0].spec.sites
     per_layer = [meter.measured(sites) for meter in meters]
     result.site_sparsity = {s: sum(layer[s] for layer in per_layer) / len(per_layer) for s in sites}
-    if "coef" in sites:
-        result.layer_sparsity = [layer["coef"] for layer in per_layer]
-        result.sparsity = result.site_sparsity["coef"]
+    reported = modules[0].method.reported_site  # "coef" (the down input) for most methods
+    if reported in sites:
+        result.layer_sparsity = [layer[reported] for layer in per_layer]
+        result.sparsity = result.site_sparsity[reported]
     else:
         result.layer_sparsity = [0.0] * len(per_layer)
         result.sparsity = 0.0

@@ -9,8 +9,10 @@
   see the FFN input (TEAL, the predictor) get it from a forward pre-hook on the input projection.
 
 What a model's sparsification *is* (method, target, mode, sites, positions) is one frozen
-`SparsitySpec` shared by all its modules. Thresholds and predictors are non-persistent buffers: they
-travel with ``.to()`` but never enter the model's checkpoint (`countdown.artifact` writes them).
+`SparsitySpec` shared by all its modules. Thresholds, predictors and per-neuron calibration statistics
+(``stat_<name>``) are non-persistent buffers: they travel with ``.to()`` but never enter the model's
+checkpoint (`countdown.artifact` writes them). Constants derived from the weights (column norms, SVD
+factors) are computed on first use and cached until the weights change.
 
 One copy of each weight: the kernels want W_down as ``[I, H]`` rows (a skipped neuron is one skipped
 contiguous row). When the kernel path is enabled, ``down_proj.weight`` becomes a transposed *view* of
@@ -92,7 +94,7 @@ class _SparseModule(nn.Module):
     """What both replacement modules share: method, mask rule, spec, optional predictor and meter."""
 
     def _setup(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None,
-               predictor: dict[str, torch.Tensor] | None) -> None:
+               predictor: dict[str, torch.Tensor] | None, stats: dict[str, torch.Tensor] | None) -> None:
         self.layer_idx = site.layer
         self.kind = site.kind
         self.method = method
@@ -108,6 +110,8 @@ class _SparseModule(nn.Module):
             for key, value in predictor.items():  # stored in the model's dtype: bytes as the kernel reads them
                 self.register_buffer(f"predictor_{key}", value.detach().to(dtype).clone(), persistent=False)
         self.has_predictor = predictor is not None
+        for name, value in (stats or {}).items():  # float32: a per-neuron constant, cast where used
+            self.register_buffer(f"stat_{name}", value.detach().float().clone(), persistent=False)
 
     def keep(self, site: str, score: torch.Tensor) -> torch.Tensor:
         mask = self.masker(site, score)
@@ -124,6 +128,16 @@ class _SparseModule(nn.Module):
             )
         v = self.predictor_V
         return (x.to(v.dtype) @ v) @ self.predictor_U.t() + self.predictor_b
+
+    def stat(self, name: str) -> torch.Tensor:
+        """The per-neuron statistic ``name`` ([I], float32) measured on calibration text."""
+        value = getattr(self, f"stat_{name}", None)
+        if value is None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: method {self.method.name!r} needs the per-neuron statistic {name!r} "
+                "measured on calibration text; sparsify with calibration=... (also in top-k mode)"
+            )
+        return value
 
     def needs_input(self) -> bool:
         return any(site.endswith("input") for site in self.method.sites) or self.method.needs_predictor
@@ -165,7 +179,7 @@ class SparseFFN(_SparseModule):
     kernels = "auto"
 
     def __init__(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None = None,
-                 predictor: dict | None = None):
+                 predictor: dict | None = None, stats: dict | None = None):
         super().__init__()
         self.original = [site.module]  # a list, so the old module is not registered twice
         for name, module in site.modules.items():
@@ -173,7 +187,8 @@ class SparseFFN(_SparseModule):
         self.add_module(site.act_attr, site.act)  # same name as in the original MLP
         self._act = site.act
         self._fused = "gate_up_proj" in site.modules
-        self._setup(site, method, rule, spec, predictor)
+        self._derived: dict[tuple, tuple[tuple, object]] = {}
+        self._setup(site, method, rule, spec, predictor, stats)
 
     # -- FFNParts -------------------------------------------------------------------------------
     def act(self, h: torch.Tensor) -> torch.Tensor:
@@ -204,6 +219,36 @@ class SparseFFN(_SparseModule):
     def down_t(self) -> torch.Tensor:
         """W_down as [I, H]: contiguous once the kernel layout is in place (`use_kernel_layout`)."""
         return self.down_proj.weight.t()
+
+    def _matrix(self, which: str) -> torch.Tensor:
+        """W_gate, W_up ([I, H]) or W_down ([H, I]) in nn.Linear's [out, in] layout."""
+        if which == "gate":
+            return self.gate_weight()
+        if which == "up":
+            return self.up_weight()
+        if which == "down":
+            return self.down_proj.weight
+        raise ValueError(f"unknown FFN matrix {which!r}; choose gate, up or down")
+
+    def _cached(self, key: tuple, weight: torch.Tensor, compute):
+        # keyed on the weight's storage and version: a new layout, device, dtype or an in-place
+        # update of the weight recomputes (the values are a pure function of the weight)
+        stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        hit = self._derived.get(key)
+        if hit is None or hit[0] != stamp:
+            with torch.no_grad():
+                hit = self._derived[key] = (stamp, compute(weight.detach()))
+        return hit[1]
+
+    def column_norms(self, which: str) -> torch.Tensor:
+        """‖W[:, j]‖₂ for every input channel j of W_gate, W_up ([H]) or W_down ([I]), in float32."""
+        return self._cached(("norms", which), self._matrix(which),
+                            lambda w: torch.linalg.vector_norm(w, dim=0, dtype=torch.float32))
+
+    def low_rank(self, which: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [in, r], B [r, out]) in the weight's dtype with ``(v @ A) @ B`` = W_r v, W_r the rank-r
+        truncated SVD of W_gate, W_up or W_down (computed in float32)."""
+        return self._cached(("svd", which, rank), self._matrix(which), lambda w: _truncated_svd(w, rank))
 
     def has_bias(self) -> bool:
         projections = (self.gate_up_proj,) if self._fused else (self.gate_proj, self.up_proj)
@@ -256,6 +301,20 @@ class SparseFFN(_SparseModule):
         return self.method.forward(self, x, self.keep)
 
 
+def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with W_r = (A B)ᵀ for W [out, in]. W_r is W projected on its top-r singular subspace, found
+    by an eigendecomposition of the smaller Gram matrix: much faster than a full SVD of a wide matrix on
+    a GPU, and exact for the top singular directions that a small rank keeps."""
+    w32 = w.float()
+    if w32.shape[0] >= w32.shape[1]:  # W_r = W V_r V_rᵀ, V_r the top eigenvectors of WᵀW [in, in]
+        v = torch.linalg.eigh(w32.t() @ w32).eigenvectors[:, -rank:]
+        a, b = v, (w32 @ v).t()
+    else:  # W_r = U_r U_rᵀ W, U_r the top eigenvectors of W Wᵀ [out, out]
+        u = torch.linalg.eigh(w32 @ w32.t()).eigenvectors[:, -rank:]
+        a, b = w32.t() @ u, u.t()
+    return a.contiguous().to(w.dtype), b.contiguous().to(w.dtype)
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -270,13 +329,13 @@ class SparseActivation(_SparseModule):
     kernel_act = None
 
     def __init__(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None = None,
-                 predictor: dict | None = None):
+                 predictor: dict | None = None, stats: dict | None = None):
         super().__init__()
         self.original = [site.module]
         self._act = site.act
         self._in_proj = [site.modules["in_proj"]]  # not a child: it belongs to the model
         self._input: torch.Tensor | None = None
-        self._setup(site, method, rule, spec, predictor)
+        self._setup(site, method, rule, spec, predictor, stats)
         self._hook = None
         if self.needs_input():
             self._hook = site.modules["in_proj"].register_forward_pre_hook(self._see_input)
@@ -350,12 +409,13 @@ def install(
     rules: list[Keep],
     predictors: list[dict[str, torch.Tensor]] | None = None,
     spec: SparsitySpec | None = None,
+    stats: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Put a sparse module in place of every FFN site (all inputs must already be validated)."""
     for i, site in enumerate(sites):
         cls = SparseFFN if site.kind == "gated" else SparseActivation
         predictor = predictors[i] if predictors is not None else None
-        module = cls(site, method, rules[i], spec, predictor)
+        module = cls(site, method, rules[i], spec, predictor, stats[i] if stats is not None else None)
         ref = next((p for p in model.parameters()), None)
         if ref is not None:
             module.to(ref.device)

@@ -72,7 +72,9 @@ def each_sparsified(
         for s in targets:
             # predictors are trained per target sparsity, so their scores are calibrated per target too
             preds = predictors_for(s) if get_method(name).needs_predictor else None
-            cal = cals.get(name, calibration_windows if mode == "threshold" else None)
+            # CHESS measures a per-neuron statistic on calibration text even in top-k mode
+            needs_text = mode == "threshold" or get_method(name).stats
+            cal = cals.get(name, calibration_windows if needs_text else None)
             sparsify(model, name, s, calibration=cal, mode=mode, positions=positions, predictors=preds,
                      max_windows=None, progress=progress)
             try:
