@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from . import artifact, ffn
+from . import attention as attention_mod
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
-from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified, set_kernels
+from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified
 from .methods import Method, check_ffn_kind, check_sparsity, get_method
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
@@ -56,8 +57,10 @@ def calibrate_methods(
     batch_size: int = 1,
     predictors: PredictorInput | None = None,
     progress: bool = True,
+    attention: bool = False,
 ) -> dict[str, Calibration]:
-    """`calibrate` for several methods in one pass over the calibration text: {method: Calibration}."""
+    """`calibrate` for several methods in one pass over the calibration text: {method: Calibration}.
+    ``attention=True`` also records the attention projections' inputs (key "attention")."""
     ms = [get_method(name) for name in methods]
     sites = ffn_sites(model)
     for m in ms:
@@ -66,7 +69,9 @@ def calibrate_methods(
         raise AlreadySparsifiedError("calibration needs the dense model; call countdown.unsparsify(model) first")
     layers = _predictor_layers(predictors, sites, None) if any(m.needs_predictor for m in ms) else None
     windows = calibration_windows(calibration, tokenizer, seq_len, max_windows)
-    return collect_many(model, sites, [m for m in ms if m.sites], windows, batch_size, layers, progress)
+    attention_sites = attention_mod.check_supported(model) if attention else None
+    return collect_many(model, sites, [m for m in ms if m.sites], windows, batch_size, layers, progress,
+                        attention_sites)
 
 
 def sparsify(
@@ -82,6 +87,7 @@ def sparsify(
     max_windows: int | None = 32,
     batch_size: int = 1,
     predictors: PredictorInput | None = None,
+    attention: float | None = None,
     progress: bool = True,
     kernels: str = "auto",
 ) -> nn.Module:
@@ -95,7 +101,10 @@ def sparsify(
     does, and `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every
     position of every forward (the strict evaluation). ``d-countdown`` needs ``predictors`` from
     ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity. Methods with
-    per-neuron statistics (``chess``) need ``calibration`` in top-k mode too.
+    per-neuron statistics (``chess``) need ``calibration`` in top-k mode too. ``attention=a`` also
+    skips a fraction ``a`` of the input channels of every attention projection (q/k/v share one
+    calibrated threshold per layer, o_proj has its own; TEAL model-wide is
+    ``sparsify(model, "teal", 0.5, attention=0.5, calibration=...)``); it needs calibration text.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
     reference path everywhere. Every input is checked before the model is touched.
     """
@@ -113,7 +122,18 @@ def sparsify(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
-    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions)
+    attention_thresholds = None
+    if attention is not None:
+        attention = check_sparsity(attention)
+        attention_mod.check_supported(model)
+        if calibration is None or isinstance(calibration, Calibration) or mode != "threshold":
+            raise ValueError("attention=... needs calibration text or token batches (its thresholds are calibrated "
+                             "in threshold mode; a Calibration object holds one method's scores only)")
+        cals = calibrate_methods(model, [method], calibration, tokenizer, seq_len=seq_len, max_windows=max_windows,
+                                 batch_size=batch_size, predictors=layers, progress=progress, attention=True)
+        attention_thresholds = cals["attention"].thresholds(attention)
+        calibration = cals.get(m.name, calibration)  # the same pass serves the FFN's thresholds
+    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, attention)
     thresholds, stats = None, None
     if (mode == "threshold" and m.sites) or m.stats:
         if calibration is None:
@@ -136,8 +156,18 @@ def sparsify(
         elif mode == "threshold":
             thresholds = cal.thresholds(sparsity)
     _install(model, sites, m, spec, thresholds, layers, stats)
+    if attention_thresholds is not None:
+        attention_mod.install(model, spec, attention_thresholds)
     set_kernels(model, kernels)
     return model
+
+
+def set_kernels(model: nn.Module, mode: str = "auto") -> int:
+    """Choose the path of every sparse FFN and input-sparse attention projection: "auto" (Triton
+    kernels for decode steps on CUDA, reference elsewhere), "off" (always the reference path) or
+    "always" (kernels wherever Triton runs them, the CPU interpreter included). Lays the weights out
+    for the kernels now, not inside a CUDA-graph capture or a torch.compile trace."""
+    return ffn.set_kernels(model, mode) + attention_mod.set_kernels(model, mode)
 
 
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
@@ -162,8 +192,9 @@ def _predictor_layers(predictors: PredictorInput | None, sites: list[FFNSite],
 
 
 def unsparsify(model: nn.Module) -> nn.Module:
-    """Restore the model's original FFN modules."""
+    """Restore the model's original FFN modules and dense attention projections."""
     ffn.remove(model)
+    attention_mod.remove(model)
     return model
 
 
@@ -181,7 +212,10 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     stats = [{name: m.stat(name) for name in m.method.stats} for m in modules]
     if any(stats):
         tensors.update(artifact.predictor_tensors(stats, prefix="stat_"))
-    meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
+    attention_thresholds = attention_mod.thresholds_of(model)
+    if attention_thresholds is not None:
+        tensors["attention_thresholds"] = attention_thresholds
+    meta = {"kind": "sparsity", "attention": spec.attention, "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
             "sites": list(spec.sites), "positions": spec.positions, "fingerprint": fingerprint(model)}
     return artifact.write(path, tensors, meta)
 
@@ -200,7 +234,15 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
         raise ValueError(f"{path}: thresholds for {thresholds.shape[0]} layers, model has {len(sites)}")
     layers = artifact.predictor_layers(tensors, len(sites), path) if method.needs_predictor else None
     stats = artifact.predictor_layers(tensors, len(sites), path, prefix="stat_") if method.stats else None
-    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"))
+    attention = meta.get("attention")
+    if attention is not None:
+        attention_mod.check_supported(model)
+        if "attention_thresholds" not in tensors:
+            raise ValueError(f"{path}: attention sparsity {attention} but no attention thresholds")
+    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"),
+                        attention)
     _install(model, sites, method, spec, thresholds, layers, stats)
+    if attention is not None:
+        attention_mod.install(model, spec, tensors["attention_thresholds"])
     set_kernels(model, kernels)
     return model

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import ffn
 from .methods import CollectScores, CollectStats, Method
-from .models import FFNSite, fingerprint
+from .models import ATTENTION_SITES, AttentionSite, FFNSite, fingerprint
 
 # torch.quantile refuses inputs above 2**24 elements
 _MAX_QUANTILE_SAMPLES = 1 << 24
@@ -129,23 +129,44 @@ def collect_many(
     batch_size: int = 1,
     predictors: list[dict[str, torch.Tensor]] | None = None,
     progress: bool = True,
+    attention: list[AttentionSite] | None = None,
 ) -> dict[str, Calibration]:
     """One pass over ``windows`` ([n, seq_len] token ids) collecting the scores of several methods;
-    a `Calibration` each. Methods with per-neuron ``stats`` add one pass before it that measures them."""
+    a `Calibration` each. Methods with per-neuron ``stats`` add one pass before it that measures them.
+    With ``attention`` sites, the same pass records |input| of each layer's q/k/v and o projections:
+    a `Calibration` named "attention" with the sites ("qkv", "o")."""
     stats = None
     if any(m.stats for m in methods):
         means = [MeanRecorder() for _ in sites]
         _forward_all(model, sites, CollectStats(methods), means, predictors, windows, batch_size, progress)
         stats = [r.means() for r in means]
     recorders = [ScoreRecorder() for _ in sites]
-    _forward_all(model, sites, CollectScores(methods), recorders, predictors, windows, batch_size, progress, stats)
+    attention_recorders = [ScoreRecorder() for _ in attention or []]
+    handles = [projection.register_forward_pre_hook(_record_input(recorder, name))
+               for site, recorder in zip(attention or [], attention_recorders)
+               for projection, name in ((site.qkv[0], "qkv"), (site.o, "o"))]
+    try:
+        _forward_all(model, sites, CollectScores(methods), recorders, predictors, windows, batch_size, progress, stats)
+    finally:
+        for handle in handles:
+            handle.remove()
     fp = fingerprint(model)
     out = {}
+    if attention:
+        samples = [{name: torch.cat(r.samples[name]) for name in ATTENTION_SITES} for r in attention_recorders]
+        out["attention"] = Calibration("attention", fp, ATTENTION_SITES, samples, windows)
     for m in methods:
         samples = [{site: torch.cat(r.samples[f"{m.name}:{site}"]) for site in m.sites} for r in recorders]
         own = [{name: layer[name] for name in m.stats} for layer in stats] if m.stats else []
         out[m.name] = Calibration(m.name, fp, m.sites, samples, windows, own)
     return out
+
+
+def _record_input(recorder: ScoreRecorder, site: str):
+    def hook(module, args):
+        recorder(site, args[0].abs())
+
+    return hook
 
 
 def _forward_all(model, sites, method, rules, predictors, windows, batch_size, progress, stats=None) -> None:

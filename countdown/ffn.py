@@ -48,6 +48,16 @@ class SparsitySpec:
     mode: str  # "threshold" | "topk"
     sites: tuple[str, ...]
     positions: str = "decode"
+    attention: float | None = None  # input sparsity of the attention projections (TEAL-style), if any
+
+
+def dense_positions(spec: SparsitySpec | None, sparse_from: int | None, n_positions: int) -> int:
+    """How many leading positions of a forward of ``n_positions`` run densely under the position policy."""
+    if spec is None or spec.positions == "all":
+        return 0
+    if sparse_from is not None:
+        return min(sparse_from, n_positions)
+    return n_positions if n_positions > 1 else 0  # prefill dense, decode steps sparse
 
 
 class Masker(nn.Module):
@@ -143,12 +153,7 @@ class _SparseModule(nn.Module):
         return any(site.endswith("input") for site in self.method.sites) or self.method.needs_predictor
 
     def _dense_positions(self, n_positions: int) -> int:
-        """How many leading positions of this forward run densely under the spec's position policy."""
-        if self.spec is None or self.spec.positions == "all":
-            return 0
-        if self.sparse_from is not None:
-            return min(self.sparse_from, n_positions)
-        return n_positions if n_positions > 1 else 0  # prefill dense, decode steps sparse
+        return dense_positions(self.spec, self.sparse_from, n_positions)
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.forward(self, x, self.keep)
@@ -264,14 +269,36 @@ class SparseFFN(_SparseModule):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
     # -- the fast path --------------------------------------------------------------------------
+    def input_major(self) -> list[torch.Tensor]:
+        """W_gate and W_up as [H, I] (or the fused [H, 2I]): contiguous in a TEAL kernel layout."""
+        if self._fused:
+            return [self.gate_up_proj.weight.t()]
+        return [self.gate_proj.weight.t(), self.up_proj.weight.t()]
+
+    def threshold(self, site: str) -> torch.Tensor:
+        return self.masker.threshold(site)
+
+    def _input_major_projections(self) -> list[nn.Module]:
+        """The projections the method's kernel reads input-major (see `Method.kernel_layout`)."""
+        wanted = self.method.kernel_layout
+        projections = [self.down_proj] if "down" in wanted else []
+        if "gate" in wanted or "up" in wanted:
+            projections += [self.gate_up_proj] if self._fused else [self.gate_proj, self.up_proj]
+        return projections
+
+    def kernel_layout_ready(self) -> bool:
+        return all(p.weight.t().is_contiguous() for p in self._input_major_projections())
+
     def use_kernel_layout(self, on: bool) -> None:
-        """Store W_down as the kernels want it ([I, H] rows, ``weight`` a transposed view) or as
-        nn.Linear does ([H, I] rows). Same values either way; one copy of the weight."""
-        w = self.down_proj.weight
-        if self.down_t().is_contiguous() == on:
-            return
-        data = w.detach().t().contiguous().t() if on else w.detach().contiguous()
-        self.down_proj.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+        """Store the kernel's projections input-major (``weight`` a transposed view of contiguous
+        [in, out] rows) or as nn.Linear does ([out, in] rows). Same values either way; one copy of
+        each weight."""
+        for projection in self._input_major_projections():
+            w = projection.weight
+            if w.t().is_contiguous() == on:
+                continue
+            data = w.detach().t().contiguous().t() if on else w.detach().contiguous()
+            projection.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
         """None when ``x`` (decode tokens) can run through the method's kernel, else why not."""
@@ -289,7 +316,7 @@ class SparseFFN(_SparseModule):
             return "the FFN's projections have biases, which the kernels do not add"
         if self.kernels == "auto" and x.device.type != "cuda":
             return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
-        if not self.down_t().is_contiguous():
+        if not self.kernel_layout_ready():
             if torch.compiler.is_compiling() or _capturing(x.device):
                 return "W_down is not in the kernel layout; call countdown.set_kernels(model) before capture"
             self.use_kernel_layout(True)  # first eager call after the model moved to the GPU
@@ -297,7 +324,7 @@ class SparseFFN(_SparseModule):
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            return self.method.kernel_forward(self, x, self.masker.threshold("coef"))
+            return self.method.kernel_forward(self, x)
         return self.method.forward(self, x, self.keep)
 
 

@@ -60,6 +60,7 @@ def each_sparsified(
     mode: str = "threshold",
     positions: str = "all",
     predictors_for: Callable[[float], Sequence[dict]] | None = None,
+    attention: float | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[str, float, Sequence[dict] | None]]:
     """Yield (method, sparsity, predictors) for every target in ``todo`` ({method: [sparsities]}) with
@@ -75,8 +76,10 @@ def each_sparsified(
             # CHESS measures a per-neuron statistic on calibration text even in top-k mode
             needs_text = mode == "threshold" or get_method(name).stats
             cal = cals.get(name, calibration_windows if needs_text else None)
+            if attention is not None:
+                cal = calibration_windows  # attention thresholds are calibrated with the FFN's, from tokens
             sparsify(model, name, s, calibration=cal, mode=mode, positions=positions, predictors=preds,
-                     max_windows=None, progress=progress)
+                     attention=attention, max_windows=None, progress=progress)
             try:
                 yield name, s, preds
             finally:
