@@ -22,7 +22,7 @@ from .api import (
 from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
-from .ffn import SparsitySpec, is_sparsified, set_kernels, sparsity_spec
+from .ffn import OFFICIAL_PROTOCOL, SparsitySpec, is_sparsified, set_kernels, sparsity_spec
 from .loading import load
 from .methods import METHODS, get_method
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
@@ -33,6 +33,7 @@ __all__ = [
     "Calibration",
     "Decoder",
     "METHODS",
+    "OFFICIAL_PROTOCOL",
     "PerplexityResult",
     "Predictors",
     "SUPPORTED_MODEL_TYPES",

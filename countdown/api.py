@@ -11,7 +11,7 @@ from torch import nn
 from . import artifact, ffn
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
-from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified, set_kernels
+from .ffn import KERNEL_MODES, SparsitySpec, check_protocol, is_sparsified, set_kernels
 from .methods import Method, check_sparsity, get_method
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
@@ -76,6 +76,10 @@ def sparsify(
     tokenizer=None,
     mode: str | None = None,
     positions: str = "all",
+    count_rule: str = "floor",
+    ties: str = "exact",
+    threshold_rule: str = "pooled",
+    threshold_adjust: float = 0.0,
     seq_len: int = 512,
     max_windows: int | None = 32,
     batch_size: int = 1,
@@ -90,7 +94,11 @@ def sparsify(
     ``calibration`` (texts with ``tokenizer``, token batches, or a `Calibration`). Default: threshold
     when calibration is given, else top-k. ``positions="all"`` masks every position of every forward;
     ``"decode"`` keeps multi-token forwards (prefill) dense and masks decode steps, as the official
-    COUNTDOWN generation does. ``d-countdown`` needs ``predictors`` from
+    COUNTDOWN generation does. The protocol options (`SparsitySpec` explains each; defaults ours,
+    ``**countdown.OFFICIAL_PROTOCOL`` the official code's): ``count_rule`` ("floor": drop ``int(D*s)``
+    per token, "round"), ``ties`` (top-k: "exact" k, or "strict" ``score > k-th smallest``),
+    ``threshold_rule`` ("pooled" quantile, "mean-kth", "median-kth") and ``threshold_adjust`` (added to
+    every threshold). ``d-countdown`` needs ``predictors`` from
     ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
     reference path everywhere. Every input is checked before the model is touched.
@@ -99,8 +107,7 @@ def sparsify(
     sparsity = check_sparsity(sparsity)
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    check_protocol(positions, count_rule, ties, threshold_rule, threshold_adjust)
     sites = ffn_sites(model)
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
@@ -108,7 +115,8 @@ def sparsify(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
-    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions)
+    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, count_rule, ties, threshold_rule,
+                        float(threshold_adjust))
     thresholds = None
     if mode == "threshold" and m.sites:
         if calibration is None:
@@ -121,7 +129,7 @@ def sparsify(
         if len(m.sites) > 1:
             thresholds = sequential_thresholds(model, sites, m, cal, spec, layers, batch_size, progress)
         else:
-            thresholds = cal.thresholds(sparsity)
+            thresholds = cal.thresholds(sparsity, threshold_rule, float(threshold_adjust), count_rule)
     _install(model, sites, m, spec, thresholds, layers)
     set_kernels(model, kernels)
     return model
@@ -166,7 +174,7 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     if any(layers):
         tensors.update(artifact.predictor_tensors(layers))
     meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
-            "sites": list(spec.sites), "positions": spec.positions, "fingerprint": fingerprint(model)}
+            "sites": list(spec.sites), **artifact.protocol_meta(spec), "fingerprint": fingerprint(model)}
     return artifact.write(path, tensors, meta)
 
 
@@ -182,7 +190,9 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
     if thresholds.shape[0] != len(sites):
         raise ValueError(f"{path}: thresholds for {thresholds.shape[0]} layers, model has {len(sites)}")
     layers = artifact.predictor_layers(tensors, len(sites), path) if method.needs_predictor else None
-    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"))
+    protocol = artifact.protocol_from_meta(meta)
+    check_protocol(**protocol)
+    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, **protocol)
     _install(model, sites, method, spec, thresholds, layers)
     set_kernels(model, kernels)
     return model
