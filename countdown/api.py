@@ -12,7 +12,7 @@ from . import artifact, ffn
 from . import attention as attention_mod
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
-from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified
+from .ffn import KERNEL_MODES, SparsitySpec, check_protocol, is_sparsified
 from .methods import Method, check_ffn_kind, check_sparsity, get_method
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
@@ -83,6 +83,10 @@ def sparsify(
     tokenizer=None,
     mode: str | None = None,
     positions: str = "decode",
+    count_rule: str = "floor",
+    ties: str = "exact",
+    threshold_rule: str = "pooled",
+    threshold_adjust: float = 0.0,
     seq_len: int = 512,
     max_windows: int | None = 32,
     batch_size: int = 1,
@@ -99,7 +103,11 @@ def sparsify(
     when calibration is given, else top-k. ``positions="decode"`` (default: what serves generation)
     keeps multi-token forwards (prefill) dense and masks decode steps, as the official COUNTDOWN code
     does, and `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every
-    position of every forward (the strict evaluation). ``d-countdown`` needs ``predictors`` from
+    position of every forward (the strict evaluation). The other protocol options (`SparsitySpec`
+    explains each; defaults ours, ``**countdown.OFFICIAL_PROTOCOL`` the official code's): ``count_rule``
+    ("floor": drop ``int(D*s)`` per token, "round"), ``ties`` (top-k: "exact" k, or "strict"
+    ``score > k-th smallest``), ``threshold_rule`` ("pooled" quantile, "mean-kth", "median-kth") and
+    ``threshold_adjust`` (added to every threshold). ``d-countdown`` needs ``predictors`` from
     ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity. Methods with
     per-neuron statistics (``chess``) need ``calibration`` in top-k mode too. ``attention=a`` also
     skips a fraction ``a`` of the input channels of every attention projection (q/k/v share one
@@ -112,8 +120,7 @@ def sparsify(
     sparsity = check_sparsity(sparsity)
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    check_protocol(positions, count_rule, ties, threshold_rule, threshold_adjust)
     sites = ffn_sites(model)
     check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
@@ -133,7 +140,8 @@ def sparsify(
                                  batch_size=batch_size, predictors=layers, progress=progress, attention=True)
         attention_thresholds = cals["attention"].thresholds(attention)
         calibration = cals.get(m.name, calibration)  # the same pass serves the FFN's thresholds
-    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, attention)
+    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, count_rule, ties, threshold_rule,
+                        float(threshold_adjust), attention)
     thresholds, stats = None, None
     if (mode == "threshold" and m.sites) or m.stats:
         if calibration is None:
@@ -154,7 +162,7 @@ def sparsify(
         if mode == "threshold" and len(m.sites) > 1:
             thresholds = sequential_thresholds(model, sites, m, cal, spec, layers, batch_size, progress)
         elif mode == "threshold":
-            thresholds = cal.thresholds(sparsity)
+            thresholds = cal.thresholds(sparsity, threshold_rule, float(threshold_adjust), count_rule)
     _install(model, sites, m, spec, thresholds, layers, stats)
     if attention_thresholds is not None:
         attention_mod.install(model, spec, attention_thresholds)
@@ -215,8 +223,9 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     attention_thresholds = attention_mod.thresholds_of(model)
     if attention_thresholds is not None:
         tensors["attention_thresholds"] = attention_thresholds
-    meta = {"kind": "sparsity", "attention": spec.attention, "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
-            "sites": list(spec.sites), "positions": spec.positions, "fingerprint": fingerprint(model)}
+    meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
+            "sites": list(spec.sites), **artifact.protocol_meta(spec), "attention": spec.attention,
+            "fingerprint": fingerprint(model)}
     return artifact.write(path, tensors, meta)
 
 
@@ -239,8 +248,9 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
         attention_mod.check_supported(model)
         if "attention_thresholds" not in tensors:
             raise ValueError(f"{path}: attention sparsity {attention} but no attention thresholds")
-    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"),
-                        attention)
+    protocol = artifact.protocol_from_meta(meta)
+    check_protocol(**protocol)
+    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, **protocol, attention=attention)
     _install(model, sites, method, spec, thresholds, layers, stats)
     if attention is not None:
         attention_mod.install(model, spec, tensors["attention_thresholds"])

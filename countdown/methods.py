@@ -39,9 +39,19 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def keep_count(width: int, sparsity: float) -> int:
-    """Neurons kept per token out of ``width`` at ``sparsity`` in top-k mode (the one rounding rule)."""
-    return width - int(round(sparsity * width))
+def keep_count(width: int, sparsity: float, rule: str = "floor") -> int:
+    """Neurons kept per token out of ``width`` at ``sparsity`` in top-k mode (the one counting rule).
+
+    ``rule="floor"`` drops ``int(width * sparsity)`` neurons, as the official COUNTDOWN code does
+    (``num_to_zero = int(dim * ratio)``, in that operand order, float artefacts included);
+    ``"round"`` drops ``round(width * sparsity)``. They differ by one neuron when the fractional part
+    is >= 0.5 (e.g. 0.8 x 14336 = 11468.8). The official ``max(1, .)`` (one neuron dropped even at
+    sparsity 0) is not reproduced: sparsity 0 is the dense model here."""
+    if rule == "floor":
+        return width - int(width * sparsity)
+    if rule == "round":
+        return width - int(round(sparsity * width))
+    raise ValueError(f"count rule must be 'floor' or 'round', got {rule!r}")
 
 
 class FFNParts(Protocol):
