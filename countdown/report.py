@@ -37,11 +37,18 @@ def _cells(p: Point) -> list[str]:
 
 
 def print_table(points: list[Point], title: str, console: Console | None = None) -> None:
-    table = Table(title=title, caption=MODES_NOTE)
-    for col in _COLUMNS:
-        table.add_column(col, justify="left" if col in ("method", "mode") else "right")
+    """The terminal table. When every sparse point shares one protocol it goes in the caption, so the
+    table fits an 80-column terminal; mixed protocols keep their columns."""
+    sparse = [p for p in points if p.method != "dense"]
+    shared = len({(p.mode, p.protocol) for p in sparse}) == 1
+    columns = [c for c in _COLUMNS if not (shared and c in ("mode", "protocol"))]
+    caption = MODES_NOTE if not shared else f"protocol: {sparse[0].protocol}. {MODES_NOTE}"
+    table = Table(title=title, caption=caption)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("method", "mode") else "right", no_wrap=col == "method")
     for p in points:
-        table.add_row(*_cells(p))
+        cells = dict(zip(_COLUMNS, _cells(p)))
+        table.add_row(*(cells[c] for c in columns))
     (console or Console()).print(table)
 
 
