@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from . import artifact, ffn
+from . import artifact, ffn, parallel
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
 from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified, set_kernels
@@ -60,6 +60,7 @@ def calibrate_methods(
     """`calibrate` for several methods in one pass over the calibration text: {method: Calibration}."""
     ms = [get_method(name) for name in methods]
     sites = ffn_sites(model)
+    parallel.refuse_sharded(sites, "calibration")  # scores of one rank are a slice: quantiles need them all
     for m in ms:
         check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
@@ -112,6 +113,7 @@ def sparsify(
     mode = mode or ("threshold" if calibration is not None else "topk")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    parallel.check(sites, m, mode)
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
     spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions)
     thresholds, stats = None, None
@@ -143,6 +145,10 @@ def sparsify(
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
              thresholds: torch.Tensor | None, layers: list[dict] | None, stats: list[dict] | None = None) -> None:
     rules = [ffn.Masker(spec, thresholds[i] if thresholds is not None else None) for i in range(len(sites))]
+    # under tensor parallelism each rank keeps its neurons' rows of the per-neuron tensors
+    shards = [parallel.ffn_shard(site) for site in sites]
+    layers = parallel.local_layers(layers, shards, parallel.PREDICTOR_ROWS)
+    stats = parallel.local_layers(stats, shards, None)
     ffn.install(model, sites, method, rules, layers, spec, stats)
 
 
@@ -176,13 +182,17 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     tensors = {"thresholds": torch.stack([m.masker.thresholds.cpu() for m in modules])}
     layers = [{name[len("predictor_"):]: buf for name, buf in m.named_buffers(recurse=False)
                if name.startswith("predictor_")} for m in modules]
+    # a tensor-parallel model saves its whole model's tensors (gathered; every rank calls, rank 0 writes)
+    shards = [getattr(m, "shard", None) for m in modules]
     if any(layers):
-        tensors.update(artifact.predictor_tensors(layers))
+        tensors.update(artifact.predictor_tensors(parallel.full_layers(layers, shards, parallel.PREDICTOR_ROWS)))
     stats = [{name: m.stat(name) for name in m.method.stats} for m in modules]
     if any(stats):
-        tensors.update(artifact.predictor_tensors(stats, prefix="stat_"))
+        tensors.update(artifact.predictor_tensors(parallel.full_layers(stats, shards, None), prefix="stat_"))
     meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
             "sites": list(spec.sites), "positions": spec.positions, "fingerprint": fingerprint(model)}
+    if any(shards) and not parallel.is_writer():
+        return Path(path)
     return artifact.write(path, tensors, meta)
 
 
@@ -200,6 +210,7 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
         raise ValueError(f"{path}: thresholds for {thresholds.shape[0]} layers, model has {len(sites)}")
     layers = artifact.predictor_layers(tensors, len(sites), path) if method.needs_predictor else None
     stats = artifact.predictor_layers(tensors, len(sites), path, prefix="stat_") if method.stats else None
+    parallel.check(sites, method, meta["mode"])
     spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"))
     _install(model, sites, method, spec, thresholds, layers, stats)
     set_kernels(model, kernels)

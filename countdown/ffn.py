@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, parallel
 from .methods import Keep, Method, keep_count
 from .models import FFNSite
 
@@ -188,6 +188,7 @@ class SparseFFN(_SparseModule):
         self._act = site.act
         self._fused = "gate_up_proj" in site.modules
         self._derived: dict[tuple, tuple[tuple, object]] = {}
+        self.shard = parallel.ffn_shard(site)  # this rank's neurons under tensor parallelism, else None
         self._setup(site, method, rule, spec, predictor, stats)
 
     # -- FFNParts -------------------------------------------------------------------------------
@@ -208,17 +209,17 @@ class SparseFFN(_SparseModule):
         if self._fused:
             w = self.gate_up_proj.weight
             return w[: w.shape[0] // 2]
-        return self.gate_proj.weight
+        return parallel.local(self.gate_proj.weight)  # under TP: this rank's rows, what the kernels read
 
     def up_weight(self) -> torch.Tensor:
         if self._fused:
             w = self.gate_up_proj.weight
             return w[w.shape[0] // 2 :]
-        return self.up_proj.weight
+        return parallel.local(self.up_proj.weight)
 
     def down_t(self) -> torch.Tensor:
         """W_down as [I, H]: contiguous once the kernel layout is in place (`use_kernel_layout`)."""
-        return self.down_proj.weight.t()
+        return parallel.local(self.down_proj.weight).t()
 
     def _matrix(self, which: str) -> torch.Tensor:
         """W_gate, W_up ([I, H]) or W_down ([H, I]) in nn.Linear's [out, in] layout."""
@@ -270,7 +271,7 @@ class SparseFFN(_SparseModule):
         w = self.down_proj.weight
         if self.down_t().is_contiguous() == on:
             return
-        data = w.detach().t().contiguous().t() if on else w.detach().contiguous()
+        data = parallel.relayout(w.detach(), (lambda t: t.t().contiguous().t()) if on else (lambda t: t.contiguous()))
         self.down_proj.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
@@ -297,7 +298,8 @@ class SparseFFN(_SparseModule):
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            return self.method.kernel_forward(self, x, self.masker.threshold("coef"))
+            # under TP the kernel's output is this rank's partial sum, as W_down's own forward is before its all-reduce
+            return parallel.all_reduce(self.method.kernel_forward(self, x, self.masker.threshold("coef")), self.shard)
         return self.method.forward(self, x, self.keep)
 
 
