@@ -17,13 +17,14 @@ from .api import (
     calibrate_methods,
     load_sparsity,
     save_sparsity,
+    set_kernels,
     sparsify,
     unsparsify,
 )
 from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
-from .ffn import SparsitySpec, is_sparsified, set_kernels, sparsity_spec
+from .ffn import OFFICIAL_PROTOCOL, SparsitySpec, is_sparsified, sparsity_spec
 from .generation import generate
 from .loading import load
 from .methods import METHODS, get_method
@@ -35,6 +36,7 @@ __all__ = [
     "Calibration",
     "Decoder",
     "METHODS",
+    "OFFICIAL_PROTOCOL",
     "PerplexityResult",
     "Predictors",
     "SUPPORTED_MODEL_TYPES",

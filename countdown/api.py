@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from . import artifact, ffn, parallel
+from . import attention as attention_mod
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
-from .ffn import KERNEL_MODES, POSITIONS, SparsitySpec, is_sparsified, set_kernels
+from .ffn import KERNEL_MODES, SparsitySpec, check_protocol, is_sparsified
 from .methods import Method, check_ffn_kind, check_sparsity, get_method
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
@@ -56,8 +57,10 @@ def calibrate_methods(
     batch_size: int = 1,
     predictors: PredictorInput | None = None,
     progress: bool = True,
+    attention: bool = False,
 ) -> dict[str, Calibration]:
-    """`calibrate` for several methods in one pass over the calibration text: {method: Calibration}."""
+    """`calibrate` for several methods in one pass over the calibration text: {method: Calibration}.
+    ``attention=True`` also records the attention projections' inputs (key "attention")."""
     ms = [get_method(name) for name in methods]
     sites = ffn_sites(model)
     parallel.refuse_sharded(sites, "calibration")  # scores of one rank are a slice: quantiles need them all
@@ -67,7 +70,9 @@ def calibrate_methods(
         raise AlreadySparsifiedError("calibration needs the dense model; call countdown.unsparsify(model) first")
     layers = _predictor_layers(predictors, sites, None) if any(m.needs_predictor for m in ms) else None
     windows = calibration_windows(calibration, tokenizer, seq_len, max_windows)
-    return collect_many(model, sites, [m for m in ms if m.sites], windows, batch_size, layers, progress)
+    attention_sites = attention_mod.check_supported(model) if attention else None
+    return collect_many(model, sites, [m for m in ms if m.sites], windows, batch_size, layers, progress,
+                        attention_sites)
 
 
 def sparsify(
@@ -79,10 +84,15 @@ def sparsify(
     tokenizer=None,
     mode: str | None = None,
     positions: str = "decode",
+    count_rule: str = "floor",
+    ties: str = "exact",
+    threshold_rule: str = "pooled",
+    threshold_adjust: float = 0.0,
     seq_len: int = 512,
     max_windows: int | None = 32,
     batch_size: int = 1,
     predictors: PredictorInput | None = None,
+    attention: float | None = None,
     progress: bool = True,
     kernels: str = "auto",
 ) -> nn.Module:
@@ -94,9 +104,16 @@ def sparsify(
     when calibration is given, else top-k. ``positions="decode"`` (default: what serves generation)
     keeps multi-token forwards (prefill) dense and masks decode steps, as the official COUNTDOWN code
     does, and `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every
-    position of every forward (the strict evaluation). ``d-countdown`` needs ``predictors`` from
+    position of every forward (the strict evaluation). The other protocol options (`SparsitySpec`
+    explains each; defaults ours, ``**countdown.OFFICIAL_PROTOCOL`` the official code's): ``count_rule``
+    ("floor": drop ``int(D*s)`` per token, "round"), ``ties`` (top-k: "exact" k, or "strict"
+    ``score > k-th smallest``), ``threshold_rule`` ("pooled" quantile, "mean-kth", "median-kth") and
+    ``threshold_adjust`` (added to every threshold). ``d-countdown`` needs ``predictors`` from
     ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity. Methods with
-    per-neuron statistics (``chess``) need ``calibration`` in top-k mode too.
+    per-neuron statistics (``chess``) need ``calibration`` in top-k mode too. ``attention=a`` also
+    skips a fraction ``a`` of the input channels of every attention projection (q/k/v share one
+    calibrated threshold per layer, o_proj has its own; TEAL model-wide is
+    ``sparsify(model, "teal", 0.5, attention=0.5, calibration=...)``); it needs calibration text.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
     reference path everywhere. Every input is checked before the model is touched.
     """
@@ -104,8 +121,7 @@ def sparsify(
     sparsity = check_sparsity(sparsity)
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    check_protocol(positions, count_rule, ties, threshold_rule, threshold_adjust)
     sites = ffn_sites(model)
     check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
@@ -115,7 +131,19 @@ def sparsify(
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     parallel.check(sites, m, mode)
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
-    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions)
+    attention_thresholds = None
+    if attention is not None:
+        attention = check_sparsity(attention)
+        attention_mod.check_supported(model)
+        if calibration is None or isinstance(calibration, Calibration) or mode != "threshold":
+            raise ValueError("attention=... needs calibration text or token batches (its thresholds are calibrated "
+                             "in threshold mode; a Calibration object holds one method's scores only)")
+        cals = calibrate_methods(model, [method], calibration, tokenizer, seq_len=seq_len, max_windows=max_windows,
+                                 batch_size=batch_size, predictors=layers, progress=progress, attention=True)
+        attention_thresholds = cals["attention"].thresholds(attention)
+        calibration = cals.get(m.name, calibration)  # the same pass serves the FFN's thresholds
+    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, count_rule, ties, threshold_rule,
+                        float(threshold_adjust), attention)
     thresholds, stats = None, None
     if (mode == "threshold" and m.sites) or m.stats:
         if calibration is None:
@@ -136,10 +164,20 @@ def sparsify(
         if mode == "threshold" and len(m.sites) > 1:
             thresholds = sequential_thresholds(model, sites, m, cal, spec, layers, batch_size, progress)
         elif mode == "threshold":
-            thresholds = cal.thresholds(sparsity)
+            thresholds = cal.thresholds(sparsity, threshold_rule, float(threshold_adjust), count_rule)
     _install(model, sites, m, spec, thresholds, layers, stats)
+    if attention_thresholds is not None:
+        attention_mod.install(model, spec, attention_thresholds)
     set_kernels(model, kernels)
     return model
+
+
+def set_kernels(model: nn.Module, mode: str = "auto") -> int:
+    """Choose the path of every sparse FFN and input-sparse attention projection: "auto" (Triton
+    kernels for decode steps on CUDA, reference elsewhere), "off" (always the reference path) or
+    "always" (kernels wherever Triton runs them, the CPU interpreter included). Lays the weights out
+    for the kernels now, not inside a CUDA-graph capture or a torch.compile trace."""
+    return ffn.set_kernels(model, mode) + attention_mod.set_kernels(model, mode)
 
 
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
@@ -168,8 +206,9 @@ def _predictor_layers(predictors: PredictorInput | None, sites: list[FFNSite],
 
 
 def unsparsify(model: nn.Module) -> nn.Module:
-    """Restore the model's original FFN modules."""
+    """Restore the model's original FFN modules and dense attention projections."""
     ffn.remove(model)
+    attention_mod.remove(model)
     return model
 
 
@@ -189,8 +228,12 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     stats = [{name: m.stat(name) for name in m.method.stats} for m in modules]
     if any(stats):
         tensors.update(artifact.predictor_tensors(parallel.full_layers(stats, shards, None), prefix="stat_"))
+    attention_thresholds = attention_mod.thresholds_of(model)
+    if attention_thresholds is not None:
+        tensors["attention_thresholds"] = attention_thresholds
     meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
-            "sites": list(spec.sites), "positions": spec.positions, "fingerprint": fingerprint(model)}
+            "sites": list(spec.sites), **artifact.protocol_meta(spec), "attention": spec.attention,
+            "fingerprint": fingerprint(model)}
     if any(shards) and not parallel.is_writer():
         return Path(path)
     return artifact.write(path, tensors, meta)
@@ -211,7 +254,16 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
     layers = artifact.predictor_layers(tensors, len(sites), path) if method.needs_predictor else None
     stats = artifact.predictor_layers(tensors, len(sites), path, prefix="stat_") if method.stats else None
     parallel.check(sites, method, meta["mode"])
-    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, meta.get("positions", "all"))
+    attention = meta.get("attention")
+    if attention is not None:
+        attention_mod.check_supported(model)
+        if "attention_thresholds" not in tensors:
+            raise ValueError(f"{path}: attention sparsity {attention} but no attention thresholds")
+    protocol = artifact.protocol_from_meta(meta)
+    check_protocol(**protocol)
+    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, **protocol, attention=attention)
     _install(model, sites, method, spec, thresholds, layers, stats)
+    if attention is not None:
+        attention_mod.install(model, spec, tensors["attention_thresholds"])
     set_kernels(model, kernels)
     return model

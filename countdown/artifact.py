@@ -2,11 +2,17 @@
 reads or validates it.
 
 Tensors: ``thresholds`` [L, n_sites] (float32) for a full artifact, per layer
-``layers.{i}.predictor_{V,U,b}`` for D-COUNTDOWN predictors, and ``layers.{i}.stat_<name>`` ([I] float32)
-for per-neuron calibration statistics (CHESS's ``up_abs_mean``). Metadata (key ``countdown``): format,
-version, kind ("sparsity" or "predictors"), method, sparsity (target), mode, sites, positions,
+``layers.{i}.predictor_{V,U,b}`` for D-COUNTDOWN predictors, ``layers.{i}.stat_<name>`` ([I] float32)
+for per-neuron calibration statistics (CHESS's ``up_abs_mean``), and ``attention_thresholds`` [L, 2]
+for attention input sparsity. Metadata (key ``countdown``): format, version, kind ("sparsity" or
+"predictors"), method, sparsity (target), mode, sites, attention (its sparsity or null), the evaluation
+protocol (positions, count_rule, ties, threshold_rule, threshold_adjust: see `countdown.ffn.SparsitySpec`),
 predictor_sparsity (the target the predictors were trained for), the model fingerprint, and for
 predictor files the per-layer training reports.
+
+Artifacts written before the protocol was recorded lack those keys; they were made with positions
+"all", top-k dropping round(D*s) neurons with exact ties, and pooled thresholds, which is what
+`protocol_from_meta` reads them as.
 """
 
 from __future__ import annotations
@@ -52,6 +58,21 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported artifact format {meta.get('format')!r} v{meta.get('version')!r}")
     return meta, tensors
+
+
+# what an artifact without protocol keys was made with (before they were recorded)
+_LEGACY_PROTOCOL = {"positions": "all", "count_rule": "round", "ties": "exact", "threshold_rule": "pooled",
+                    "threshold_adjust": 0.0}
+
+
+def protocol_meta(spec) -> dict:
+    """The protocol fields of a `SparsitySpec` as artifact metadata."""
+    return {key: getattr(spec, key) for key in _LEGACY_PROTOCOL}
+
+
+def protocol_from_meta(meta: dict) -> dict:
+    """The protocol an artifact was made with (keyword arguments of `SparsitySpec`)."""
+    return {key: meta.get(key, default) for key, default in _LEGACY_PROTOCOL.items()}
 
 
 def check_fingerprint(found: dict, expected: dict, what: str) -> None:

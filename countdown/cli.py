@@ -33,6 +33,14 @@ TextOpt = typer.Option("default", "--text", help="A corpus name (default, python
 MethodsOpt = typer.Option(ALL_METHODS, help=f"Comma-separated methods out of {', '.join(METHODS)} (dense is always measured).")
 ContextOpt = typer.Option(512, help="Tokens per perplexity window (and per calibration window).")
 ModeOpt = typer.Option("threshold", help="'threshold' (per-layer thresholds calibrated on calibration text) or 'topk' (exact per token).")
+CountRuleOpt = typer.Option("floor", help="Top-k neurons dropped per token: 'floor' int(D·s) (the official code) or 'round'.")
+TiesOpt = typer.Option("exact", help="Top-k ties: 'exact' (exactly the count) or 'strict' (score > k-th smallest, the official code).")
+ThresholdRuleOpt = typer.Option("pooled", help="Threshold calibration: 'pooled' quantile, 'mean-kth' (the official code) or 'median-kth'.")
+AdjustOpt = typer.Option(0.0, help="Added to every calibrated threshold (the official --adjust_threshold).")
+OfficialOpt = typer.Option(False, "--official", help="The official COUNTDOWN protocol: positions=decode, floor count, "
+                           "strict ties, mean-kth thresholds (overrides those four options).")
+AttentionOpt = typer.Option(None, help="Also skip this fraction of the attention projections' input channels "
+                            "(TEAL-style; q/k/v share a threshold, o_proj its own; needs threshold mode).")
 PositionsOpt = typer.Option("all", help=f"Which positions are sparse: {' or '.join(POSITIONS)}. 'all': every position of "
                             "every window (strict); 'decode': context dense, scored continuation sparse (the official "
                             "COUNTDOWN protocol; prefill dense / decode sparse in generation).")
@@ -105,6 +113,12 @@ def run(
                               "calibration windows and 4096 evaluation tokens: the README's results table (~15 min on 2 cores)."),
     mode: str = ModeOpt,
     positions: str = PositionsOpt,
+    count_rule: str = CountRuleOpt,
+    ties: str = TiesOpt,
+    threshold_rule: str = ThresholdRuleOpt,
+    threshold_adjust: float = AdjustOpt,
+    official: bool = OfficialOpt,
+    attention: Optional[float] = AttentionOpt,
     text: str = TextOpt,
     calib_windows: int = typer.Option(4, help="Calibration windows of --context tokens."),
     eval_tokens: int = typer.Option(2048, help="Evaluation tokens (from the evaluation part of the corpus)."),
@@ -117,9 +131,10 @@ def run(
     t0 = time.time()
     if full:
         methods, calib_windows, eval_tokens = ALL_METHODS, max(calib_windows, 8), max(eval_tokens, 4096)
+    protocol = _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context,
-                                   _csv(methods), _csv(sparsities, float), mode, positions, out)
-    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode, positions={positions})"
+                                   _csv(methods), _csv(sparsities, float), mode, protocol, out, attention=attention)
+    title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode, {_protocol_words(protocol, attention)})"
     _report(points, title, model, out)
     console.print(f"wrote {out}/results.csv, table.md, ppl_vs_sparsity.png — total {time.time() - t0:.0f}s")
     if not full:
@@ -127,12 +142,33 @@ def run(
                       "a finer grid with task accuracies: countdown sweep")
 
 
+def _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official: bool) -> dict:
+    """The evaluation protocol options as sparsify/run_grid keywords (--official sets the official ones)."""
+    from .ffn import OFFICIAL_PROTOCOL, check_protocol
+
+    protocol = dict(positions=positions, count_rule=count_rule, ties=ties, threshold_rule=threshold_rule,
+                    threshold_adjust=threshold_adjust)
+    if official:
+        protocol.update(OFFICIAL_PROTOCOL)
+    check_protocol(**protocol)
+    return protocol
+
+
+def _protocol_words(protocol: dict, attention) -> str:
+    words = ", ".join(f"{k}={v}" for k, v in protocol.items() if k != "threshold_adjust" or v)
+    return words + (f", attention inputs {attention:.0%}" if attention else "")
+
+
 def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list, sparsity_list, mode,
-          positions, out, results_file=None, task_list=(), task_limit=None, task_batch_size=8):
+          protocol, out, results_file=None, task_list=(), task_limit=None, task_batch_size=8, attention=None):
     """Load, tokenise calibration/evaluation text, run every (method, sparsity) point: what `run` and
     `sweep` share. Returns (model, tokenizer, evaluation ids, points)."""
     from .sweep import run_grid
 
+    if task_list:
+        from .tasks import check_task_data
+
+        check_task_data(list(task_list))  # before minutes of loading: offline, say which data is missing
     m, tok = _load(model, device, dtype)
     method_list = _applicable(m, method_list)
     extra_eval = None
@@ -145,7 +181,7 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
     eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
     console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
     predictors_for = _predictor_cache(m, calib, out) if "d-countdown" in method_list else None
-    points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, positions=positions,
+    points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, **protocol, attention=attention,
                       context=context, results_file=results_file, predictors_for=predictors_for,
                       extra_eval=extra_eval, log=lambda s: console.print(s, highlight=False))
     return m, tok, eval_ids, points
@@ -178,11 +214,18 @@ def sweep(
     model: str = ModelOpt,
     methods: str = MethodsOpt,
     sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="Comma-separated target sparsities."),
-    tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`); empty: perplexity only."),
+    tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`; 'paper' = the COUNTDOWN "
+                              "paper's eight, which need the Hugging Face Hub); empty: perplexity only."),
     task_limit: Optional[int] = typer.Option(None, help="Examples per task (default: all)."),
     task_batch_size: int = typer.Option(8, help="Batch size of lm-eval's log-likelihood requests."),
     mode: str = ModeOpt,
     positions: str = PositionsOpt,
+    count_rule: str = CountRuleOpt,
+    ties: str = TiesOpt,
+    threshold_rule: str = ThresholdRuleOpt,
+    threshold_adjust: float = AdjustOpt,
+    official: bool = OfficialOpt,
+    attention: Optional[float] = AttentionOpt,
     text: str = TextOpt,
     calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
     eval_tokens: int = typer.Option(4096, help="Evaluation tokens for perplexity."),
@@ -197,10 +240,12 @@ def sweep(
     from .report import markdown_table, plot_task_accuracy, tasks_markdown
 
     task_list = _csv(tasks)
+    protocol = _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
-                                   _csv(sparsities, float), mode, positions, out, results_file=out / "results.jsonl",
-                                   task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size)
-    title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode}, positions={positions})"
+                                   _csv(sparsities, float), mode, protocol, out, results_file=out / "results.jsonl",
+                                   task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size,
+                                   attention=attention)
+    title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode}, {_protocol_words(protocol, attention)})"
     plot_task_accuracy(points, out / "task_accuracy.png", title=f"{model}: task accuracy ({mode})")
     summary = f"# countdown sweep: {title}\n\n" + markdown_table(points)
     if task_list:
@@ -238,12 +283,14 @@ def bench_cmd(
     calib_windows: int = typer.Option(16, help="Calibration windows of 256 tokens (thresholds; predictors for real models)."),
     text: str = TextOpt,
     compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it (recommended on GPU: fuses the small kernels; bench/e2e.py uses it)."),
+    batch: int = typer.Option(1, help="Sequences decoded together (1 to 16); tokens/s is per sequence."),
+    attention: Optional[float] = AttentionOpt,
     out: Optional[Path] = typer.Option(None, help="Write speed.json, speed.md and speedup.png here."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("auto", help="'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."),
 ) -> None:
-    """Tokens/s of greedy batch-1 decoding, dense and sparsified, in one fast loop (static KV cache,
-    CUDA graph on GPU), with the ideal speed-up from bytes beside each measured one."""
+    """Tokens/s of greedy decoding (batch 1-16), dense and sparsified, in one fast loop (static KV cache,
+    CUDA graph on GPU), with the ideal speed-up from bytes beside each batch-1 one, and GPU memory."""
     import torch
 
     from .loading import RANDOM_PREFIX, random_inputs, resolve_device
@@ -256,18 +303,20 @@ def bench_cmd(
     m, tok = _load(model, str(dev), dtype)
     if model.startswith(RANDOM_PREFIX):
         prompt, calib = random_inputs(m, prompt_len, calib_windows)
+        prompt = torch.randint(m.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)) \
+            if batch > 1 else prompt
         predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
         note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
     else:
-        prompt = _tokens(tok, _text(text, "evaluation"), prompt_len, prompt_len)
+        prompt = _tokens(tok, _text(text, "evaluation"), prompt_len * batch, prompt_len)[:batch]
         calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
         predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
         note = f"real weights; prompt and calibration from '{text}'"
     points = measure_speed(m, method_list, sparsity_list, prompt, calib, new_tokens=new_tokens, repeats=repeats,
-                           predictors_for=predictors_for, compile=compile,
+                           predictors_for=predictors_for, compile=compile, attention=attention,
                            log=lambda s: console.print(s, highlight=False))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    title = (f"{model}, {dtype}, batch 1, prompt {prompt_len} → {new_tokens} new tokens, {where} "
+    title = (f"{model}, {dtype}, batch {batch}, prompt {prompt_len} → {new_tokens} new tokens, {where} "
              f"({'CUDA graph' if dev.type == 'cuda' else 'eager'}{', compiled' if compile else ''}; {note})")
     table = speed_markdown(points, title)
     if out is not None:
@@ -353,6 +402,9 @@ def calibrate_cmd(
     sparsity: float = typer.Option(0.7, help="Target fraction of FFN neurons skipped per token, in [0, 1)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the .safetensors sparsity artifact."),
     positions: str = PositionsOpt,
+    threshold_rule: str = ThresholdRuleOpt,
+    threshold_adjust: float = AdjustOpt,
+    attention: Optional[float] = AttentionOpt,
     text: str = TextOpt,
     calib_windows: int = typer.Option(32, help="Calibration windows of --context tokens."),
     context: int = ContextOpt,
@@ -366,7 +418,8 @@ def calibrate_cmd(
     m, tok = _load(model, device, dtype)
     preds = _predictors(m, predictors)
     calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-    sparsify(m, method, sparsity, calibration=calib, mode="threshold", positions=positions, predictors=preds)
+    sparsify(m, method, sparsity, calibration=calib, mode="threshold", positions=positions, predictors=preds,
+             threshold_rule=threshold_rule, threshold_adjust=threshold_adjust, attention=attention)
     path = save_sparsity(m, output)
     console.print(f"wrote {path} ({method} at {sparsity:.0%}, positions={positions}, {calib.numel()} calibration tokens)")
 

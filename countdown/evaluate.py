@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ffn
+from . import attention, ffn
 
 
 @dataclass
@@ -37,6 +37,8 @@ class PerplexityResult:
     # fraction of FFN weight bytes a kernel for this method reads at the measured sparsity
     ffn_bytes_read: float = 1.0
     positions: str = "all"  # which positions were sparse (see the module docstring)
+    # measured skipped fraction of attention-projection input channels per site ("qkv", "o"), if any
+    attention_sparsity: dict[str, float] = field(default_factory=dict)
 
 
 def score_spans(n_tokens: int, context: int, stride: int, score_first_window: bool = True) -> list[tuple[int, int, int]]:
@@ -87,14 +89,15 @@ def perplexity(
     stride = stride or (context // 2 if decode_protocol else context)
     device = next(model.parameters()).device
     modules = ffn.sparse_modules(model)
-    for m in modules:
+    projections = attention.sparse_projections(model)
+    for m in modules + projections:
         m.meter = ffn.SparsityMeter()
     total_nll, total_tokens = 0.0, 0
     try:
         spans = score_spans(ids.numel(), context, stride, score_first_window=not decode_protocol)
         for begin, end, n_scored in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
             window = ids[begin:end].to(device).unsqueeze(0)
-            for m in modules:  # the context of the window dense, the scored continuation sparse
+            for m in modules + projections:  # the window's context dense, the scored continuation sparse
                 m.sparse_from = (end - begin) - n_scored if decode_protocol else None
             logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
             targets = window[0, 1:]
@@ -104,12 +107,17 @@ def perplexity(
             total_tokens += n
     finally:
         meters = [m.meter for m in modules]
-        for m in modules:
+        attention_meters = [(p.site, p.meter) for p in projections]
+        for m in modules + projections:
             m.meter, m.sparse_from = None, None
     result = PerplexityResult(math.exp(total_nll / total_tokens), total_nll / total_tokens, total_tokens,
                               positions=positions)
     if modules:
         _attach_sparsity(result, modules, meters)
+    for site in attention.SITES:
+        measured = [meter.measured((site,))[site] for name, meter in attention_meters if name == site]
+        if measured:
+            result.attention_sparsity[site] = sum(measured) / len(measured)
     return result
 
 

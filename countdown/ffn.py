@@ -8,11 +8,12 @@
   activation's output *is* the coefficient vector, so masking it is masking the FFN. Methods that must
   see the FFN input (TEAL, the predictor) get it from a forward pre-hook on the input projection.
 
-What a model's sparsification *is* (method, target, mode, sites, positions) is one frozen
-`SparsitySpec` shared by all its modules. Thresholds, predictors and per-neuron calibration statistics
-(``stat_<name>``) are non-persistent buffers: they travel with ``.to()`` but never enter the model's
-checkpoint (`countdown.artifact` writes them). Constants derived from the weights (column norms, SVD
-factors) are computed on first use and cached until the weights change.
+What a model's sparsification *is* (method, target, mode, sites, the evaluation protocol: positions,
+count rule, ties, threshold rule; and the attention input sparsity) is one frozen `SparsitySpec` shared
+by all its modules. Thresholds, predictors and per-neuron calibration statistics (``stat_<name>``) are
+non-persistent buffers: they travel with ``.to()`` but never enter the model's checkpoint
+(`countdown.artifact` writes them). Constants derived from the weights (column norms, SVD factors) are
+computed on first use and cached until the weights change.
 
 One copy of each weight: the kernels want W_down as ``[I, H]`` rows (a skipped neuron is one skipped
 contiguous row). When the kernel path is enabled, ``down_proj.weight`` becomes a transposed *view* of
@@ -22,6 +23,7 @@ the same storage. `unsparsify` puts the original layout back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,21 +35,119 @@ from .models import FFNSite
 
 KERNEL_MODES = ("auto", "off", "always")
 POSITIONS = ("all", "decode")
+COUNT_RULES = ("floor", "round")  # neurons dropped per token: int(D*s) (official) or round(D*s)
+TIES = ("exact", "strict")  # top-k: exactly k kept, or official "score > k-th smallest"
+THRESHOLD_RULES = ("pooled", "mean-kth", "median-kth")  # see `countdown.calibrate`
+
+# The protocol of the official COUNTDOWN evaluation (rustic-snob/COUNTDOWN): pass as
+# ``countdown.sparsify(model, ..., **OFFICIAL_PROTOCOL)``.
+OFFICIAL_PROTOCOL = {"positions": "decode", "count_rule": "floor", "ties": "strict", "threshold_rule": "mean-kth",
+                     "threshold_adjust": 0.0}
 
 
 @dataclass(frozen=True)
 class SparsitySpec:
     """How a model was sparsified: one object per model, shared by every sparse module.
 
-    ``positions``: "all" masks every token position of every forward (the strict evaluation);
-    "decode" runs multi-token forwards (prefill, the context of a log-likelihood request) densely and
-    masks single-token decode steps and the positions at or after ``SparseFFN.sparse_from``."""
+    ``mode``: "topk" keeps the highest-scoring neurons of every token (the paper's SP-ideal);
+    "threshold" keeps neurons whose score exceeds a per-layer calibrated threshold (SP-practical).
+
+    The evaluation protocol (defaults: ours; `OFFICIAL_PROTOCOL`: the official code's):
+
+    * ``positions``: "all" masks every token position of every forward (the strict evaluation);
+      "decode" runs multi-token forwards (prefill, the context of a log-likelihood request) densely
+      and masks single-token decode steps and the positions at or after ``sparse_from`` (or those
+      marked in ``sparse_positions``).
+    * ``count_rule`` (top-k and the k-th threshold rules): "floor" drops ``int(D*s)`` neurons per token
+      (official), "round" drops ``round(D*s)`` (see `countdown.methods.keep_count`).
+    * ``ties`` (top-k only): "exact" keeps exactly ``D - int(D*s)`` neurons (ties broken arbitrarily);
+      "strict" keeps ``score > k-th smallest score`` as the official code does, so tokens whose k-th
+      score is tied (frequent in bf16) keep fewer neurons than nominal.
+    * ``threshold_rule`` (threshold mode): "pooled" takes the s-quantile of all calibration scores of a
+      layer (Dhar et al.); "mean-kth" / "median-kth" average each calibration forward's mean per-token
+      k-th smallest score over forwards by mean (official) or median; ``threshold_adjust`` is added to
+      every threshold (the official ``--adjust_threshold``).
+
+    Why these defaults: "floor" is the official count and costs nothing; "exact" ties keep the nominal
+    count, so the measured sparsity is the target (strict ties skip extra neurons wherever scores tie);
+    "pooled" thresholds reach the target sparsity on calibration text by construction (the mean of
+    per-token k-th scores is not the s-quantile, so "mean-kth" lands near, not on, the target);
+    "decode" positions is what serves generation (prefill costs what dense costs); "all" is the
+    stricter evaluation. `OFFICIAL_PROTOCOL` reproduces the paper's numbers.
+
+    ``attention``: input sparsity of the attention projections (`countdown.attention`), or None.
+    """
 
     method: str
     sparsity: float
     mode: str  # "threshold" | "topk"
     sites: tuple[str, ...]
     positions: str = "decode"
+    count_rule: str = "floor"
+    ties: str = "exact"
+    threshold_rule: str = "pooled"
+    threshold_adjust: float = 0.0
+    attention: float | None = None  # input sparsity of the attention projections (TEAL-style), if any
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol in words, naming only the options that matter in this mode."""
+        return protocol_label(self.mode, self.positions, self.count_rule, self.ties, self.threshold_rule,
+                              self.threshold_adjust)
+
+
+def protocol_label(mode: str, positions: str = "all", count_rule: str = "floor", ties: str = "exact",
+                   threshold_rule: str = "pooled", threshold_adjust: float = 0.0) -> str:
+    """A short canonical description of an evaluation protocol, e.g. ``"top-k floor/strict, decode"``.
+
+    Only the options that change results in ``mode`` appear, so two protocols with the same label
+    give the same numbers."""
+    if mode == "topk":
+        rule = f"top-k {count_rule}/{'strict ties' if ties == 'strict' else 'exact k'}"
+    elif mode == "threshold":
+        rule = "threshold pooled" if threshold_rule == "pooled" else f"threshold {threshold_rule} {count_rule}"
+        if threshold_adjust:
+            rule += f" {threshold_adjust:+g}"
+    else:
+        rule = mode
+    return f"{rule}, {positions}"
+
+
+def check_protocol(positions: str, count_rule: str, ties: str, threshold_rule: str, threshold_adjust: float) -> None:
+    """A clear error for any protocol option out of its choices."""
+    for name, value, choices in (("positions", positions, POSITIONS), ("count_rule", count_rule, COUNT_RULES),
+                                 ("ties", ties, TIES), ("threshold_rule", threshold_rule, THRESHOLD_RULES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if (isinstance(threshold_adjust, bool) or not isinstance(threshold_adjust, (int, float))
+            or not math.isfinite(threshold_adjust)):
+        raise ValueError(f"threshold_adjust must be a finite number (added to every threshold), got {threshold_adjust!r}")
+
+
+def topk_mask(score: torch.Tensor, sparsity: float, count_rule: str = "floor", ties: str = "exact") -> torch.Tensor:
+    """0/1 mask [..., D] in the score's dtype keeping each row's highest scores.
+
+    ``ties="exact"``: exactly ``keep_count(D, sparsity, count_rule)`` per row. ``"strict"``: the
+    official rule, ``score > k-th smallest score`` with ``k = D - keep`` (the k-th taken in float32,
+    compared in the score's dtype): every score tied with the k-th is dropped too."""
+    width = score.shape[-1]
+    keep = keep_count(width, sparsity, count_rule)
+    if keep >= width:
+        return torch.ones_like(score)
+    if ties == "strict":
+        kth = score.float().kthvalue(width - keep, dim=-1, keepdim=True).values.to(score.dtype)
+        return (score > kth).to(score.dtype)
+    idx = score.topk(keep, dim=-1).indices
+    return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+
+
+def dense_positions(spec: SparsitySpec | None, sparse_from: int | None, n_positions: int) -> int:
+    """How many leading positions of a forward of ``n_positions`` run densely under the position policy."""
+    if spec is None or spec.positions == "all":
+        return 0
+    if sparse_from is not None:
+        return min(sparse_from, n_positions)
+    return n_positions if n_positions > 1 else 0  # prefill dense, decode steps sparse
 
 
 class Masker(nn.Module):
@@ -69,8 +169,7 @@ class Masker(nn.Module):
 
     def forward(self, site: str, score: torch.Tensor) -> torch.Tensor:
         if self.spec.mode == "topk":
-            idx = score.topk(keep_count(score.shape[-1], self.spec.sparsity), dim=-1).indices
-            return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+            return topk_mask(score, self.spec.sparsity, self.spec.count_rule, self.spec.ties)
         return (score > self.threshold(site).to(score.dtype)).to(score.dtype)
 
 
@@ -103,8 +202,12 @@ class _SparseModule(nn.Module):
         self.act_name = site.act_name
         self.kernel_act = site.kernel_act
         self.meter: SparsityMeter | None = None
-        # positions before this index of a multi-token forward stay dense (positions="decode" only)
+        self._row_mask: torch.Tensor | None = None  # the [B, T] mask of a row-wise split, while it runs
+        # positions="decode" only: positions before this index of a multi-token forward stay dense ...
         self.sparse_from: int | None = None
+        # ... or, per row, exactly the positions marked True in this [B, T] bool mask are sparse (an
+        # lm-eval batch of right-padded requests with different context lengths; see `countdown.tasks`)
+        self.sparse_positions: torch.Tensor | None = None
         if predictor is not None:
             dtype = next(iter(site.modules.values())).weight.dtype
             for key, value in predictor.items():  # stored in the model's dtype: bytes as the kernel reads them
@@ -142,10 +245,17 @@ class _SparseModule(nn.Module):
     def needs_input(self) -> bool:
         return any(site.endswith("input") for site in self.method.sites) or self.method.needs_predictor
 
-    def _dense_positions(self, n_positions: int) -> int:
-        """How many leading positions of this forward run densely under the spec's position policy."""
+    def _dense_positions(self, x: torch.Tensor) -> int | torch.Tensor:
+        """Which positions of this forward (x: [B, T, ·] or [T, ·]) run densely under the spec's position
+        policy: a count of leading positions (every row), or a [B, T] bool mask of the *sparse* ones."""
+        n_positions = x.shape[-2] if x.dim() > 1 else 1
         if self.spec is None or self.spec.positions == "all":
             return 0
+        if self.sparse_positions is not None:
+            if x.dim() != 3 or tuple(self.sparse_positions.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"layer {self.layer_idx}: sparse_positions has shape "
+                                 f"{tuple(self.sparse_positions.shape)}, the FFN input {tuple(x.shape)}")
+            return self.sparse_positions.to(x.device)
         if self.sparse_from is not None:
             return min(self.sparse_from, n_positions)
         return n_positions if n_positions > 1 else 0  # prefill dense, decode steps sparse
@@ -154,8 +264,10 @@ class _SparseModule(nn.Module):
         return self.method.forward(self, x, self.keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, H] (or [T, H]); an FFN acts per position, so splitting along T is exact
-        n_dense = self._dense_positions(x.shape[-2] if x.dim() > 1 else 1)
+        # x: [B, T, H] (or [T, H]); an FFN acts per position, so splitting positions is exact
+        n_dense = self._dense_positions(x)
+        if isinstance(n_dense, torch.Tensor):
+            return self._forward_rows(x, n_dense)
         if n_dense == 0:
             return self._sparse_forward(x)
         dense = self._dense_forward(x[..., :n_dense, :])
@@ -163,12 +275,26 @@ class _SparseModule(nn.Module):
             return dense
         return torch.cat([dense, self._sparse_forward(x[..., n_dense:, :])], dim=-2)
 
+    def _forward_rows(self, x: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """The positions marked in ``sparse`` ([B, T] bool) through the sparse path as one [N, H] batch,
+        the rest densely: no position is computed twice, and the meter sees the sparse ones only."""
+        self._row_mask = sparse
+        try:
+            out_sparse = self._sparse_forward(x[sparse])
+            out_dense = self._dense_forward(x[~sparse])
+        finally:
+            self._row_mask = None
+        out = out_sparse.new_empty(*x.shape[:-1], out_sparse.shape[-1])
+        out[sparse] = out_sparse
+        out[~sparse] = out_dense.to(out.dtype)
+        return out
+
     def extra_repr(self) -> str:
         spec = self.spec
         if spec is None:
             return f"layer={self.layer_idx}, method={self.method.name}"
         return (f"layer={self.layer_idx}, method={spec.method}, sparsity={spec.sparsity}, mode={spec.mode}, "
-                f"positions={spec.positions}")
+                f"protocol={spec.protocol!r}")
 
 
 class SparseFFN(_SparseModule):
@@ -265,14 +391,36 @@ class SparseFFN(_SparseModule):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
     # -- the fast path --------------------------------------------------------------------------
+    def input_major(self) -> list[torch.Tensor]:
+        """W_gate and W_up as [H, I] (or the fused [H, 2I]): contiguous in a TEAL kernel layout."""
+        if self._fused:
+            return [self.gate_up_proj.weight.t()]
+        return [parallel.local(self.gate_proj.weight).t(), parallel.local(self.up_proj.weight).t()]
+
+    def threshold(self, site: str) -> torch.Tensor:
+        return self.masker.threshold(site)
+
+    def _input_major_projections(self) -> list[nn.Module]:
+        """The projections the method's kernel reads input-major (see `Method.kernel_layout`)."""
+        wanted = self.method.kernel_layout
+        projections = [self.down_proj] if "down" in wanted else []
+        if "gate" in wanted or "up" in wanted:
+            projections += [self.gate_up_proj] if self._fused else [self.gate_proj, self.up_proj]
+        return projections
+
+    def kernel_layout_ready(self) -> bool:
+        return all(parallel.local(p.weight).t().is_contiguous() for p in self._input_major_projections())
+
     def use_kernel_layout(self, on: bool) -> None:
-        """Store W_down as the kernels want it ([I, H] rows, ``weight`` a transposed view) or as
-        nn.Linear does ([H, I] rows). Same values either way; one copy of the weight."""
-        w = self.down_proj.weight
-        if self.down_t().is_contiguous() == on:
-            return
-        data = parallel.relayout(w.detach(), (lambda t: t.t().contiguous().t()) if on else (lambda t: t.contiguous()))
-        self.down_proj.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+        """Store the kernel's projections input-major (``weight`` a transposed view of contiguous
+        [in, out] rows) or as nn.Linear does ([out, in] rows). Same values either way; one copy of
+        each weight."""
+        for projection in self._input_major_projections():
+            w = projection.weight
+            if parallel.local(w).t().is_contiguous() == on:
+                continue
+            data = parallel.relayout(w.detach(), (lambda v: v.t().contiguous().t()) if on else (lambda v: v.contiguous()))
+            projection.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
         """None when ``x`` (decode tokens) can run through the method's kernel, else why not."""
@@ -290,7 +438,7 @@ class SparseFFN(_SparseModule):
             return "the FFN's projections have biases, which the kernels do not add"
         if self.kernels == "auto" and x.device.type != "cuda":
             return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
-        if not self.down_t().is_contiguous():
+        if not self.kernel_layout_ready():
             if torch.compiler.is_compiling() or _capturing(x.device):
                 return "W_down is not in the kernel layout; call countdown.set_kernels(model) before capture"
             self.use_kernel_layout(True)  # first eager call after the model moved to the GPU
@@ -299,7 +447,7 @@ class SparseFFN(_SparseModule):
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
             # under TP the kernel's output is this rank's partial sum, as W_down's own forward is before its all-reduce
-            return parallel.all_reduce(self.method.kernel_forward(self, x, self.masker.threshold("coef")), self.shard)
+            return parallel.all_reduce(self.method.kernel_forward(self, x), self.shard)
         return self.method.forward(self, x, self.keep)
 
 
@@ -348,7 +496,12 @@ class SparseActivation(_SparseModule):
         if "input" not in self.method.sites:
             return None
         # TEAL masks W_in's input channels, at the sparse positions only
-        n_dense = self._dense_positions(x.shape[-2] if x.dim() > 1 else 1)
+        n_dense = self._dense_positions(x)
+        if isinstance(n_dense, torch.Tensor):
+            rows = x[n_dense]
+            x = x.clone()
+            x[n_dense] = rows * self.keep("input", rows.abs())
+            return (x,) + tuple(args[1:])
         if n_dense == 0:
             return (x * self.keep("input", x.abs()),) + tuple(args[1:])
         if n_dense >= x.shape[-2]:
@@ -374,13 +527,19 @@ class SparseActivation(_SparseModule):
     def down(self, t: torch.Tensor) -> torch.Tensor:
         return t  # the model applies W_out after the activation
 
-    def predict(self, h: torch.Tensor) -> torch.Tensor:
+    def _input_for(self, h: torch.Tensor) -> torch.Tensor:
+        """W_in's input at the positions ``h`` holds (all, the sparse tail, or the sparse rows of a split)."""
         x = self._input
+        if self._row_mask is not None:
+            return x[self._row_mask]
         n_dense = x.shape[-2] - h.shape[-2] if x.dim() > 1 else 0  # the sparse tail of a split forward
-        return super().predict(x[..., n_dense:, :] if n_dense else x)
+        return x[..., n_dense:, :] if n_dense else x
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor:
+        return super().predict(self._input_for(h))
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
-        return self._input
+        return self._input_for(h)
 
     def mask_input(self, h: torch.Tensor, keep: Keep) -> torch.Tensor:
         return h  # W_in's input was masked by the pre-hook before W_in ran; h already reflects it

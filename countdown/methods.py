@@ -39,9 +39,19 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def keep_count(width: int, sparsity: float) -> int:
-    """Neurons kept per token out of ``width`` at ``sparsity`` in top-k mode (the one rounding rule)."""
-    return width - int(round(sparsity * width))
+def keep_count(width: int, sparsity: float, rule: str = "floor") -> int:
+    """Neurons kept per token out of ``width`` at ``sparsity`` in top-k mode (the one counting rule).
+
+    ``rule="floor"`` drops ``int(width * sparsity)`` neurons, as the official COUNTDOWN code does
+    (``num_to_zero = int(dim * ratio)``, in that operand order, float artefacts included);
+    ``"round"`` drops ``round(width * sparsity)``. They differ by one neuron when the fractional part
+    is >= 0.5 (e.g. 0.8 x 14336 = 11468.8). The official ``max(1, .)`` (one neuron dropped even at
+    sparsity 0) is not reproduced: sparsity 0 is the dense model here."""
+    if rule == "floor":
+        return width - int(width * sparsity)
+    if rule == "round":
+        return width - int(round(sparsity * width))
+    raise ValueError(f"count rule must be 'floor' or 'round', got {rule!r}")
 
 
 class FFNParts(Protocol):
@@ -62,6 +72,8 @@ class FFNParts(Protocol):
     def gate_weight(self) -> torch.Tensor: ...
     def up_weight(self) -> torch.Tensor: ...
     def down_t(self) -> torch.Tensor: ...
+    def input_major(self) -> list[torch.Tensor]: ...  # [H, I] gate/up (or one [H, 2I] fused gate_up)
+    def threshold(self, site: str) -> torch.Tensor: ...
 
     # weight-derived constants (gated FFNs; cached by the module until the weights change) and
     # calibration statistics
@@ -98,6 +110,9 @@ class Method:
     sites: tuple[str, ...] = ("coef",)
     needs_predictor: bool = False
     has_kernel: ClassVar[bool] = False
+    # projections the kernel reads input-major (W transposed: a skipped *input* channel is one contiguous
+    # row); the rest stay nn.Linear's [out, in] rows. Either way the model keeps one copy of each weight.
+    kernel_layout: ClassVar[tuple[str, ...]] = ("down",)
     gated_only: ClassVar[bool] = False
     # names of per-neuron statistics measured on calibration text before scoring (see calibration_stats)
     stats: ClassVar[tuple[str, ...]] = ()
@@ -123,9 +138,9 @@ class Method:
         """Fraction of the FFN's weight bytes a kernel must read, given the skipped fraction per site."""
         raise NotImplementedError
 
-    def kernel_forward(self, parts: FFNParts, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
         """The FFN output for decode tokens x through this method's Triton op (``has_kernel`` only);
-        ``threshold`` is the layer's 1-element "coef" threshold on x's device."""
+        ``parts.threshold(site)`` is a site's 1-element threshold on x's device."""
         raise NotImplementedError(f"method {self.name!r} has no kernel")
 
 
@@ -156,7 +171,8 @@ class Cats(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x, threshold):
+    def kernel_forward(self, parts, x):
+        threshold = parts.threshold("coef")
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
                                         act=parts.kernel_act, dense="gate")
 
@@ -185,7 +201,8 @@ class MCountdown(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x, threshold):
+    def kernel_forward(self, parts, x):
+        threshold = parts.threshold("coef")
         # the op's dense projection is W_up here, its sparse one W_gate
         return kernels.fused_gather_ffn(x, parts.up_weight(), parts.gate_weight(), parts.down_t(), threshold,
                                         act=parts.kernel_act, dense="up")
@@ -208,7 +225,8 @@ class DCountdownIdeal(Method):
         s = skipped["coef"]
         return (2 + (1 - s)) / 3 if kind == "gated" else (1 + (1 - s)) / 2
 
-    def kernel_forward(self, parts, x, threshold):
+    def kernel_forward(self, parts, x):
+        threshold = parts.threshold("coef")
         return kernels.coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
                                        act=parts.kernel_act)
 
@@ -229,14 +247,19 @@ class DCountdown(Method):
     def ffn_bytes_read(self, kind, skipped):
         return 1 - skipped["coef"]
 
-    def kernel_forward(self, parts, x, threshold):
+    def kernel_forward(self, parts, x):
+        threshold = parts.threshold("coef")
         return kernels.predicted_sparse_ffn(x, parts.predict(x), parts.gate_weight(), parts.up_weight(),
                                             parts.down_t(), threshold, act=parts.kernel_act)
 
 
 class Teal(Method):
     """TEAL-style: threshold the magnitude of each matrix's *input*: |x| for gate/up (or W_in) columns,
-    |t| for down (or W_out) columns. Sparsity applies to both sites."""
+    |t| for down (or W_out) columns. Sparsity applies to both sites. Its kernel is the input-sparse
+    GEMV, which wants every matrix input-major."""
+
+    has_kernel = True
+    kernel_layout = ("gate", "up", "down")
 
     def scores(self, parts, x):
         return {"input": parts.ffn_input(x).abs(), "coef": coefficient(parts, x).abs()}
@@ -249,6 +272,14 @@ class Teal(Method):
     def ffn_bytes_read(self, kind, skipped):
         s_in, s_coef = skipped["input"], skipped["coef"]
         return (2 * (1 - s_in) + (1 - s_coef)) / 3 if kind == "gated" else ((1 - s_in) + (1 - s_coef)) / 2
+
+    def kernel_forward(self, parts, x):
+        # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
+        thr_in = parts.threshold("input")
+        projections = [kernels.input_sparse_linear(x, w_t, thr_in) for w_t in parts.input_major()]
+        g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
+        t = parts.act(g) * u
+        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"))
 
 
 class DejaVu(Method):

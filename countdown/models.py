@@ -210,3 +210,31 @@ def fingerprint(model: nn.Module) -> dict:
         "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
         "weight_digest": digest.hexdigest()[:16],
     }
+
+
+ATTENTION_SITES = ("qkv", "o")  # q/k/v share one input; o reads the attention output
+
+
+@dataclass
+class AttentionSite:
+    """One decoder layer's attention projections: ``qkv`` share one input (q, k, v, or Phi-3's fused
+    qkv_proj), ``o`` reads the attention output."""
+
+    layer: int
+    qkv: list[nn.Linear]
+    o: nn.Linear
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Every decoder layer's attention projections, for input sparsity (gated-FFN families only)."""
+    model_type = _model_type(model)
+    if model_type not in _GATED:
+        raise UnsupportedModelError(
+            f"attention sparsity knows the projections of {', '.join(sorted(_GATED))}; "
+            f"model_type={model_type!r} is not one of them")
+    sites = []
+    for i, layer in enumerate(_decoder_layers(model, model_type)):
+        attn = layer.self_attn
+        qkv = [attn.qkv_proj] if model_type == "phi3" else [attn.q_proj, attn.k_proj, attn.v_proj]
+        sites.append(AttentionSite(i, qkv, attn.o_proj))
+    return sites

@@ -12,14 +12,22 @@ from rich.table import Table
 
 from .sweep import Point
 
-_COLUMNS = ("method", "mode", "target", "measured", "ppl", "Δppl", "FFN bytes read")
+_COLUMNS = ("method", "mode", "protocol", "target", "measured", "ppl", "Δppl", "FFN bytes read")
+# "ideal" in the COUNTDOWN paper is the per-token top-k; "practical" the calibrated threshold
+_MODE_NAMES = {"topk": "top-k", "threshold": "threshold", "dense": "dense"}
+MODES_NOTE = ("mode: top-k = per-token top-k (the paper's SP-ideal); threshold = per-layer calibrated threshold "
+              "(the paper's SP-practical). protocol: count rule (floor: drop int(D·s) per token; round), "
+              "ties (strict: keep score > k-th smallest, as the official code; exact k), threshold rule "
+              "(pooled quantile, or mean/median over forwards of the per-token k-th score), positions "
+              "(all: every position sparse; decode: context dense, continuation sparse).")
 
 
 def _cells(p: Point) -> list[str]:
     dense = p.method == "dense"
     return [
         p.method,
-        p.mode,
+        _MODE_NAMES.get(p.mode, p.mode),
+        p.protocol,
         "—" if dense else f"{p.target:.0%}",
         "—" if dense else f"{p.measured:.1%}",
         f"{p.ppl:.3f}",
@@ -29,7 +37,7 @@ def _cells(p: Point) -> list[str]:
 
 
 def print_table(points: list[Point], title: str, console: Console | None = None) -> None:
-    table = Table(title=title)
+    table = Table(title=title, caption=MODES_NOTE)
     for col in _COLUMNS:
         table.add_column(col, justify="left" if col in ("method", "mode") else "right")
     for p in points:
@@ -40,7 +48,7 @@ def print_table(points: list[Point], title: str, console: Console | None = None)
 def markdown_table(points: list[Point]) -> str:
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_cells(p)) + " |" for p in points]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + MODES_NOTE + "\n"
 
 
 def write_files(points: list[Point], out_dir: Path) -> dict[str, Path]:
@@ -49,13 +57,26 @@ def write_files(points: list[Point], out_dir: Path) -> dict[str, Path]:
     paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json", "md": out_dir / "table.md"}
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "mode", "target", "measured", "ppl", "delta_ppl", "ffn_bytes_read", "n_tokens", "seconds"])
+        writer.writerow(["method", "mode", "protocol", "positions", "count_rule", "ties", "threshold_rule",
+                         "threshold_adjust", "target", "measured", "ppl", "delta_ppl", "ffn_bytes_read", "n_tokens",
+                         "seconds"])
         for p in points:
-            writer.writerow([p.method, p.mode, p.target, f"{p.measured:.5f}", f"{p.ppl:.5f}", f"{p.delta_ppl:.5f}",
+            writer.writerow([p.method, p.mode, p.protocol, p.positions, p.count_rule, p.ties, p.threshold_rule,
+                             p.threshold_adjust, p.target, f"{p.measured:.5f}", f"{p.ppl:.5f}", f"{p.delta_ppl:.5f}",
                              f"{p.ffn_bytes_read:.5f}", p.n_tokens, f"{p.seconds:.2f}"])
-    paths["json"].write_text(json.dumps([asdict(p) for p in points], indent=1))
+    paths["json"].write_text(json.dumps([{**asdict(p), "protocol": p.protocol} for p in points], indent=1))
     paths["md"].write_text(markdown_table(points))
     return paths
+
+
+def _series(points: list[Point]) -> dict[str, list[Point]]:
+    """One line per method (per method and protocol when the points mix protocols), by target."""
+    sparse = [p for p in points if p.method != "dense"]
+    mixed = len({p.protocol for p in sparse}) > 1
+    out: dict[str, list[Point]] = {}
+    for p in sparse:
+        out.setdefault(f"{p.method} ({p.protocol})" if mixed else p.method, []).append(p)
+    return {label: sorted(pts, key=lambda p: p.target) for label, pts in out.items()}
 
 
 def plot_ppl_vs_sparsity(points: list[Point], path: Path, title: str = "") -> Path:
@@ -69,9 +90,8 @@ def plot_ppl_vs_sparsity(points: list[Point], path: Path, title: str = "") -> Pa
     dense = [p for p in points if p.method == "dense"]
     if dense:
         ax.axhline(dense[0].ppl, color="black", linestyle="--", linewidth=1, label=f"dense ({dense[0].ppl:.2f})")
-    for method in dict.fromkeys(p.method for p in points if p.method != "dense"):
-        pts = sorted((p for p in points if p.method == method), key=lambda p: p.target)
-        ax.plot([p.measured for p in pts], [p.ppl for p in pts], marker="o", label=method)
+    for label, pts in _series(points).items():
+        ax.plot([p.measured for p in pts], [p.ppl for p in pts], marker="o", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("measured FFN sparsity (fraction of neurons skipped per token)")
     ax.set_ylabel("perplexity (log scale)")
@@ -110,21 +130,33 @@ def task_names(points: list[Point]) -> list[str]:
     return sorted({task for p in points for task in p.extra})
 
 
+def task_score(result: dict) -> tuple[float, float] | None:
+    """(score, stderr) of one task result: accuracy, or exact match for generative tasks (gsm8k)."""
+    for key in ("acc", "exact_match"):
+        if key in result:
+            return result[key], result.get(f"{key}_stderr", float("nan"))
+    return None
+
+
 def tasks_markdown(points: list[Point]) -> str:
-    """Accuracy per task (acc, ± stderr) for each point."""
+    """Score per task (accuracy or exact match, ± stderr) for each point, with its protocol and the
+    fraction of scored continuation tokens that were predicted by a dense position."""
     tasks = task_names(points)
     if not tasks:
         return ""
-    head = ["method", "target", "measured", *tasks]
+    head = ["method", "mode", "protocol", "target", "measured", "scored tokens dense", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
-        cells = [p.method, "—" if p.method == "dense" else f"{p.target:.0%}",
-                 "—" if p.method == "dense" else f"{p.measured:.1%}"]
+        dense = [r["dense_scored"] for r in p.extra.values() if "dense_scored" in r]
+        cells = [p.method, _MODE_NAMES.get(p.mode, p.mode), p.protocol,
+                 "—" if p.method == "dense" else f"{p.target:.0%}",
+                 "—" if p.method == "dense" else f"{p.measured:.1%}",
+                 f"{min(dense):.0%}–{max(dense):.0%}" if dense else "—"]
         for t in tasks:
-            r = p.extra.get(t, {})
-            cells.append(f"{r['acc']:.3f} ± {r.get('acc_stderr', float('nan')):.3f}" if "acc" in r else "")
+            score = task_score(p.extra.get(t, {}))
+            cells.append(f"{score[0]:.3f} ± {score[1]:.3f}" if score else "")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + MODES_NOTE + " Generative tasks (gsm8k) report exact match.\n"
 
 
 def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path | None:
@@ -139,18 +171,17 @@ def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        dense = [p for p in points if p.method == "dense" and task in p.extra]
+        dense = [p for p in points if p.method == "dense" and task_score(p.extra.get(task, {}))]
         if dense:
-            acc, err = dense[0].extra[task]["acc"], dense[0].extra[task].get("acc_stderr", float("nan"))
+            acc, err = task_score(dense[0].extra[task])
             ax.axhline(acc, color="black", linestyle="--", linewidth=1, label="dense")
             if err == err:  # a band of ± one standard error: differences inside it are noise
                 ax.axhspan(acc - err, acc + err, color="black", alpha=0.08, label="dense ± 1 s.e.")
-        for method in dict.fromkeys(p.method for p in points if p.method != "dense"):
-            pts = sorted((p for p in points if p.method == method and task in p.extra), key=lambda p: p.target)
-            ax.plot([p.measured for p in pts], [p.extra[task]["acc"] for p in pts], marker="o", label=method)
+        for label, pts in _series([p for p in points if task_score(p.extra.get(task, {}))]).items():
+            ax.plot([p.measured for p in pts], [task_score(p.extra[task])[0] for p in pts], marker="o", label=label)
         ax.set_title(task, fontsize="small")
         ax.set_xlabel("measured sparsity")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy (gsm8k: exact match)")
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize="x-small")
     fig.suptitle(title or "task accuracy vs FFN sparsity")

@@ -19,7 +19,7 @@ from torch import nn
 from .decode import Decoder
 from .evaluate import perplexity
 from .methods import get_method
-from .models import ffn_sites
+from .models import UnsupportedModelError, attention_sites, ffn_sites
 from .sweep import each_sparsified
 
 
@@ -28,9 +28,12 @@ class ModelBytes:
     weights: int  # weight bytes one decode step reads (tied or not, the input embedding reads one row)
     ffn: int  # of which the FFNs'
     kv_per_position: int  # KV-cache bytes per cached position, all layers
+    attention: dict[str, int] = field(default_factory=dict)  # attention projections' bytes per site (qkv, o)
 
-    def per_token(self, context: float, ffn_fraction: float = 1.0, extra: int = 0) -> float:
-        return self.weights - self.ffn * (1.0 - ffn_fraction) + extra + self.kv_per_position * context
+    def per_token(self, context: float, ffn_fraction: float = 1.0, extra: int = 0,
+                  attention_skipped: dict[str, float] | None = None) -> float:
+        skipped = sum(self.attention.get(site, 0) * s for site, s in (attention_skipped or {}).items())
+        return self.weights - self.ffn * (1.0 - ffn_fraction) - skipped + extra + self.kv_per_position * context
 
 
 def model_bytes(model: nn.Module) -> ModelBytes:
@@ -47,7 +50,17 @@ def model_bytes(model: nn.Module) -> ModelBytes:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     elsize = params[0].element_size()
     kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * elsize
-    return ModelBytes(total, ffn, kv)
+    attention = {}
+    try:
+        sites = attention_sites(model)
+        attention = {"qkv": sum(_nbytes(p.weight) for s in sites for p in s.qkv), "o": sum(_nbytes(s.o.weight) for s in sites)}
+    except UnsupportedModelError:
+        pass  # attention input sparsity is offered for gated-FFN families only
+    return ModelBytes(total, ffn, kv, attention)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def predictor_bytes(predictors: list[dict[str, torch.Tensor]] | None) -> int:
@@ -93,12 +106,14 @@ def measure_speed(
     predictors_for: Callable[[float], list] | None = None,
     compile: bool = False,
     positions: str = "decode",
+    attention: float | None = None,
     log: Callable[[str], None] = print,
 ) -> list[SpeedPoint]:
     """Dense first, then every (method, sparsity) in threshold mode; returns one point each.
 
     ``prompt`` [B, P] token ids (B sequences decoded together, 1 to 16); ``calibration`` [n, L] token
-    windows for the thresholds. The ideal speed-up from bytes is given at batch 1 only (a batch reads
+    windows for the thresholds. ``attention``: input sparsity of the attention projections too (every
+    method, same target). The ideal speed-up from bytes is given at batch 1 only (a batch reads
     the union of its kept rows, which per-token sparsity does not tell)."""
     for name in methods:
         if get_method(name).needs_predictor and predictors_for is None:
@@ -112,10 +127,11 @@ def measure_speed(
     batch = prompt.shape[0]
     context *= batch  # a step reads every sequence's KV cache
 
-    def point(method: str, target: float, measured: float, ffn_fraction: float, extra: int, results, dense):
+    def point(method: str, target: float, measured: float, ffn_fraction: float, extra: int, results, dense,
+              attention_skipped=None):
         runs = [r.tokens_per_second for r in results]
         tps = statistics.median(runs)
-        b = nbytes.per_token(context, ffn_fraction, extra)
+        b = nbytes.per_token(context, ffn_fraction, extra, attention_skipped)
         gen = results[0].tokens[0, prompt.shape[-1]:]
         match = float((gen == dense[0]).float().mean()) if dense is not None else 1.0
         ideal = dense_bytes / b if batch == 1 else float("nan")
@@ -132,12 +148,13 @@ def measure_speed(
     points = [dense_point]
     todo = {name: list(sparsities) for name in methods}
     for name, s, preds in each_sparsified(model, todo, calibration, positions=positions, predictors_for=predictors_for,
-                                          progress=False):
+                                          attention=attention, progress=False):
         results = _timed(model, prompt, new_tokens, repeats, compile)
         # sparsity the masks really had on the generated tokens of the first sequence (reference path)
         seq = results[0].tokens[0]
         seen = perplexity(model, seq, context=seq.numel(), stride=new_tokens, positions=positions, progress=False)
-        p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense)
+        p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense,
+                  seen.attention_sparsity)
         points.append(p)
         log(f"{name} @ {s:.0%}: {p.tokens_per_s:.1f} tokens/s, {p.speedup:.2f}x (ideal {p.ideal_speedup:.2f}x), "
             f"measured sparsity {p.measured:.1%}")

@@ -4,22 +4,47 @@ Offline first: countdown ships small multiple-choice tasks in lm-eval's own YAML
 ``countdown/tasks/`` (real BIG-bench examples from the PyPI ``bigbench`` 1.0.0 sdist, see
 ``countdown/tasks/README.md``); their names start with ``countdown_``.  Any other lm-eval task name
 (``arc_easy``, ``hellaswag``, ...) is passed to lm-eval's own registry, which needs the Hugging Face
-Hub to download its data.
+Hub to download its data (or its local cache): `check_task_data` says which dataset is missing before
+any model work. ``"paper"`` stands for the COUNTDOWN paper's tasks, `PAPER_TASKS`.
+
+Which positions are sparse follows the model's `SparsitySpec.positions`. With ``"decode"`` a
+log-likelihood request runs its context densely and its continuation sparsely, as the official
+COUNTDOWN harness does (its ``sparse_out_mask[i, :len(context)] = False``): the first continuation
+token is predicted by the last context position, which is dense, and the later ones by sparse
+positions. Generative tasks (gsm8k) prefill densely and decode sparsely. Each task result of a sparse
+model says which fraction of its scored tokens came from a dense position (``dense_scored``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import torch
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_PREFIX = "countdown_"
 LM_EVAL_INSTALL = 'pip install "lm-eval==0.4.13"'
 _TASK_LINE = re.compile(r"^task:\s*(\S+)\s*$", re.MULTILINE)
 _TAG_ITEM = re.compile(r"^\s+-\s+(countdown\w*)\s*$", re.MULTILINE)
+
+# The COUNTDOWN paper's downstream tasks, as the official scripts run them (scripts/prob.sh): seven
+# zero-shot log-likelihood tasks and gsm8k with chain of thought (generative: sparse decode).
+PAPER_TASKS = ("arc_easy", "arc_challenge", "winogrande", "piqa", "openbookqa", "hellaswag", "truthfulqa_mc1",
+               "gsm8k_cot")
+PAPER_ALIAS = "paper"
+# dataset builders that read local files rather than a Hub repository
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+
+
+class TaskDataUnavailable(ValueError):
+    """An lm-eval task's data are neither in the local Hugging Face cache nor reachable on the Hub."""
 
 
 def _require_lm_eval() -> Any:
@@ -67,6 +92,102 @@ def _local_tags() -> set[str]:
     return {m for p in TASKS_DIR.glob("_*_yaml") for m in _TAG_ITEM.findall(p.read_text())}
 
 
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """``tasks`` with the alias ``"paper"`` replaced by `PAPER_TASKS` (order kept, no duplicates)."""
+    out: list[str] = []
+    for t in tasks:
+        out += [p for p in (PAPER_TASKS if t == PAPER_ALIAS else (t,)) if p not in out]
+    return out
+
+
+def task_datasets(tasks: list[str]) -> dict[str, list[str]]:
+    """{leaf task: ["owner/name (config 'x')", ...]}: the Hugging Face datasets lm-eval will load for
+    ``tasks`` (groups and tags expanded); countdown's offline tasks and local files need none."""
+    _require_lm_eval()
+    local = set(available_tasks()) | _local_tags()
+    others = [t for t in expand_tasks(tasks) if t not in local]
+    if not others:
+        return {}
+    index = _task_manager(True).task_index
+    out: dict[str, list[str]] = {}
+
+    def visit(name: str, depth: int) -> None:
+        entry = index.get(name)
+        if entry is None or depth > 8 or name in out:
+            return
+        kind = entry.kind.name
+        if kind == "TAG":
+            for member in sorted(entry.tags):
+                visit(member, depth + 1)
+        elif kind == "GROUP":
+            for member in (entry.cfg or {}).get("task", []):
+                visit(member if isinstance(member, str) else member.get("task", ""), depth + 1)
+        elif entry.cfg is not None:
+            path, config = entry.cfg.get("dataset_path"), entry.cfg.get("dataset_name")
+            if isinstance(path, str) and not _is_local_dataset(path, entry.cfg):
+                out[name] = [path + (f" (config {config!r})" if config else "")]
+
+    for name in others:
+        visit(name, 0)
+    return out
+
+
+def _is_local_dataset(path: str, cfg: dict) -> bool:
+    return path in _LOCAL_BUILDERS or "custom_dataset" in cfg or Path(path).expanduser().exists()
+
+
+def _in_local_cache(dataset: str) -> bool:
+    """True if the Hugging Face hub cache or the datasets cache holds anything of ``dataset``."""
+    from huggingface_hub import constants
+
+    repo = dataset.split(" (config")[0]
+    candidates = [Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"]
+    try:
+        import datasets.config
+
+        candidates.append(Path(datasets.config.HF_DATASETS_CACHE) / repo.replace("/", "___"))
+    except ImportError:
+        pass
+    return any(p.is_dir() and any(p.iterdir()) for p in candidates)
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable_reason() -> str | None:
+    """None if the Hugging Face Hub accepts a TCP connection within 3 s, else why not (asked once)."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached: {e}"
+    return None
+
+
+def check_task_data(tasks: list[str]) -> None:
+    """Raise `TaskDataUnavailable`, naming every missing dataset, if a task's data are neither in the
+    local Hugging Face cache nor downloadable now. Cheap: run it before calibrating or evaluating."""
+    needs = task_datasets(tasks)
+    missing = {task: ids for task, ids in needs.items() if not all(_in_local_cache(d) for d in ids)}
+    if not missing:
+        return
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    from huggingface_hub import constants
+
+    listed = "; ".join(f"{task} needs {', '.join(ids)}" for task, ids in missing.items())
+    raise TaskDataUnavailable(
+        f"task data not available: {listed}. Not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        f"and the Hub is unreachable ({reason}). Run once with Hub access to cache them, or use the "
+        f"offline tasks: {', '.join(available_tasks())}"
+    )
+
+
 def _float(v: Any) -> float:
     try:
         return float(v)
@@ -97,7 +218,7 @@ def evaluate_tasks(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples or None, got {limit}")
     lm_eval = _require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
+    tasks = expand_tasks(list(tasks))
 
     local = set(available_tasks())
     others = [t for t in tasks if t not in local | _local_tags()]
@@ -106,12 +227,14 @@ def evaluate_tasks(
     # lm-eval's own registry is only indexed when a non-countdown task is asked for.
     manager = _task_manager(bool(others))
     _check_known([t for t in others if t not in manager.all_tasks], local)
+    if others:
+        check_task_data(others)
 
     if device is not None:
         model.to(device)
     was_training = bool(getattr(model, "training", False))
     model.eval()  # restored below: dropout off while scoring
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -134,15 +257,116 @@ def evaluate_tasks(
     assert out is not None  # single process: lm-eval returns None only on non-zero ranks
 
     n_samples = out.get("n-samples", {})
+    sparse = lm.is_sparse()
     results: dict[str, dict[str, float]] = {}
     for name, res in out["results"].items():
-        if "acc,none" not in res:
+        if "acc,none" in res:
+            r = {"acc": _float(res.get("acc,none")), "acc_stderr": _float(res.get("acc_stderr,none")),
+                 "acc_norm": _float(res.get("acc_norm,none")),
+                 "acc_norm_stderr": _float(res.get("acc_norm_stderr,none"))}
+        elif any(k.startswith("exact_match,") for k in res):  # generative (gsm8k): strict and flexible answer match
+            r = {"exact_match": _float(res.get("exact_match,strict-match")),
+                 "exact_match_stderr": _float(res.get("exact_match_stderr,strict-match")),
+                 "exact_match_flexible": _float(res.get("exact_match,flexible-extract")),
+                 "exact_match_flexible_stderr": _float(res.get("exact_match_stderr,flexible-extract"))}
+        else:
             continue
-        results[name] = {
-            "acc": _float(res.get("acc,none")),
-            "acc_stderr": _float(res.get("acc_stderr,none")),
-            "acc_norm": _float(res.get("acc_norm,none")),
-            "acc_norm_stderr": _float(res.get("acc_norm_stderr,none")),
-            "n": float(n_samples.get(name, {}).get("effective", math.nan)),
-        }
+        r["n"] = float(n_samples.get(name, {}).get("effective", math.nan))
+        scored, dense = lm.scored_tokens.get(name, (0, 0))
+        if sparse and scored:
+            r["dense_scored"] = dense / scored
+        results[name] = r
     return results
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_class() -> type:
+    """lm-eval's HFLM, taught the model's position policy (built on first use: lm-eval is optional)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from . import ffn
+
+    class CountdownLM(HFLM):
+        """HFLM over an in-memory model whose sparse FFNs follow its ``positions`` policy in
+        log-likelihood requests; counts per task the scored tokens predicted by dense positions."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scored_tokens: dict[str, tuple[int, int]] = {}  # task -> (scored, predicted densely)
+            self._n_dense: dict[tuple[int, ...], int] = {}  # request input tokens -> dense leading positions
+            self._request_tasks: list[str | None] = []
+
+        def is_sparse(self) -> bool:
+            return ffn.is_sparsified(self.model)
+
+        def _decode_protocol(self) -> bool:
+            spec = ffn.sparsity_spec(self.model)
+            return spec is not None and spec.positions == "decode"
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._request_tasks = [getattr(r, "task_name", None) for r in requests]
+            try:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._request_tasks = []
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            decode, sparse = self._decode_protocol(), self.is_sparse()
+            tasks = self._request_tasks if len(self._request_tasks) == len(requests) else [None] * len(requests)
+            self._n_dense = {}
+            for (_, context, continuation), task in zip(requests, tasks):
+                inp = (context + continuation)[-(self.max_length + 1):][:-1]  # as HFLM builds it
+                # the context's positions in ``inp``: the last of them predicts the first continuation token
+                n_dense = len(inp) - (len(continuation) - 1) if decode else 0
+                key = tuple(inp)
+                # requests with the same input share one forward (lm-eval's one-token cache): the
+                # representative has the longest continuation, i.e. the fewest dense positions
+                self._n_dense[key] = min(n_dense, self._n_dense.get(key, n_dense))
+                if task is not None:
+                    first_scored = len(inp) - len(continuation)  # the position predicting the first continuation token
+                    dense_scored = max(0, min(n_dense, len(inp)) - first_scored) if sparse else len(continuation)
+                    scored, dense = self.scored_tokens.get(task, (0, 0))
+                    self.scored_tokens[task] = (scored + len(continuation), dense + dense_scored)
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            finally:
+                self._n_dense = {}
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None or not self._n_dense or not self._decode_protocol():
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            mask = self._sparse_positions(inps)
+            if mask is None:  # lm-eval's batch-size probe (rows of ones): no request, nothing to keep dense
+                return super()._model_call(inps)
+            modules = ffn.sparse_modules(self.model)
+            for m in modules:
+                m.sparse_positions = mask
+            try:
+                return super()._model_call(inps)
+            finally:
+                for m in modules:
+                    m.sparse_positions = None
+
+        def _sparse_positions(self, inps: torch.Tensor) -> torch.Tensor | None:
+            """[B, T] bool: each right-padded row's continuation positions (context and padding dense);
+            None if no row is a request's input."""
+            mask = torch.zeros(inps.shape, dtype=torch.bool)
+            matched = []
+            for b, row in enumerate(inps.tolist()):
+                length = len(row)
+                while length and row[length - 1] == 0:  # HFLM pads with 0; a real trailing 0 is tried below
+                    length -= 1
+                for n in range(length, len(row) + 1):
+                    n_dense = self._n_dense.get(tuple(row[:n]))
+                    if n_dense is not None:
+                        mask[b, n_dense:n] = True
+                        break
+                matched.append(n_dense is not None)
+            if not any(matched):
+                return None
+            if not all(matched):
+                raise RuntimeError("positions='decode': a batch row matches no log-likelihood request; this "
+                                   "lm-eval version builds its batches unlike 0.4.13 (use positions='all')")
+            return mask.to(inps.device)
+
+    return CountdownLM

@@ -54,7 +54,7 @@ def test_topk_is_exact_per_token(arch, method):
         return
     countdown.sparsify(model, method, 0.75, mode="topk", calibration=stats_text(method, ids))
     r = countdown.perplexity(model, ids.reshape(-1), context=16, progress=False)
-    # top-k keeps exactly round(0.25 * width) at every position of every layer (the reported site)
+    # top-k keeps exactly I - int(0.75 * I) neurons (the official count rule) at every position of every layer
     assert all(abs(s - 0.75) < 0.02 for s in r.layer_sparsity), r.layer_sparsity
     assert r.ppl == r.ppl and r.ppl > 1
 

@@ -59,9 +59,9 @@ def test_whole_model_decode_step_uses_kernels_and_matches(monkeypatch):
     method_class = type(sparse_modules(model)[0].method)
     original = method_class.kernel_forward
 
-    def counting(self, parts, x, threshold):
+    def counting(self, parts, x):
         calls.append(parts.layer_idx)
-        return original(self, parts, x, threshold)
+        return original(self, parts, x)
 
     monkeypatch.setattr(method_class, "kernel_forward", counting)
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_whole_model_decode_step_uses_kernels_and_matches(monkeypatch):
 @pytest.mark.parametrize(
     "setup, reason",
     [
-        (dict(method="teal"), "has no kernel"),
+        (dict(method="s-countdown"), "has no kernel"),
         (dict(method="m-countdown", mode="topk"), "thresholds only"),
     ],
 )
