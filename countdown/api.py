@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from . import artifact, ffn
+from . import artifact, ffn, parallel
 from . import attention as attention_mod
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
@@ -63,6 +63,7 @@ def calibrate_methods(
     ``attention=True`` also records the attention projections' inputs (key "attention")."""
     ms = [get_method(name) for name in methods]
     sites = ffn_sites(model)
+    parallel.refuse_sharded(sites, "calibration")  # scores of one rank are a slice: quantiles need them all
     for m in ms:
         check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
@@ -128,6 +129,7 @@ def sparsify(
     mode = mode or ("threshold" if calibration is not None else "topk")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    parallel.check(sites, m, mode)
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
     attention_thresholds = None
     if attention is not None:
@@ -181,6 +183,10 @@ def set_kernels(model: nn.Module, mode: str = "auto") -> int:
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
              thresholds: torch.Tensor | None, layers: list[dict] | None, stats: list[dict] | None = None) -> None:
     rules = [ffn.Masker(spec, thresholds[i] if thresholds is not None else None) for i in range(len(sites))]
+    # under tensor parallelism each rank keeps its neurons' rows of the per-neuron tensors
+    shards = [parallel.ffn_shard(site) for site in sites]
+    layers = parallel.local_layers(layers, shards, parallel.PREDICTOR_ROWS)
+    stats = parallel.local_layers(stats, shards, None)
     ffn.install(model, sites, method, rules, layers, spec, stats)
 
 
@@ -215,17 +221,21 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     tensors = {"thresholds": torch.stack([m.masker.thresholds.cpu() for m in modules])}
     layers = [{name[len("predictor_"):]: buf for name, buf in m.named_buffers(recurse=False)
                if name.startswith("predictor_")} for m in modules]
+    # a tensor-parallel model saves its whole model's tensors (gathered; every rank calls, rank 0 writes)
+    shards = [getattr(m, "shard", None) for m in modules]
     if any(layers):
-        tensors.update(artifact.predictor_tensors(layers))
+        tensors.update(artifact.predictor_tensors(parallel.full_layers(layers, shards, parallel.PREDICTOR_ROWS)))
     stats = [{name: m.stat(name) for name in m.method.stats} for m in modules]
     if any(stats):
-        tensors.update(artifact.predictor_tensors(stats, prefix="stat_"))
+        tensors.update(artifact.predictor_tensors(parallel.full_layers(stats, shards, None), prefix="stat_"))
     attention_thresholds = attention_mod.thresholds_of(model)
     if attention_thresholds is not None:
         tensors["attention_thresholds"] = attention_thresholds
     meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
             "sites": list(spec.sites), **artifact.protocol_meta(spec), "attention": spec.attention,
             "fingerprint": fingerprint(model)}
+    if any(shards) and not parallel.is_writer():
+        return Path(path)
     return artifact.write(path, tensors, meta)
 
 
@@ -243,6 +253,7 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") 
         raise ValueError(f"{path}: thresholds for {thresholds.shape[0]} layers, model has {len(sites)}")
     layers = artifact.predictor_layers(tensors, len(sites), path) if method.needs_predictor else None
     stats = artifact.predictor_layers(tensors, len(sites), path, prefix="stat_") if method.stats else None
+    parallel.check(sites, method, meta["mode"])
     attention = meta.get("attention")
     if attention is not None:
         attention_mod.check_supported(model)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, parallel
 from .methods import Keep, Method, keep_count
 from .models import FFNSite
 
@@ -314,6 +314,7 @@ class SparseFFN(_SparseModule):
         self._act = site.act
         self._fused = "gate_up_proj" in site.modules
         self._derived: dict[tuple, tuple[tuple, object]] = {}
+        self.shard = parallel.ffn_shard(site)  # this rank's neurons under tensor parallelism, else None
         self._setup(site, method, rule, spec, predictor, stats)
 
     # -- FFNParts -------------------------------------------------------------------------------
@@ -334,17 +335,17 @@ class SparseFFN(_SparseModule):
         if self._fused:
             w = self.gate_up_proj.weight
             return w[: w.shape[0] // 2]
-        return self.gate_proj.weight
+        return parallel.local(self.gate_proj.weight)  # under TP: this rank's rows, what the kernels read
 
     def up_weight(self) -> torch.Tensor:
         if self._fused:
             w = self.gate_up_proj.weight
             return w[w.shape[0] // 2 :]
-        return self.up_proj.weight
+        return parallel.local(self.up_proj.weight)
 
     def down_t(self) -> torch.Tensor:
         """W_down as [I, H]: contiguous once the kernel layout is in place (`use_kernel_layout`)."""
-        return self.down_proj.weight.t()
+        return parallel.local(self.down_proj.weight).t()
 
     def _matrix(self, which: str) -> torch.Tensor:
         """W_gate, W_up ([I, H]) or W_down ([H, I]) in nn.Linear's [out, in] layout."""
@@ -394,7 +395,7 @@ class SparseFFN(_SparseModule):
         """W_gate and W_up as [H, I] (or the fused [H, 2I]): contiguous in a TEAL kernel layout."""
         if self._fused:
             return [self.gate_up_proj.weight.t()]
-        return [self.gate_proj.weight.t(), self.up_proj.weight.t()]
+        return [parallel.local(self.gate_proj.weight).t(), parallel.local(self.up_proj.weight).t()]
 
     def threshold(self, site: str) -> torch.Tensor:
         return self.masker.threshold(site)
@@ -408,7 +409,7 @@ class SparseFFN(_SparseModule):
         return projections
 
     def kernel_layout_ready(self) -> bool:
-        return all(p.weight.t().is_contiguous() for p in self._input_major_projections())
+        return all(parallel.local(p.weight).t().is_contiguous() for p in self._input_major_projections())
 
     def use_kernel_layout(self, on: bool) -> None:
         """Store the kernel's projections input-major (``weight`` a transposed view of contiguous
@@ -416,9 +417,9 @@ class SparseFFN(_SparseModule):
         each weight."""
         for projection in self._input_major_projections():
             w = projection.weight
-            if w.t().is_contiguous() == on:
+            if parallel.local(w).t().is_contiguous() == on:
                 continue
-            data = w.detach().t().contiguous().t() if on else w.detach().contiguous()
+            data = parallel.relayout(w.detach(), (lambda v: v.t().contiguous().t()) if on else (lambda v: v.contiguous()))
             projection.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
@@ -445,7 +446,8 @@ class SparseFFN(_SparseModule):
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            return self.method.kernel_forward(self, x)
+            # under TP the kernel's output is this rank's partial sum, as W_down's own forward is before its all-reduce
+            return parallel.all_reduce(self.method.kernel_forward(self, x), self.shard)
         return self.method.forward(self, x, self.keep)
 
 

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .parallel import leading_rows
+
 # model_type -> (path of the decoder-layer list, FFN layout)
 # gemma3_text: Gemma3ForCausalLM, the text-only Gemma 3 (270M, 1B, and what a Gemma 3 GGUF loads as)
 _GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
@@ -188,14 +190,16 @@ def fingerprint(model: nn.Module) -> dict:
 
     The digest hashes the sign pattern of a few FFN rows so that thresholds calibrated on one
     checkpoint are not silently applied to another checkpoint of the same shape; signs survive a cast
-    to bf16/fp16 and a move to another device, so the same model in another dtype still matches.
+    to bf16/fp16 and a move to another device, so the same model in another dtype still matches. A
+    tensor-parallel model has its unsharded model's fingerprint (sizes are global); there every rank
+    must call this together (`countdown.parallel.leading_rows` broadcasts).
     """
     sites = ffn_sites(model)
     config = model.config
     digest = hashlib.sha256()
     for site in (sites[0], sites[-1]):
         w = site.gated_weights()[0] if site.kind == "gated" else site.plain_weights()[0]
-        signs = (w[:4].detach() > 0).cpu()
+        signs = (leading_rows(w, 4) > 0).cpu()  # under TP rank 0 owns these rows and broadcasts them
         digest.update(signs.numpy().tobytes())
     return {
         "architecture": type(model).__name__,

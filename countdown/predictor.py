@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifact
+from . import artifact, parallel
 from .data import calibration_windows
 from .ffn import is_sparsified
 from .methods import check_sparsity, keep_count
@@ -212,6 +212,7 @@ def train_predictors(
     ``sparsify(model, "d-countdown", sparsity, predictors=...)`` as is."""
     check_sparsity(sparsity)
     sites = ffn_sites(model)
+    parallel.refuse_sharded(sites, "predictor training")
     if is_sparsified(model):
         raise ValueError("train_predictors needs the dense model; call countdown.unsparsify(model) first")
     if calibration is None and pairs is None:
