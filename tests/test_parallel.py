@@ -3,6 +3,8 @@
 Two CPU processes (gloo) each build the same tiny Llama, shard it (transformers' own
 ``from_pretrained(tp_plan="auto")`` and `countdown.parallel.shard_model`), load sparsity artifacts
 calibrated on the unsharded model in this process, and write their logits; this process compares.
+With ``COUNTDOWN_TP_DEVICE=cuda`` the same test runs on two GPUs with NCCL (the kernel case then runs
+the compiled Triton kernel): ``COUNTDOWN_TP_DEVICE=cuda python -m pytest tests/test_parallel.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import countdown
 from countdown.predictor import Predictors
 from tiny_models import HIDDEN, INTER, tiny_model, tokens
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+DEVICE = os.environ.get("COUNTDOWN_TP_DEVICE", "cpu")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available())
+    or (DEVICE == "cuda" and torch.cuda.device_count() < 2),
+    reason="needs torch.distributed with gloo (or, with COUNTDOWN_TP_DEVICE=cuda, two GPUs)")
 
 WORLD = 2
 ENGINES = ("hf", "torch")  # transformers' from_pretrained(tp_plan="auto"); countdown.parallel.shard_model
@@ -38,17 +43,22 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(model) -> dict[str, torch.Tensor]:
-    ids, prompt = _inputs()
+    device = next(model.parameters()).device
+    ids, prompt = (t.to(device) for t in _inputs())
     full = model(input_ids=ids).logits
     cache = model(input_ids=prompt, use_cache=True).past_key_values
     step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
-    return {"full": full, "step": step}
+    return {"full": full.cpu(), "step": step.cpu()}
 
 
 def _worker(rank: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    if DEVICE == "cuda":
+        os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+        torch.cuda.set_device(rank)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
     try:  # one pair of processes for both engines: their start-up is most of the test's time
         for engine in ENGINES:
             _run(rank, Path(tmp), engine)
@@ -64,7 +74,7 @@ def _run(rank: int, tmp: Path, engine: str) -> None:
 
         model = tf.AutoModelForCausalLM.from_pretrained(tmp / "model", tp_plan="auto", dtype=torch.float32).eval()
     else:
-        model = parallel.shard_model(tiny_model("llama"))
+        model = parallel.shard_model(tiny_model("llama").to(DEVICE))
     gate = model.model.layers[0].mlp.gate_proj.weight
     assert parallel.is_sharded(gate) and parallel.local(gate).shape == (INTER // WORLD, HIDDEN)
     out = {"dense": _logits(model)}
@@ -73,7 +83,7 @@ def _run(rank: int, tmp: Path, engine: str) -> None:
         countdown.load_sparsity(model, tmp / f"{name}.safetensors", kernels=kernels)
         out[name] = _logits(model)
         if kernels == "always":  # the decode step went through the kernel, not the reference path
-            assert model.model.layers[0].mlp.kernel_skip_reason(torch.zeros(1, 1, HIDDEN)) is None
+            assert model.model.layers[0].mlp.kernel_skip_reason(torch.zeros(1, 1, HIDDEN, device=DEVICE)) is None
         if name == "d":  # predictors: this rank's rows of U and b, all of V
             ffn = model.model.layers[1].mlp
             assert ffn.predictor_U.shape[0] == ffn.predictor_b.shape[0] == INTER // WORLD
@@ -92,12 +102,18 @@ def _run(rank: int, tmp: Path, engine: str) -> None:
     torch.save({"logits": out, "errors": errors}, tmp / f"out-{engine}-{rank}.pt")
 
 
+def _kernels(case: str) -> str:
+    """The single-process reference runs the case's path on the GPU; on the CPU "auto" is the reference path."""
+    return case if DEVICE == "cuda" else "auto"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Artifacts calibrated on the unsharded model, and its logits for each."""
     tmp = tmp_path_factory.mktemp("tp")
     model = tiny_model("llama")
     model.save_pretrained(tmp / "model")
+    model.to(DEVICE)
     cal_ids = tokens(6, 16)
     g = torch.Generator().manual_seed(3)
     r = 8
@@ -105,9 +121,10 @@ def reference(tmp_path_factory):
                          "U": torch.randn(INTER, r, generator=g) / r ** 0.5,
                          "b": torch.randn(INTER, generator=g) * 0.1} for _ in range(2)], SPARSITY)
     expected = {"dense": _logits(model)}
-    for name, method, _ in CASES:
+    for name, method, kernels in CASES:
         kwargs = {"predictors": preds} if method == "d-countdown" else {}
-        countdown.sparsify(model, method, SPARSITY, calibration=cal_ids, positions="all", progress=False, **kwargs)
+        countdown.sparsify(model, method, SPARSITY, calibration=cal_ids, positions="all", progress=False,
+                           kernels=_kernels(kernels), **kwargs)
         countdown.save_sparsity(model, tmp / f"{name}.safetensors")
         expected[name] = _logits(model)
         assert not torch.allclose(expected[name]["step"], expected["dense"]["step"], atol=1e-3)  # it masks
@@ -135,8 +152,8 @@ def _check(tmp, model, expected, engine):
         assert "top-k" in got["errors"]["topk"] and "tensor-parallel" in got["errors"]["topk"]
         assert "unsharded model" in got["errors"]["calibrate"]
     # "and back": the artifact the sharded model saved loads on the unsharded model with the same logits
-    for name, _, _ in CASES:
-        countdown.load_sparsity(model, tmp / f"{name}-{engine}-back.safetensors")
+    for name, _, kernels in CASES:
+        countdown.load_sparsity(model, tmp / f"{name}-{engine}-back.safetensors", kernels=_kernels(kernels))
         got = _logits(model)
         countdown.unsparsify(model)
         for kind in ("full", "step"):
