@@ -28,7 +28,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with gloo (or, with COUNTDOWN_TP_DEVICE=cuda, two GPUs)")
 
 WORLD = 2
-ENGINES = ("hf", "torch")  # transformers' from_pretrained(tp_plan="auto"); countdown.parallel.shard_model
+# transformers' from_pretrained(tp_plan="auto"); countdown.parallel.shard_model. COUNTDOWN_TP_ENGINES narrows
+# it (transformers 5.17's own plan refuses the tiny model's odd vocabulary of 97 for its gathered lm_head)
+ENGINES = tuple(os.environ.get("COUNTDOWN_TP_ENGINES", "hf,torch").split(","))
 SPARSITY = 0.5
 # (name, method, kernels): "always" runs M-COUNTDOWN's decode step through its Triton kernel (the
 # interpreter on the CPU), whose partial output countdown all-reduces itself
@@ -156,8 +158,9 @@ def _check(tmp, model, expected, engine):
         countdown.load_sparsity(model, tmp / f"{name}-{engine}-back.safetensors", kernels=_kernels(kernels))
         got = _logits(model)
         countdown.unsparsify(model)
-        for kind in ("full", "step"):
-            torch.testing.assert_close(got[kind], expected[name][kind], rtol=0, atol=0)
+        for kind in ("full", "step"):  # exact on the CPU; the GPU kernel's fp32 atomics add in any order
+            tol = 1e-6 if DEVICE == "cuda" else 0.0
+            torch.testing.assert_close(got[kind], expected[name][kind], rtol=tol, atol=tol)
 
 
 def test_unsharded_model_is_untouched_by_parallel_helpers():
