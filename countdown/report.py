@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +21,11 @@ MODES_NOTE = ("mode: top-k = per-token top-k (the paper's SP-ideal); threshold =
               "ties (strict: keep score > k-th smallest, as the official code; exact k), threshold rule "
               "(pooled quantile, or mean/median over forwards of the per-token k-th score), positions "
               "(all: every position sparse; decode: context dense, continuation sparse).")
+
+
+def _wrap(title: str, width: int = 70) -> str:
+    """Long titles (they name the protocol) on several lines, so a figure never cuts them off."""
+    return "\n".join(textwrap.wrap(title, width))
 
 
 def _cells(p: Point) -> list[str]:
@@ -102,7 +108,7 @@ def plot_ppl_vs_sparsity(points: list[Point], path: Path, title: str = "") -> Pa
     ax.set_yscale("log")
     ax.set_xlabel("measured FFN sparsity (fraction of neurons skipped per token)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title or "perplexity vs FFN sparsity")
+    ax.set_title(_wrap(title or "perplexity vs FFN sparsity"), fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -124,7 +130,7 @@ def plot_layer_sparsity(points: list[Point], path: Path, title: str = "") -> Pat
             ax.plot(range(len(p.layer_sparsity)), p.layer_sparsity, label=f"{p.method} {p.target:.0%}", alpha=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel("measured sparsity")
-    ax.set_title(title or "per-layer measured sparsity")
+    ax.set_title(_wrap(title or "per-layer measured sparsity"), fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
@@ -191,7 +197,7 @@ def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path
         ax.set_ylabel("accuracy (gsm8k: exact match)")
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize="x-small")
-    fig.suptitle(title or "task accuracy vs FFN sparsity")
+    fig.suptitle(_wrap(title or "task accuracy vs FFN sparsity"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -215,7 +221,7 @@ def plot_speedup(points: list, path: Path, title: str = "") -> Path:
         ax.plot([p.measured for p in pts], [p.ideal_speedup for p in pts], linestyle="--", color=color, alpha=0.6)
     ax.set_xlabel("measured FFN sparsity")
     ax.set_ylabel("decode tokens/s ÷ dense (dashed: ideal from bytes)")
-    ax.set_title(title or "end-to-end decode speed-up")
+    ax.set_title(_wrap(title or "end-to-end decode speed-up"), fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
