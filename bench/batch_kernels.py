@@ -39,6 +39,7 @@ import triton
 
 from countdown import kernels
 from countdown.kernels import _core, batch_ffn, reference
+from kernels import time_layers  # bench/kernels.py (this folder), not countdown.kernels
 
 H, I = 4096, 14336
 DEV = "cuda"
@@ -126,30 +127,6 @@ def rel_err(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-def time_layers(fn):
-    """Median microseconds per layer of fn(l), l over the layers, as one CUDA graph."""
-    for l in range(LAYERS):
-        fn(l)
-    if DEV == "cpu":  # --dry: the code path only
-        t = time.perf_counter()
-        for l in range(LAYERS):
-            fn(l)
-        return (time.perf_counter() - t) * 1e6 / LAYERS
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for l in range(LAYERS):
-            fn(l)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = [fn(l) for l in range(LAYERS)]  # noqa: F841 (kept alive with the graph)
-    ms = triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
-    del g
-    return ms * 1e3 / LAYERS
-
-
 def inputs(path, batch, s, layers, seed):
     """Per layer: x [B, H], the op's vector, the threshold tensor, and the union kept fraction."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
@@ -213,7 +190,7 @@ def sweep(layers):
                     return batch_ffn.launch(kind, compute, x, None if compute else vec, p[0], p[1], p[2], thr, 0.0,
                                             "silu", False, config=cfg)
                 try:
-                    us = time_layers(fn)
+                    us = time_layers(fn, layers=LAYERS)
                 except Exception as e:  # a configuration that does not compile (resources) is reported
                     log(f"sweep {path} B={batch} s={s} {name}: {type(e).__name__} {str(e)[:120]}")
                     continue
@@ -247,7 +224,7 @@ def main():
     timings = []
     for batch in BATCHES:
         xs = [torch.randn(batch, H, device=DEV).to(DTYPE) for _ in range(LAYERS)]
-        dense_us = time_layers(lambda l: dense_call(xs[l], layers[l]))
+        dense_us = time_layers(lambda l: dense_call(xs[l], layers[l]), layers=LAYERS)
         timings.append(dict(path="dense", batch=batch, s=0.0, us=dense_us, union=1.0, bytes=3 * I * ROW))
         for s in SPARSITIES:
             for path in PATHS:
@@ -257,7 +234,7 @@ def main():
                     x, vec, thr, _ = per[l]
                     return op_call(path, x, layers[l], vec, thr)
 
-                us = time_layers(fn)
+                us = time_layers(fn, layers=LAYERS)
                 union = sum(q[3] for q in per) / LAYERS
                 timings.append(dict(path=path, batch=batch, s=s, us=us, union=union, bytes=bytes_read(path, union),
                                     speedup=dense_us / us))

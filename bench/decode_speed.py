@@ -39,7 +39,6 @@ from countdown.loading import random_inputs, random_model
 from countdown.predictor import random_predictors
 from countdown.speed import SpeedPoint, measure_speed, model_bytes, speed_markdown
 
-CONFIGS = (("dense", 0.0), ("m-countdown", 0.7), ("m-countdown", 0.9), ("d-countdown", 0.9))
 T0 = time.time()
 
 
@@ -103,7 +102,7 @@ def hf_static_recipe(model, prompt, n) -> str:
 
 def routes(model, prompt, calib, preds, args) -> list[dict]:
     n, rows = args.new_tokens, []
-    long_prompt = torch.randint(model.config.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(5)).cuda()
+    long_prompt = random_inputs(model, 2048, 1, seed=5)[0].cuda()
     for method, s in args.configs:
         row = {"method": method, "target": s}
         sparsified(model, method, s, calib, preds)
@@ -163,7 +162,7 @@ def routes_table(rows: list[dict], dense_floor_tps: float) -> str:
 def batches(model, calib, preds, args) -> list[dict]:
     out = []
     for b in args.batch_sizes:
-        prompt = torch.randint(model.config.vocab_size, (b, args.prompt_len), generator=torch.Generator().manual_seed(b))
+        prompt, _ = random_inputs(model, args.prompt_len, 1, batch=b, seed=b)
         for compile in ([False, True] if b in args.compile_batches else [False]):
             points = measure_speed(model, ["m-countdown", "d-countdown"], [0.7, 0.9], prompt, calib,
                                    new_tokens=args.new_tokens, repeats=3, predictors_for=lambda s: preds,

@@ -174,27 +174,35 @@ class Layer:
 # timing
 
 
-def time_layers(fn, graph=True):
-    """Median microseconds per layer of fn(l) for l in range(LAYERS), as one CUDA graph (or eager)."""
-    for l in range(LAYERS):
+def time_layers(fn, graph=True, layers=None):
+    """Median microseconds per layer of fn(l) for l in range(layers) (default LAYERS), as one CUDA graph
+    (or eager).
+    Without a GPU (a dry run of a bench script) one eager pass is timed on the host: the code path only."""
+    n = layers or LAYERS
+    for l in range(n):
         fn(l)
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for l in range(n):
+            fn(l)
+        return (time.perf_counter() - t) * 1e6 / n
     torch.cuda.synchronize()
     if not graph:
-        ms = triton.testing.do_bench(lambda: [fn(l) for l in range(LAYERS)], warmup=25, rep=100,
+        ms = triton.testing.do_bench(lambda: [fn(l) for l in range(n)], warmup=25, rep=100,
                                      return_mode="median")
-        return ms * 1e3 / LAYERS
+        return ms * 1e3 / n
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for l in range(LAYERS):
+        for l in range(n):
             fn(l)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        outs = [fn(l) for l in range(LAYERS)]  # noqa: F841 (kept alive with the graph)
+        outs = [fn(l) for l in range(n)]  # noqa: F841 (kept alive with the graph)
     ms = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
     del g
-    return ms * 1e3 / LAYERS
+    return ms * 1e3 / n
 
 
 def copy_bandwidth():

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .ffn import KERNEL_MODES, SparsityMeter, SparsitySpec, dense_positions
+from .ffn import (KERNEL_MODES, SparsityMeter, SparsitySpec, dense_positions, is_input_major,
+                  relayout_allowed, use_input_major)
 from .models import ATTENTION_SITES as SITES
 from .models import AttentionSite, attention_sites
 
@@ -54,8 +55,8 @@ class SparseInputLinear(nn.Linear):
             return "measured-sparsity tracking is on (evaluation counts every mask on the reference path)"
         if self.kernels == "auto" and x.device.type != "cuda":
             return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
-        if not self.weight.t().is_contiguous():
-            if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not is_input_major(self):
+            if not relayout_allowed(x):
                 return "the weight is not input-major; call countdown.set_kernels(model) before capture"
             use_input_major(self, True)  # first eager call after the model moved to the GPU
         return kernels.input_sparse_unavailable_reason(x, self.weight.t())
@@ -71,16 +72,6 @@ class SparseInputLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input sparsity site={self.site}, sparsity={self.spec.attention}"
-
-
-def use_input_major(linear: nn.Linear, on: bool) -> None:
-    """Store ``linear.weight`` input-major (a transposed view of contiguous [in, out] rows) or as
-    nn.Linear does; same values, one copy."""
-    w = linear.weight
-    if w.t().is_contiguous() == on:
-        return
-    data = w.detach().t().contiguous().t() if on else w.detach().contiguous()
-    linear.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
 
 def _projections(site: AttentionSite) -> list[tuple[nn.Linear, str]]:

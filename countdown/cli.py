@@ -302,9 +302,7 @@ def bench_cmd(
     dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
     m, tok = _load(model, str(dev), dtype)
     if model.startswith(RANDOM_PREFIX):
-        prompt, calib = random_inputs(m, prompt_len, calib_windows)
-        prompt = torch.randint(m.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)) \
-            if batch > 1 else prompt
+        prompt, calib = random_inputs(m, prompt_len, calib_windows, batch=batch)
         predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
         note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
     else:

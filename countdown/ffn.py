@@ -248,17 +248,12 @@ class _SparseModule(nn.Module):
     def _dense_positions(self, x: torch.Tensor) -> int | torch.Tensor:
         """Which positions of this forward (x: [B, T, ·] or [T, ·]) run densely under the spec's position
         policy: a count of leading positions (every row), or a [B, T] bool mask of the *sparse* ones."""
-        n_positions = x.shape[-2] if x.dim() > 1 else 1
-        if self.spec is None or self.spec.positions == "all":
-            return 0
-        if self.sparse_positions is not None:
+        if self.sparse_positions is not None and self.spec is not None and self.spec.positions != "all":
             if x.dim() != 3 or tuple(self.sparse_positions.shape) != tuple(x.shape[:2]):
                 raise ValueError(f"layer {self.layer_idx}: sparse_positions has shape "
                                  f"{tuple(self.sparse_positions.shape)}, the FFN input {tuple(x.shape)}")
             return self.sparse_positions.to(x.device)
-        if self.sparse_from is not None:
-            return min(self.sparse_from, n_positions)
-        return n_positions if n_positions > 1 else 0  # prefill dense, decode steps sparse
+        return dense_positions(self.spec, self.sparse_from, x.shape[-2] if x.dim() > 1 else 1)
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.forward(self, x, self.keep)
@@ -409,18 +404,12 @@ class SparseFFN(_SparseModule):
         return projections
 
     def kernel_layout_ready(self) -> bool:
-        return all(parallel.local(p.weight).t().is_contiguous() for p in self._input_major_projections())
+        return all(is_input_major(p) for p in self._input_major_projections())
 
     def use_kernel_layout(self, on: bool) -> None:
-        """Store the kernel's projections input-major (``weight`` a transposed view of contiguous
-        [in, out] rows) or as nn.Linear does ([out, in] rows). Same values either way; one copy of
-        each weight."""
+        """Store the kernel's projections input-major, or as nn.Linear does (`use_input_major`)."""
         for projection in self._input_major_projections():
-            w = projection.weight
-            if parallel.local(w).t().is_contiguous() == on:
-                continue
-            data = parallel.relayout(w.detach(), (lambda v: v.t().contiguous().t()) if on else (lambda v: v.contiguous()))
-            projection.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+            use_input_major(projection, on)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
         """None when ``x`` (decode tokens) can run through the method's kernel, else why not."""
@@ -439,8 +428,8 @@ class SparseFFN(_SparseModule):
         if self.kernels == "auto" and x.device.type != "cuda":
             return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
         if not self.kernel_layout_ready():
-            if torch.compiler.is_compiling() or _capturing(x.device):
-                return "W_down is not in the kernel layout; call countdown.set_kernels(model) before capture"
+            if not relayout_allowed(x):
+                return "the weights are not in the kernel layout; call countdown.set_kernels(model) before capture"
             self.use_kernel_layout(True)  # first eager call after the model moved to the GPU
         return kernels.kernel_unavailable_reason(x, self.down_t())
 
@@ -465,8 +454,25 @@ def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return a.contiguous().to(w.dtype), b.contiguous().to(w.dtype)
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def is_input_major(linear: nn.Module) -> bool:
+    """Whether ``linear.weight`` is a transposed view of contiguous [in, out] rows (this rank's shard)."""
+    return parallel.local(linear.weight).t().is_contiguous()
+
+
+def use_input_major(linear: nn.Module, on: bool) -> None:
+    """Store ``linear.weight`` input-major (a transposed view of contiguous [in, out] rows: a skipped
+    input channel is one contiguous row) or as nn.Linear does ([out, in] rows). Same values, same
+    ``state_dict``, one copy; a tensor-parallel shard stays sharded."""
+    w = linear.weight
+    if is_input_major(linear) == on:
+        return
+    data = parallel.relayout(w.detach(), (lambda v: v.t().contiguous().t()) if on else (lambda v: v.contiguous()))
+    linear.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+
+
+def relayout_allowed(x: torch.Tensor) -> bool:
+    """A weight may be laid out anew now: not inside a torch.compile trace or a CUDA-graph capture."""
+    return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 class SparseActivation(_SparseModule):

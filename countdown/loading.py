@@ -64,13 +64,13 @@ def random_model(shape: str, device: str | torch.device = "cpu", dtype: str | to
     return model.eval()
 
 
-def random_inputs(model, prompt_len: int, calib_windows: int, seq_len: int = 256,
+def random_inputs(model, prompt_len: int, calib_windows: int, seq_len: int = 256, *, batch: int = 1,
                   seed: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """(prompt [1, prompt_len], calibration [calib_windows, seq_len]): token ids drawn uniformly from the
-    model's vocabulary, for speed runs of random-weight models (which have no tokenizer or text)."""
+    """(prompt [batch, prompt_len], calibration [calib_windows, seq_len]): token ids drawn uniformly from
+    the model's vocabulary, for speed runs of random-weight models (which have no tokenizer or text)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    prompt = torch.randint(vocab, (1, prompt_len), generator=g)
+    prompt = torch.randint(vocab, (batch, prompt_len), generator=g)
     return prompt, torch.randint(vocab, (calib_windows, seq_len), generator=g)
 
 

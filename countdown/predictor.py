@@ -83,9 +83,6 @@ class Predictors:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.layers)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
-
     def summary(self) -> dict:
         """Rank, held-out recall (mean, min and where), size relative to the FFN, training time."""
         reports = self.reports

@@ -38,13 +38,11 @@ class ModelBytes:
 
 def model_bytes(model: nn.Module) -> ModelBytes:
     params = list(model.parameters())  # tied weights appear once
-    total = sum(p.numel() * p.element_size() for p in params)
+    total = sum(_nbytes(p) for p in params)
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     if emb_out is None or emb_in.weight is not emb_out.weight:
-        total -= emb_in.weight.numel() * emb_in.weight.element_size()
-    ffn = 0
-    for site in ffn_sites(model):
-        ffn += sum(m.weight.numel() * m.weight.element_size() for m in site.modules.values())
+        total -= _nbytes(emb_in.weight)
+    ffn = sum(_nbytes(m.weight) for site in ffn_sites(model) for m in site.modules.values())
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
