@@ -201,8 +201,12 @@ def test_installed_real_model_verifies(name):
         assert f.read(4) == b"GGUF"
 
 
-@pytest.mark.skipif(not assets.installed("gemma3-270m"), reason="gemma3-270m not installed")
 def test_gemma_terms_are_shipped():
+    # The joined GGUF lives in the user cache and can outlive the packages that carried it (CI reuses
+    # the cache with a fresh venv), so what this checks is the terms package, not the model.
+    terms_part = assets.asset("gemma3-270m").extra[0]
+    if assets.part_path(terms_part) is None:
+        pytest.skip(f"{terms_part.package} not installed")
     terms = assets.licence_file("gemma3-270m")
     assert terms is not None and terms.name == "GEMMA_TERMS.html"
     assert "Gemma" in terms.read_text(errors="replace")[:20000]
