@@ -17,7 +17,7 @@ import os
 import time
 
 import countdown
-from countdown.data import calibration_text, evaluation_text, first_tokens
+from countdown.data import calibration_text, document_prefix, evaluation_text, first_tokens, token_stream
 from countdown.speed import model_bytes
 
 GRID = [("m-countdown", s, a) for s in (0.5, 0.7) for a in (0.0, 0.25, 0.4, 0.5)] + \
@@ -32,13 +32,14 @@ def main() -> None:
     t0 = time.time()
     model, tok = countdown.load(args.model)
     calib = first_tokens(tok, calibration_text(), 4 * 512, 512)
-    ids = first_tokens(tok, evaluation_text(), args.eval_tokens, 512).reshape(-1)
+    ids = token_stream(tok, evaluation_text(), args.eval_tokens, 512)
+    prefix = document_prefix(tok)
     nb = model_bytes(model)
-    dense = countdown.perplexity(model, ids, positions="all", progress=False)
+    dense = countdown.perplexity(model, ids, positions="all", prefix=prefix, progress=False)
     rows = []
     for method, s, a in GRID:
         countdown.sparsify(model, method, s, calibration=calib, attention=a, positions="all", progress=False)
-        r = countdown.perplexity(model, ids, progress=False)
+        r = countdown.perplexity(model, ids, prefix=prefix, progress=False)
         countdown.unsparsify(model)
         read = nb.per_token(0, r.ffn_bytes_read, 0, r.attention_sparsity) / nb.per_token(0)
         rows.append({"method": method, "ffn": s, "attention": a, "ppl": r.ppl, "delta": r.ppl - dense.ppl,

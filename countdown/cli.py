@@ -97,6 +97,12 @@ def _tokens(tok, text: str, n_tokens: int, seq_len: int):
     return first_tokens(tok, text, n_tokens, seq_len)
 
 
+def _stream(tok, text: str, n_tokens: int, seq_len: int):
+    from .data import token_stream
+
+    return token_stream(tok, text, n_tokens, seq_len)
+
+
 def _predictor_cache(model, windows, out: Optional[Path]):
     from .predictor import PredictorCache
 
@@ -177,12 +183,15 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
 
         def extra_eval(model_):
             return evaluate_tasks(model_, tok, list(task_list), limit=task_limit, batch_size=task_batch_size)
+    from .data import document_prefix
+
     calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-    eval_ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+    eval_ids = _stream(tok, _text(text, "evaluation"), eval_tokens, context)
     console.print(f"calibration: {calib.numel()} tokens; evaluation: {eval_ids.numel()} tokens ({text})")
     predictors_for = _predictor_cache(m, calib, out) if "d-countdown" in method_list else None
     points = run_grid(m, method_list, sparsity_list, calib, eval_ids, mode=mode, **protocol, attention=attention,
-                      context=context, results_file=results_file, predictors_for=predictors_for,
+                      context=context, prefix=document_prefix(tok), results_file=results_file,
+                      predictors_for=predictors_for,
                       extra_eval=extra_eval, log=lambda s: console.print(s, highlight=False))
     return m, tok, eval_ids, points
 
@@ -241,10 +250,10 @@ def sweep(
 
     task_list = _csv(tasks)
     protocol = _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official)
-    m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
-                                   _csv(sparsities, float), mode, protocol, out, results_file=out / "results.jsonl",
-                                   task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size,
-                                   attention=attention)
+    m, tok, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
+                                     _csv(sparsities, float), mode, protocol, out, results_file=out / "results.jsonl",
+                                     task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size,
+                                     attention=attention)
     title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode}, {_protocol_words(protocol, attention)})"
     plot_task_accuracy(points, out / "task_accuracy.png", title=f"{model}: task accuracy ({mode})")
     summary = f"# countdown sweep: {title}\n\n" + markdown_table(points)
@@ -252,16 +261,21 @@ def sweep(
         summary += "\n## Task accuracy (zero-shot, lm-evaluation-harness)\n\n" + tasks_markdown(points)
     if prefetch:
         summary += "\n## Prefetch analysis (reuse of active neurons across consecutive tokens)\n\n"
-        summary += _prefetch_report(m, eval_ids, context, out)
+        from .data import document_prefix
+
+        summary += _prefetch_report(m, eval_ids, context, out, document_prefix(tok))
     (out / "summary.md").write_text(summary)
     _report(points, title, model, out)
     console.print(f"wrote {out}/summary.md, results.csv/json, plots")
 
 
-def _prefetch_report(model, eval_ids, context: int, out: Path) -> str:
+def _prefetch_report(model, eval_ids, context: int, out: Path, prefix: list[int]) -> str:
+    import torch
+
     from .prefetch import analyse, plot_reuse, save_json, summary_table
 
     windows = eval_ids[: (eval_ids.numel() // context) * context].reshape(-1, context)
+    windows = torch.cat([torch.tensor(prefix, dtype=windows.dtype).expand(windows.shape[0], -1), windows], dim=1)
     result = analyse(model, windows)
     save_json(result, out / "prefetch.json")
     plot_reuse(result, out / "prefetch_reuse.png")
@@ -448,23 +462,24 @@ def eval_cmd(
 ) -> None:
     """Perplexity of a dense or sparsified model, with the measured sparsity per layer."""
     from .api import load_sparsity, sparsify
+    from .data import document_prefix
     from .evaluate import perplexity
     from .ffn import sparsity_spec
 
     m, tok = _load(model, device, dtype)
-    ids = _tokens(tok, _text(text, "evaluation"), eval_tokens, context).reshape(-1)
+    ids = _stream(tok, _text(text, "evaluation"), eval_tokens, context)
     if sparsity_file is not None:
         load_sparsity(m, sparsity_file)
     elif method is not None and method != "dense":
         sparsify(m, method, sparsity, mode="topk", positions=positions, predictors=_predictors(m, predictors))
     spec = sparsity_spec(m)
     protocol = spec.positions if spec is not None else positions
-    r = perplexity(m, ids, context=context, stride=stride, positions=protocol)
+    r = perplexity(m, ids, context=context, stride=stride, positions=protocol, prefix=document_prefix(tok))
     if spec is not None:
         from .api import unsparsify
 
         unsparsify(m)  # the dense reference, on the same tokens and protocol
-        dense = perplexity(m, ids, context=context, stride=stride, positions=protocol)
+        dense = perplexity(m, ids, context=context, stride=stride, positions=protocol, prefix=document_prefix(tok))
     else:
         dense = r
     table = Table(title=f"{model}: perplexity on {r.n_tokens} scored tokens of '{text}' (positions={protocol})")

@@ -278,6 +278,21 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(getattr(out, "ids", out))
 
 
+def document_prefix(tokenizer: Any) -> list[int]:
+    """The ids ``tokenizer`` puts before every document (Gemma's ``<bos>``; none for Llama-3-style
+    GGUF, Qwen or SmolLM2 tokenizers), read off its own special-token behaviour.
+
+    A model trained to always see them first degrades badly without (Gemma-3 270M: 23.9 against 10.7
+    perplexity), so windows cut mid-text start with them, as lm-eval's rolling perplexity does."""
+    plain = _encode(tokenizer, "a")
+    out = tokenizer.encode("a", add_special_tokens=True)
+    special = list(getattr(out, "ids", out))
+    for start in range(len(special) - len(plain) + 1):
+        if special[start:start + len(plain)] == plain:
+            return special[:start]
+    return []
+
+
 def token_windows(
     tokenizer: Any,
     text: str,
@@ -287,11 +302,17 @@ def token_windows(
 ) -> torch.LongTensor:
     """Tokenise ``text`` once and cut it into windows: a ``[n, seq_len]`` int64 tensor.
 
-    Windows start every ``stride`` tokens (default ``seq_len``: back to back, no overlap); a
-    tail shorter than ``seq_len`` is dropped; at most ``max_windows`` windows are kept, the first.
+    Each window starts with the tokenizer's `document_prefix` (if any) followed by text tokens;
+    windows start every ``stride`` text tokens (default: back to back, no overlap); a tail shorter
+    than a window is dropped; at most ``max_windows`` windows are kept, the first.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    prefix = document_prefix(tokenizer)
+    if prefix and seq_len > len(prefix):
+        body = token_windows(_Unprefixed(tokenizer), text, seq_len - len(prefix), max_windows,
+                             None if stride is None else stride)
+        return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(body.shape[0], -1), body], dim=1)
     step = seq_len if stride is None else stride
     if step < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -328,10 +349,27 @@ def _encode_prefix(tokenizer: Any, text: str, n_tokens: int | None) -> list[int]
         chars *= 2
 
 
+class _Unprefixed:
+    """A tokenizer seen without its document prefix (the text tokens of a window)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = False):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
 def first_tokens(tokenizer: Any, text: str, n_tokens: int, seq_len: int) -> torch.LongTensor:
     """The first ``n_tokens`` tokens of ``text`` (rounded down to whole windows, at least one) as
-    ``[n, seq_len]`` windows."""
+    ``[n, seq_len]`` windows, each starting with the tokenizer's `document_prefix`."""
     return token_windows(tokenizer, text, seq_len, max_windows=max(1, n_tokens // seq_len))
+
+
+def token_stream(tokenizer: Any, text: str, n_tokens: int, seq_len: int) -> torch.LongTensor:
+    """The first ``n_tokens`` text tokens of ``text`` (whole ``seq_len`` windows, at least one) as one
+    ``[n]`` stream without any document prefix: what `evaluate.perplexity` slides its windows over
+    (it puts the prefix before each window itself)."""
+    return token_windows(_Unprefixed(tokenizer), text, seq_len, max_windows=max(1, n_tokens // seq_len)).reshape(-1)
 
 
 def calibration_windows(calibration: Any, tokenizer: Any, seq_len: int, max_windows: int | None) -> torch.LongTensor:

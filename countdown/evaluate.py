@@ -13,6 +13,7 @@ Which positions are sparse follows the model's `SparsitySpec.positions`:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,12 +71,14 @@ def perplexity(
     context: int = 512,
     stride: int | None = None,
     positions: str | None = None,
+    prefix: Sequence[int] = (),
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``token_ids`` ([n] or [1, n]) under the model, with measured FFN sparsity.
 
     ``positions`` ("all" or "decode") picks the protocol; default: the model's `SparsitySpec` (a dense
-    model: "all"). Give the sparse model's protocol to a dense model so both score the same tokens."""
+    model: "all"). Give the sparse model's protocol to a dense model so both score the same tokens.
+    ``prefix`` (`data.document_prefix`: Gemma's ``<bos>``) goes before every window, unscored."""
     ids = token_ids.reshape(-1)
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to compute perplexity")
@@ -92,13 +95,14 @@ def perplexity(
     projections = attention.sparse_projections(model)
     for m in modules + projections:
         m.meter = ffn.SparsityMeter()
+    head = torch.tensor(list(prefix), dtype=ids.dtype)
     total_nll, total_tokens = 0.0, 0
     try:
         spans = score_spans(ids.numel(), context, stride, score_first_window=not decode_protocol)
         for begin, end, n_scored in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
-            window = ids[begin:end].to(device).unsqueeze(0)
+            window = torch.cat([head, ids[begin:end]]).to(device).unsqueeze(0)
             for m in modules + projections:  # the window's context dense, the scored continuation sparse
-                m.sparse_from = (end - begin) - n_scored if decode_protocol else None
+                m.sparse_from = window.shape[1] - n_scored if decode_protocol else None
             logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
             targets = window[0, 1:]
             n = min(n_scored, targets.numel())

@@ -122,6 +122,7 @@ def run_grid(
     attention: float | None = None,
     context: int = 512,
     stride: int | None = None,
+    prefix: Sequence[int] = (),
     results_file: Path | None = None,
     predictors_for: Callable[[float], Sequence[dict]] | None = None,
     extra_eval: Callable[[nn.Module], dict] | None = None,
@@ -144,7 +145,8 @@ def run_grid(
 
     def evaluate(method: str, point_mode: str, target: float) -> Point:
         t0 = time.time()
-        r = perplexity(model, eval_ids, context=context, stride=stride, positions=positions, progress=progress)
+        r = perplexity(model, eval_ids, context=context, stride=stride, positions=positions, prefix=prefix,
+                       progress=progress)
         point = Point(method, point_mode, target, r.sparsity if method != "dense" else 0.0, r.ppl,
                       ffn_bytes_read=r.ffn_bytes_read, site_sparsity=r.site_sparsity,
                       layer_sparsity=r.layer_sparsity, n_tokens=r.n_tokens, positions=positions, **protocol,

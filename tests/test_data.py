@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from countdown import data
 
@@ -22,6 +22,15 @@ def _word_tokenizer(text: str) -> Tokenizer:
     vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def _bos_tokenizer(text: str) -> Tokenizer:
+    """A tokenizer that, like Gemma's, puts <bos> before every encoded text."""
+    tok = _word_tokenizer(text)
+    bos = tok.get_vocab_size()
+    tok.add_special_tokens(["<bos>"])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     return tok
 
 
@@ -135,3 +144,20 @@ def test_token_windows_rejects_empty_and_short_text():
     with pytest.raises(ValueError, match=r"5 tokens.*seq_len=8"):
         data.token_windows(tok, "one two three four five", seq_len=8)
     assert data.token_windows(tok, "one two three four five", seq_len=5).shape == (1, 5)
+
+
+def test_document_prefix_is_what_the_tokenizer_puts_first():
+    text = data.evaluation_text("pydoc-topics")
+    plain, with_bos = _word_tokenizer(text), _bos_tokenizer(text)
+    assert data.document_prefix(plain) == []
+    bos = with_bos.token_to_id("<bos>")
+    assert data.document_prefix(with_bos) == [bos]
+
+    windows = data.token_windows(with_bos, text, seq_len=64, max_windows=3)
+    body = plain.encode(text).ids
+    assert windows.shape == (3, 64)
+    assert (windows[:, 0] == bos).all()
+    assert windows[1, 1:].tolist() == body[63:126]  # each window: <bos> then the next 63 text tokens
+
+    stream = data.token_stream(with_bos, text, 128, 64)
+    assert stream.tolist() == body[:128]  # no <bos> in the stream: perplexity puts it before each window

@@ -348,3 +348,33 @@ def test_sweep_points_and_tables_name_the_protocol(tmp_path):
         legacy.pop(key)
     (tmp_path / "old.jsonl").write_text(json.dumps(legacy) + "\n")
     assert load_points(tmp_path / "old.jsonl")[0].count_rule == "round"
+
+
+# -- document prefix (Gemma's <bos>) ---------------------------------------------------------------
+@pytest.mark.parametrize("positions", ["all", "decode"])
+def test_perplexity_prefix_goes_before_every_window_unscored(positions):
+    import torch.nn.functional as F
+
+    model, ids = tiny_model("llama"), tokens(1, 48).reshape(-1)
+    bos, context = 3, 16
+    countdown.sparsify(model, "cats", 0.5, mode="topk", positions=positions)
+    got = countdown.perplexity(model, ids, context=context, prefix=[bos], progress=False)
+    stride = context // 2 if positions == "decode" else context
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for begin, end, n_scored in countdown.evaluate.score_spans(ids.numel(), context, stride,
+                                                                    score_first_window=positions == "all"):
+            window = torch.cat([torch.tensor([bos]), ids[begin:end]]).unsqueeze(0)
+            for m in ffn.sparse_modules(model):
+                m.sparse_from = window.shape[1] - n_scored if positions == "decode" else None
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1]
+            nll += float(F.cross_entropy(logits[-n_scored:], window[0, 1:][-n_scored:], reduction="sum"))
+            n += n_scored
+    for m in ffn.sparse_modules(model):
+        m.sparse_from = None
+    countdown.unsparsify(model)
+    without = countdown.perplexity(model, ids, context=context, positions=positions, progress=False)
+    assert got.n_tokens == n  # the prefix is never a scored target; under "all" it lets each
+    assert without.n_tokens == n - (3 if positions == "all" else 0)  # window's first token be scored
+    assert got.nll == pytest.approx(nll / n, rel=1e-5)
+    assert got.nll != pytest.approx(without.nll, rel=1e-5)
