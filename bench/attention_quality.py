@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--json", help="Write the rows here (default: $OUT/attention_quality.json if $OUT is set).")
     args = ap.parse_args()
     t0 = time.time()
     model, tok = countdown.load(args.model)
@@ -43,11 +44,12 @@ def main() -> None:
         countdown.unsparsify(model)
         read = nb.per_token(0, r.ffn_bytes_read, 0, r.attention_sparsity) / nb.per_token(0)
         rows.append({"method": method, "ffn": s, "attention": a, "ppl": r.ppl, "delta": r.ppl - dense.ppl,
-                     "measured_ffn": r.sparsity, "measured_attention": r.attention_sparsity, "bytes_read": read})
+                     "measured_ffn": r.sparsity, "ffn_sites": r.site_sparsity, "ffn_bytes_read": r.ffn_bytes_read,
+                     "measured_attention": r.attention_sparsity, "bytes_read": read})
         print(json.dumps(rows[-1]), flush=True)
-    out = os.environ.get("OUT")
+    out = args.json or (os.path.join(os.environ["OUT"], "attention_quality.json") if os.environ.get("OUT") else None)
     if out:
-        with open(os.path.join(out, "attention_quality.json"), "w") as f:
+        with open(out, "w") as f:
             json.dump({"model": args.model, "dense_ppl": dense.ppl, "rows": rows}, f, indent=1)
     print(f"\n{args.model}: perplexity on {dense.n_tokens} tokens (positions=all, pooled thresholds), dense "
           f"{dense.ppl:.3f}; {time.time() - t0:.0f}s\n")

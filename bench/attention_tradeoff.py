@@ -1,0 +1,100 @@
+"""Speed-up against quality loss for every FFN + attention-input combination (issue 13's plot).
+
+    PYTHONPATH=. python bench/attention_tradeoff.py bench/results/attention-quality-*-cpu-*.json \
+        --speed bench/results/attention-speed-h100-2026-11-23.json --plot docs/attention_tradeoff.png
+
+Quality: `bench/attention_quality.py` on real models (Δppl against dense, every position sparse).
+Speed: the byte ceiling of each combination on the Llama-3-8B shape (bf16, batch 1, 128 prompt + 128
+mean decoded positions of KV cache), with the real model's measured sparsities put on that shape:
+dense bytes per token ÷ this combination's. Where `bench/attention_speed.py` measured the same
+(method, FFN target, attention target) on the H100, the measured speed-up is drawn too (filled marker)
+and printed beside the ceiling. A table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from countdown.loading import RANDOM_SHAPES
+from countdown.methods import get_method
+from countdown.speed import model_bytes
+
+CONTEXT = 128 + 128  # positions of KV cache read per step, as in the speed runs (prompt 128, 256 new)
+
+
+def llama3_bytes():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_SHAPES["llama-3-8b"]), dtype=torch.bfloat16)
+    return model_bytes(model)
+
+
+def ffn_fraction(row: dict) -> float:
+    if "ffn_bytes_read" in row:
+        return row["ffn_bytes_read"]
+    # rows written before the bytes were recorded: the method's own formula, TEAL's input site at its target
+    skipped = {"coef": row["measured_ffn"], "input": row["ffn"]}
+    return get_method(row["method"]).ffn_bytes_read("gated", skipped)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("quality", nargs="+", type=Path)
+    ap.add_argument("--speed", type=Path)
+    ap.add_argument("--plot", type=Path, default=Path("docs/attention_tradeoff.png"))
+    args = ap.parse_args()
+    nb = llama3_bytes()
+    dense = nb.per_token(CONTEXT)
+    measured = {}
+    if args.speed:
+        for r in json.loads(args.speed.read_text())["rows"]:
+            measured[(r["method"], round(r["target"], 2), round(r["attention"] or 0.0, 2))] = r["speedup"]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    lines = ["| model | method | FFN | attention | Δppl | ceiling on Llama-3-8B (bytes) | measured H100 |",
+             "|---|---|---|---|---|---|---|"]
+    for i, path in enumerate(args.quality):
+        data = json.loads(path.read_text())
+        for r in data["rows"]:
+            skipped = {k: v for k, v in (r["measured_attention"] or {}).items()}
+            ceiling = dense / nb.per_token(CONTEXT, ffn_fraction(r), 0, skipped)
+            rel = r["ppl"] / data["dense_ppl"] - 1
+            key = (r["method"], round(r["ffn"], 2), round(r["attention"], 2))
+            marker = "o" if r["method"] == "m-countdown" else "s"
+            ax.scatter([100 * rel], [ceiling], marker=marker, facecolors="none", edgecolors=f"C{i}")
+            ax.annotate(f"{'M' if r['method'] == 'm-countdown' else 'T'}{r['ffn']:.0%}/{r['attention']:.0%}",
+                        (100 * rel, ceiling), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            got = measured.get(key)
+            if got is not None:
+                ax.scatter([100 * rel], [got], marker=marker, color=f"C{i}")
+                ax.plot([100 * rel, 100 * rel], [got, ceiling], color=f"C{i}", linewidth=0.6, alpha=0.6)
+            lines.append(f"| {data['model']} | {r['method']} | {r['ffn']:.0%} | {r['attention']:.0%} | "
+                         f"{r['delta']:+.3f} ({rel:+.1%}) | {ceiling:.2f}× | {'—' if got is None else f'{got:.2f}×'} |")
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors=f"C{i}", label=data["model"])
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("perplexity increase over dense, % (real model, every position sparse)")
+    ax.set_ylabel("decode speed-up on the Llama-3-8B shape")
+    ax.set_title("M = M-COUNTDOWN FFN% / attention-input%, T = TEAL model-wide;\n"
+                 "hollow: byte ceiling, filled: measured on H100 (bf16, batch 1)", fontsize="small")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=130)
+    plt.close(fig)
+    print(f"wrote {args.plot}\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

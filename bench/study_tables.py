@@ -1,0 +1,82 @@
+"""The per-model tables of docs/STUDY.md from the study's sweep folders (issue 12).
+
+    PYTHONPATH=. python bench/study_tables.py runs/study        # Markdown to stdout, plots to docs/study/
+
+Each folder runs/study/<model>/<mode>-<positions>/ is one `countdown sweep` (see docs/STUDY.md for the
+commands). A row is (method, target); the columns are the four protocols side by side: top-k or
+threshold mode, with every position sparse ("all") or the official context-dense / continuation-sparse
+rule ("decode"). Perplexities are relative to the dense model of the same protocol, whose windows
+score the same tokens. D-COUNTDOWN practical's predictor recall comes from predictors_<s>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from countdown.report import plot_ppl_vs_sparsity
+from countdown.sweep import load_points
+
+PROTOCOLS = (("topk", "decode"), ("topk", "all"), ("threshold", "decode"), ("threshold", "all"))
+ORDER = ("cats", "teal", "m-countdown", "d-countdown-ideal", "d-countdown", "dejavu", "s-countdown", "dhar",
+         "chess", "wina", "r-sparse")
+
+
+def _cell(point, dense, show_measured: bool) -> str:
+    if point is None:
+        return "—"
+    rel = point.ppl / dense - 1
+    text = f"{point.ppl:.3g} ({rel:+.0%})" if point.ppl < 1e4 else f"{point.ppl:.2e}"
+    return f"{text} @{point.measured:.0%}" if show_measured else text
+
+
+def model_table(folder: Path) -> tuple[str, dict]:
+    runs = {}
+    for mode, positions in PROTOCOLS:
+        points = load_points(folder / f"{mode}-{positions}" / "results.jsonl")
+        if points:
+            runs[(mode, positions)] = points
+    present = [p for p in PROTOCOLS if p in runs]
+    dense = {p: next(x.ppl for x in runs[p] if x.method == "dense") for p in present}
+    by_key = {p: {(x.method, round(x.target, 3)): x for x in runs[p] if x.method != "dense"} for p in present}
+    rows = sorted({k for p in present for k in by_key[p]}, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1]))
+    head = "| method | target | " + " | ".join(f"{m} {pos}" for m, pos in present) + " | FFN bytes read |"
+    lines = [head, "|" + "---|" * (3 + len(present)),
+             "| dense | — | " + " | ".join(f"{dense[p]:.3f}" for p in present) + " | 100% |"]
+    for key in rows:
+        cells = [_cell(by_key[p].get(key), dense[p], p[0] == "threshold") for p in present]
+        any_point = next(by_key[p][key] for p in present if key in by_key[p])
+        lines.append(f"| {key[0]} | {key[1]:.0%} | " + " | ".join(cells) + f" | {any_point.ffn_bytes_read:.0%} |")
+    recall = {}
+    for p in present:
+        for f in sorted((folder / f"{p[0]}-{p[1]}").glob("predictors_*.json")):
+            s = json.loads(f.read_text())["summary"]
+            recall[f.stem.split("_")[1]] = (s["recall_mean"], s["recall_min"], s["rank"], s["predictor_fraction"])
+    return "\n".join(lines) + "\n", {"runs": runs, "recall": recall, "present": present}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root", type=Path, nargs="?", default=Path("runs/study"))
+    ap.add_argument("--plots", type=Path, default=Path("docs/study"))
+    args = ap.parse_args()
+    args.plots.mkdir(parents=True, exist_ok=True)
+    for folder in sorted(p for p in args.root.iterdir() if p.is_dir()):
+        table, info = model_table(folder)
+        print(f"\n### {folder.name}\n")
+        print("Cells: perplexity (change against dense of the same protocol); threshold cells add the measured "
+              "sparsity. Protocol: floor count, strict ties, mean-of-per-token-k-th thresholds (the official "
+              "code's), 2048 evaluation tokens in windows of 512.\n")
+        print(table)
+        if info["recall"]:
+            print("D-COUNTDOWN practical predictors: " + "; ".join(
+                f"{s}%: recall mean {r[0]:.3f} (min {r[1]:.3f}), rank {r[2]}, {r[3]:.1%} of FFN weights"
+                for s, r in sorted(info["recall"].items())) + "\n")
+        if ("topk", "decode") in info["runs"]:
+            plot_ppl_vs_sparsity(info["runs"][("topk", "decode")], args.plots / f"{folder.name}_topk_decode.png",
+                                 title=f"{folder.name}: perplexity vs sparsity (top-k, official positions)")
+
+
+if __name__ == "__main__":
+    main()
