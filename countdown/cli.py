@@ -291,55 +291,120 @@ def bench_cmd(
                               "random:smollm2-135m (that shape, random weights: speed does not depend on their values)."),
     methods: str = typer.Option(",".join(KERNEL_METHODS), help="Comma-separated methods."),
     sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities."),
+    batch: str = typer.Option("1", help="Batch sizes, comma-separated (1 to 16), e.g. 1,2,4,8,16: every method and dense "
+                              "at each; tokens/s is per sequence."),
     prompt_len: int = typer.Option(128, help="Prompt tokens."),
     new_tokens: int = typer.Option(256, help="Generated tokens per run."),
-    repeats: int = typer.Option(5, help="Timed runs per point (the median is reported), after one warm-up run."),
+    repeats: int = typer.Option(3, help="Timed runs per point (the median is reported), after a short warm-up."),
     calib_windows: int = typer.Option(16, help="Calibration windows of 256 tokens (thresholds; predictors for real models)."),
     text: str = TextOpt,
-    compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it (recommended on GPU: fuses the small kernels; bench/e2e.py uses it)."),
-    batch: int = typer.Option(1, help="Sequences decoded together (1 to 16); tokens/s is per sequence."),
+    compile: bool = typer.Option(False, help="torch.compile the decode step before capturing it (fuses the small kernels). "
+                                 "Costs one compile per (batch, configuration) point: ~45-60 s each on the Llama-3-8B "
+                                 "shape on an H100, so by default only the first --batch size is compiled."),
+    compile_batches: str = typer.Option("first", help="With --compile: the batch sizes run compiled (the others run the "
+                                        "CUDA graph alone): 'first', 'all' or a list such as 1,2."),
+    routes: bool = typer.Option(False, help="Also time plain `model.generate` (greedy) per configuration at the first "
+                                "batch: host-bound, ~25 tokens/s on the 8B shape, so --route-tokens 32 costs ~3 s each."),
+    route_tokens: int = typer.Option(32, help="New tokens per `model.generate` call with --routes."),
+    hf_static: bool = typer.Option(False, help="Also try transformers' static-cache recipe (dense, first batch; "
+                                   "compiles with mode='reduce-overhead': ~1-2 min on the 8B shape; fails in 5.17)."),
+    prefill_len: int = typer.Option(2048, help="Prompt tokens of the prefill timing (dense, sparse, sparse at every "
+                                    "position), once per configuration; 0 skips it."),
+    max_seconds: Optional[float] = typer.Option(None, help="Wall-clock limit for the whole command, model loading included: "
+                                                "no step starts that would end past it (judged by the longest step of "
+                                                "its kind so far); what is left out is listed."),
     attention: Optional[float] = AttentionOpt,
-    out: Optional[Path] = typer.Option(None, help="Write speed.json, speed.md and speedup.png here."),
+    out: Optional[Path] = typer.Option(None, help="Write speed.json and speed.md (after every point) and speedup.png here."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("auto", help="'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."),
 ) -> None:
-    """Tokens/s of greedy decoding (batch 1-16), dense and sparsified, in one fast loop (static KV cache,
-    CUDA graph on GPU), with the ideal speed-up from bytes beside each batch-1 one, and GPU memory."""
+    """Tokens/s of greedy decoding at batch sizes 1-16, dense beside every method at each, in one process:
+    the fast loop (static KV cache, CUDA graph on GPU) and countdown.generate, the ideal speed-up from
+    bytes at batch 1, GPU memory, prefill time; --routes adds model.generate. Tables print last."""
+    import shlex
+    import sys
+
     import torch
 
     from .loading import RANDOM_PREFIX, random_inputs, resolve_device
-    from .predictor import random_predictors
-    from .speed import measure_speed, speed_markdown
+    from .speed import bench_markdown, measure_bench, parse_batches
+
+    started = time.perf_counter()
 
     method_list, sparsity_list = _csv(methods), _csv(sparsities, float)
+    batches = parse_batches(batch)
+    compile_list = _compile_batches(compile_batches, batches) if compile else []
+    for name, value, low in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1),
+                             ("--calib-windows", calib_windows, 1), ("--route-tokens", route_tokens, 1),
+                             ("--prefill-len", prefill_len, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
     dev = resolve_device(device)
     dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
     m, tok = _load(model, str(dev), dtype)
     if model.startswith(RANDOM_PREFIX):
-        prompt, calib = random_inputs(m, prompt_len, calib_windows, batch=batch)
-        predictors_for = (lambda s: random_predictors(m)) if "d-countdown" in method_list else None
+        prompts, calib = random_inputs(m, prompt_len, calib_windows, batch=max(batches))
+        predictors_for = _random_predictors(m) if "d-countdown" in method_list else None
         note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
     else:
-        prompt = _tokens(tok, _text(text, "evaluation"), prompt_len * batch, prompt_len)[:batch]
+        prompts = _tokens(tok, _text(text, "evaluation"), prompt_len * max(batches), prompt_len)[:max(batches)]
         calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
         predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
         note = f"real weights; prompt and calibration from '{text}'"
-    points = measure_speed(m, method_list, sparsity_list, prompt, calib, new_tokens=new_tokens, repeats=repeats,
-                           predictors_for=predictors_for, compile=compile, attention=attention,
-                           log=lambda s: console.print(s, highlight=False))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    title = (f"{model}, {dtype}, batch {batch}, prompt {prompt_len} → {new_tokens} new tokens, {where} "
-             f"({'CUDA graph' if dev.type == 'cuda' else 'eager'}{', compiled' if compile else ''}; {note})")
-    table = speed_markdown(points, title)
+    loop = "CUDA graph" if dev.type == "cuda" else "eager"
+    compiled = ("" if not compile_list else ", compiled at batch " + ",".join(map(str, compile_list)))
+    title = (f"{model}, {dtype}, batch {','.join(map(str, batches))}, prompt {prompt_len} → {new_tokens} new tokens, "
+             f"median of {repeats}, {where} ({loop}{compiled}; {note}; torch {torch.__version__}; "
+             f"{time.strftime('%Y-%m-%d')})")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "speed.json").write_text(json.dumps({"title": title, "points": [asdict(p) for p in points]}, indent=1))
-        (out / "speed.md").write_text(table)
+
+    def write(result) -> None:
+        if out is None:
+            return
+        record = {"title": title, "device": where, "command": shlex.join(["countdown", *sys.argv[1:]]), **asdict(result)}
+        (out / "speed.json").write_text(json.dumps(record, indent=1))
+        (out / "speed.md").write_text(bench_markdown(result, title))
+
+    result = measure_bench(m, method_list, sparsity_list, calib, batches=batches, prompt_for=lambda b: prompts[:b],
+                           new_tokens=new_tokens, repeats=repeats, predictors_for=predictors_for,
+                           compile_batches=compile_list, routes=routes, route_tokens=route_tokens,
+                           prefill_len=prefill_len, hf_static=hf_static, attention=attention,
+                           max_seconds=None if max_seconds is None else max_seconds - (time.perf_counter() - started),
+                           log=lambda s: console.print(s, highlight=False), on_update=write)
+    if out is not None:
+        write(result)
         from .report import plot_speedup
 
-        plot_speedup(points, out / "speedup.png", title=f"{model}: decode speed-up ({where})")
+        plot_speedup(result.points, out / "speedup.png", title=f"{model}: decode speed-up ({where})")
         console.print(f"wrote {out}/speed.json, speed.md, speedup.png")
-    console.print(table, highlight=False, soft_wrap=True)
+    console.print(f"total {time.perf_counter() - started:.0f}s\n", highlight=False)
+    console.print(bench_markdown(result, title), highlight=False, soft_wrap=True)
+
+
+def _compile_batches(value: str, batches: list[int]) -> list[int]:
+    from .speed import parse_batches
+
+    if value.strip() == "first":
+        return batches[:1]
+    if value.strip() == "all":
+        return list(batches)
+    chosen = parse_batches(value, "--compile-batches")
+    missing = [b for b in chosen if b not in batches]
+    if missing:
+        raise ValueError(f"--compile-batches {','.join(map(str, missing))} not in --batch {','.join(map(str, batches))}")
+    return chosen
+
+
+def _random_predictors(model):
+    """Untrained predictors of the paper's size, one set for every target, kept on the CPU so that GPU
+    memory after sparsify counts only the copy sparsify puts in the model."""
+    from .predictor import random_predictors
+
+    preds = random_predictors(model)
+    preds.layers = [{k: v.cpu() for k, v in layer.items()} for layer in preds.layers]
+    return lambda s: preds
 
 
 @app.command("install-model")

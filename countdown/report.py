@@ -205,8 +205,9 @@ def plot_task_accuracy(points: list[Point], path: Path, title: str = "") -> Path
 
 
 def plot_speedup(points: list, path: Path, title: str = "") -> Path:
-    """Measured end-to-end speed-up (solid) and the ideal from bytes (dashed) against measured
-    sparsity, one colour per method; ``points`` are `countdown.speed.SpeedPoint`s."""
+    """Measured end-to-end speed-up (solid) and the ideal from bytes (dashed, batch 1 only) against
+    measured sparsity, one colour per method and one marker per batch size and route; ``points`` are
+    `countdown.speed.SpeedPoint`s (each speed-up is against dense at its own batch and route)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,16 +215,26 @@ def plot_speedup(points: list, path: Path, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="dense")
+    groups = list(dict.fromkeys((getattr(p, "batch", 1), getattr(p, "compiled", False)) for p in points))
+    markers = "os^vD<>ph*"
     for i, method in enumerate(dict.fromkeys(p.method for p in points if p.method != "dense")):
-        pts = sorted((p for p in points if p.method == method), key=lambda p: p.measured)
         color = f"C{i}"
-        ax.plot([p.measured for p in pts], [p.speedup for p in pts], marker="o", color=color, label=method)
-        ax.plot([p.measured for p in pts], [p.ideal_speedup for p in pts], linestyle="--", color=color, alpha=0.6)
+        for j, (batch, compiled) in enumerate(groups):
+            pts = sorted((p for p in points if p.method == method and getattr(p, "batch", 1) == batch
+                          and getattr(p, "compiled", False) == compiled), key=lambda p: p.measured)
+            if not pts:
+                continue
+            label = method if len(groups) == 1 else f"{method}, batch {batch}{' compiled' if compiled else ''}"
+            ax.plot([p.measured for p in pts], [p.speedup for p in pts], marker=markers[j % len(markers)], color=color,
+                    alpha=1.0 - 0.6 * j / max(1, len(groups)), label=label)
+            if all(p.ideal_speedup == p.ideal_speedup for p in pts):  # nan beyond batch 1
+                ax.plot([p.measured for p in pts], [p.ideal_speedup for p in pts], linestyle="--", marker="x",
+                        color=color, alpha=0.6)
     ax.set_xlabel("measured FFN sparsity")
-    ax.set_ylabel("decode tokens/s ÷ dense (dashed: ideal from bytes)")
+    ax.set_ylabel("tokens/s ÷ dense, same batch (dashed: ideal)")
     ax.set_title(_wrap(title or "end-to-end decode speed-up"), fontsize="medium")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,26 +1,36 @@
 """End-to-end decode speed: tokens/s of dense and sparsified models through the same fast loop.
 
-Every point runs `countdown.decode.Decoder` on the same model object in the same process, so the
-only difference from the dense baseline is the FFN. Beside each measured speed-up stands the ideal
-one from bytes: at batch 1 a decode step reads every weight once (the input embedding only one row)
-plus the KV cache, and a sparse FFN reads only the fraction of its weights its kernel needs at the
-sparsity actually measured on the generated tokens (plus the predictor, for D-COUNTDOWN).
+`measure_bench` (behind ``countdown bench``) runs dense and every (method, sparsity) at every batch
+size in one process on one model object, so the only difference from the dense baseline is the FFN,
+and each speed-up divides by the dense tokens/s of the same batch and route. Per point it times
+`countdown.decode.Decoder` (the fast loop: static KV cache, CUDA graph, optionally torch.compile) and
+`countdown.generate` on the same decoder (the user's call, prefill included); per configuration, GPU
+memory after sparsify, the forward time of a long prompt (prefill) and, on request, plain
+``model.generate``. Beside each batch-1 speed-up stands the ideal one from bytes: a decode step reads
+every weight once (the input embedding only one row) plus the KV cache, and a sparse FFN reads only
+the fraction of its weights its kernel needs at the sparsity measured on the generated tokens (plus
+the predictor, for D-COUNTDOWN).
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
+import time
+from collections.abc import Collection
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .decode import Decoder
+from .api import calibrate, calibrate_methods, sparsify, unsparsify
+from .decode import MAX_BATCH
 from .evaluate import perplexity
+from .generation import clear_cache, decoder_for, generate
 from .methods import get_method
 from .models import UnsupportedModelError, attention_sites, ffn_sites
-from .sweep import each_sparsified
 
 
 @dataclass
@@ -67,29 +77,362 @@ def predictor_bytes(predictors: list[dict[str, torch.Tensor]] | None) -> int:
     return sum(t.numel() * t.element_size() for p in predictors for t in p.values())
 
 
+BATCH_LIMIT = MAX_BATCH
+WARMUP_TOKENS = 16  # the warm-up call captures the graph (and compiles); a few replays suffice after it
+
+
+def parse_batches(value: str | int | list, option: str = "--batch") -> list[int]:
+    """Batch sizes from "1,2,4" (or an int, or a list): whole numbers from 1 to 16, duplicates dropped."""
+    items = value if isinstance(value, list) else [value] if isinstance(value, int) else str(value).split(",")
+    out: list[int] = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            b = int(text)
+        except ValueError:
+            raise ValueError(f"{option} takes whole numbers from 1 to {BATCH_LIMIT} separated by commas, "
+                             f"got {text!r}") from None
+        if not 1 <= b <= BATCH_LIMIT:
+            raise ValueError(f"{option}: batch size {b} is out of range; the fast loop serves 1 to {BATCH_LIMIT} "
+                             "sequences")
+        if b not in out:
+            out.append(b)
+    if not out:
+        raise ValueError(f"{option} is empty: give one or more batch sizes from 1 to {BATCH_LIMIT}")
+    return out
+
+
 @dataclass
 class SpeedPoint:
     method: str
     target: float
     measured: float  # skipped fraction of FFN neurons on the generated tokens
-    tokens_per_s: float  # median over repeats
+    tokens_per_s: float  # fast loop decode steps per second (per sequence), median over repeats
     ms_per_token: float
-    prefill_ms: float
-    speedup: float  # tokens/s over dense tokens/s, same process, same loop
-    ideal_speedup: float  # dense bytes per token over this method's bytes per token
-    bytes_per_token: float
-    gb_per_s: float  # bytes a decode step reads (weights once, every sequence's KV cache) / time per step
+    prefill_ms: float  # the fast loop's prefill of the B-row prompt, median
+    speedup: float  # tokens/s over the same batch and route's dense tokens/s, same process, same loop
+    ideal_speedup: float  # dense bytes per token over this method's bytes per token (batch 1 only)
+    bytes_per_token: float  # bytes one decode step reads (weights once, every sequence's KV cache)
+    gb_per_s: float  # bytes_per_token × steps per second
     match_dense: float  # fraction of generated tokens equal to the dense model's at the same position
     runs: list[float] = field(default_factory=list)  # tokens/s of every timed repeat
     batch: int = 1  # sequences decoded together; tokens/s is per sequence
-    memory_gib: float = float("nan")  # GPU memory allocated with the model sparsified (CUDA only)
+    memory_gib: float = float("nan")  # GPU memory allocated with the model sparsified and this batch's decoder
+    compiled: bool = False  # the decode step went through torch.compile before its CUDA graph
+    route: str = ""  # "CUDA graph", "CUDA graph + compile", "eager" (CPU), "eager + compile"
+    call_tokens_per_s: float = float("nan")  # new tokens / wall time of one whole fast-loop call (prefill in)
+    generate_tokens_per_s: float = float("nan")  # the same through countdown.generate (the user's call)
+    seconds: float = float("nan")  # what measuring this point took (compile, capture and checks included)
 
 
-def _timed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool):
-    decoder = Decoder(model, max_len=prompt.shape[-1] + new_tokens, batch_size=prompt.shape[0], compile=compile)
-    decoder.generate(prompt, new_tokens)  # warm-up, CUDA-graph capture, kernel autotuning
-    results = [decoder.generate(prompt, new_tokens) for _ in range(repeats)]
-    return results
+@dataclass
+class ConfigFigures:
+    """What one configuration costs apart from decode speed (measured once, at the first batch size)."""
+
+    method: str
+    target: float
+    memory_gib: float = float("nan")  # allocated after sparsify: weights, thresholds, predictors (CUDA only)
+    prefill_ms: float = float("nan")  # forward of a prefill_len-token prompt as sparsified (default: prefill dense)
+    prefill_all_ms: float = float("nan")  # the same with every prompt position sparse (positions="all")
+    model_generate_tokens_per_s: float = float("nan")  # plain model.generate, greedy (with routes=True)
+    hf_static: str = ""  # transformers' static-cache recipe (dense, with hf_static=True): tokens/s or its error
+
+
+@dataclass
+class BenchResult:
+    points: list[SpeedPoint] = field(default_factory=list)
+    configs: list[ConfigFigures] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # what the time limit left out
+    seconds: float = 0.0
+
+
+class _Budget:
+    """Wall-clock guard: a step starts only if the longest step of its kind so far still fits."""
+
+    def __init__(self, max_seconds: float | None):
+        self.start = time.perf_counter()
+        self.max_seconds = max_seconds
+        self.cost: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, kind: str) -> bool:
+        return self.max_seconds is None or self.elapsed() + self.cost.get(kind, 0.0) <= self.max_seconds
+
+    def spent(self, kind: str, seconds: float) -> None:
+        self.cost[kind] = max(self.cost.get(kind, 0.0), seconds)
+
+
+def _sync(model: nn.Module) -> None:
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
+def _wall(model: nn.Module, fn: Callable[[], object], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(model)
+        t = time.perf_counter()
+        fn()
+        _sync(model)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _allocated_gib(model: nn.Module, settle: bool = False) -> float:
+    if not next(model.parameters()).is_cuda:
+        return float("nan")
+    if settle:  # what stays allocated, not what the last step left for the collector
+        gc.collect()
+        torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+@torch.no_grad()
+def time_prefill(model: nn.Module, n_tokens: int, repeats: int = 5, seed: int = 5) -> float:
+    """Median wall time of one forward of ``n_tokens`` random token ids (batch 1, no cache), after a warm-up."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(model.config.vocab_size, (1, n_tokens), generator=g).to(next(model.parameters()).device)
+    run = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+    run()
+    return 1e3 * statistics.median(_wall(model, run, repeats))
+
+
+@torch.no_grad()
+def model_generate_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> float:
+    """Per-sequence tokens/s of plain greedy ``model.generate`` (eager, dynamic cache), whole call."""
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=pad)
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    times = _wall(model, lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw),
+                  repeats)
+    return new_tokens / statistics.median(times)
+
+
+def hf_static_recipe(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64) -> str:
+    """tokens/s of transformers' documented fast recipe (static cache, forward compiled with
+    mode="reduce-overhead"), or the error it raises: what a user following the docs meets."""
+    forward = model.forward
+    try:
+        model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  cache_implementation="static", pad_token_id=0)
+        model.generate(prompt, **kw)
+        t = statistics.median(_wall(model, lambda: model.generate(prompt, **kw), 2))
+        return f"{new_tokens / t:.1f} tokens/s"
+    except Exception as err:  # noqa: BLE001 - the point is to record what users meet
+        return f"fails: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+
+
+@contextmanager
+def _sparsified(model: nn.Module, name: str, s: float, calibration, preds, positions: str, attention: float | None):
+    """The model sparsified for (name, s) inside the block, dense (and without cached decoders) after it."""
+    if name != "dense":
+        sparsify(model, name, s, calibration=calibration, positions=positions, predictors=preds, attention=attention,
+                 max_windows=None, progress=False)
+    try:
+        yield
+    finally:
+        clear_cache(model)
+        if name != "dense":
+            unsparsify(model)
+
+
+@torch.no_grad()
+def _measure_point(model: nn.Module, name: str, s: float, prompt: torch.Tensor, *, new_tokens: int, repeats: int,
+                   generate_repeats: int, compile: bool, positions: str, nbytes: ModelBytes, extra_bytes: int,
+                   dense: SpeedPoint | None, dense_tokens: torch.Tensor | None) -> tuple[SpeedPoint, torch.Tensor]:
+    """One (configuration, batch, route) point: the fast loop, then countdown.generate on the same decoder."""
+    t_start = time.perf_counter()
+    batch, n_prompt = prompt.shape
+    # the decoder countdown.generate would make for this call, so its whole-call figure reuses the capture
+    decoder = decoder_for(model, batch, n_prompt + new_tokens, compile)
+    decoder.generate(prompt, min(new_tokens, WARMUP_TOKENS))  # capture, compile, kernel autotuning
+    results, calls = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        results.append(decoder.generate(prompt, new_tokens))
+        calls.append(time.perf_counter() - t)  # generate returns tokens on the CPU: the call has finished
+    gen = lambda: generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)  # noqa: E731
+    gen_calls = _wall(model, gen, generate_repeats) if generate_repeats else []
+    memory = _allocated_gib(model)
+    runs = [r.tokens_per_second for r in results]
+    tps = statistics.median(runs)
+    tokens = results[0].tokens[0, n_prompt:]
+    if name == "dense":
+        measured, fraction, attention_skipped = 0.0, 1.0, None
+    else:  # the sparsity the masks really had on the generated tokens of the first sequence (reference path)
+        seq = results[0].tokens[0]
+        seen = perplexity(model, seq, context=seq.numel(), stride=new_tokens, positions=positions, progress=False)
+        measured, fraction, attention_skipped = seen.sparsity, seen.ffn_bytes_read, seen.attention_sparsity
+    context = batch * (n_prompt + new_tokens / 2)  # cached positions a step reads, mean over the steps
+    b = nbytes.per_token(context, fraction, extra_bytes, attention_skipped)
+    ideal = nbytes.per_token(context) / b if batch == 1 else float("nan")
+    match = float((tokens == dense_tokens).float().mean()) if dense_tokens is not None else 1.0
+    point = SpeedPoint(
+        name, s, measured, tps, 1e3 / tps, 1e3 * statistics.median(r.prefill_seconds for r in results),
+        tps / dense.tokens_per_s if dense is not None else 1.0, ideal, b, b * tps / 1e9, match, runs, batch, memory,
+        compile, ("CUDA graph" if decoder.use_graph else "eager") + (" + compile" if compile else ""),
+        new_tokens / statistics.median(calls), new_tokens / statistics.median(gen_calls) if gen_calls else float("nan"))
+    clear_cache(model)
+    if compile:
+        torch._dynamo.reset()  # each point compiled a new graph; dropping them keeps dynamo under its recompile limit
+    point.seconds = time.perf_counter() - t_start
+    return point, tokens
+
+
+def measure_bench(
+    model: nn.Module,
+    methods: list[str],
+    sparsities: list[float],
+    calibration: torch.Tensor,
+    *,
+    batches: list[int],
+    prompt_for: Callable[[int], torch.Tensor],
+    new_tokens: int = 256,
+    repeats: int = 3,
+    generate_repeats: int = 2,
+    predictors_for: Callable[[float], list] | None = None,
+    compile_batches: Collection[int] = (),
+    routes: bool = False,
+    route_tokens: int = 32,
+    prefill_len: int = 2048,
+    prefill_repeats: int = 5,
+    hf_static: bool = False,
+    positions: str = "decode",
+    attention: float | None = None,
+    max_seconds: float | None = None,
+    log: Callable[[str], None] = print,
+    on_update: Callable[[BenchResult], None] | None = None,
+) -> BenchResult:
+    """Dense and every (method, sparsity) at every batch size, in this process on this model object.
+
+    ``prompt_for(b)`` gives the [b, P] prompt of batch size b; ``calibration`` [n, L] token windows for
+    the thresholds (calibrated once per method and reused at every batch). At each batch dense runs
+    first, and every speed-up divides by that batch's dense tokens/s on the same route: the CUDA-graph
+    loop, compiled first at the batch sizes in ``compile_batches`` (one torch.compile per point). Per
+    point: the fast loop's decode tokens/s, its whole-call tokens/s and `countdown.generate`'s (prefill
+    included, same decoder). At the first batch size, per configuration: GPU memory after sparsify, the
+    forward time of a ``prefill_len``-token prompt (0: skip) as sparsified and, for positions="decode",
+    with every position sparse; ``routes``: plain ``model.generate`` tokens/s (``route_tokens`` new tokens;
+    it is host-bound); ``hf_static`` (last, dense): transformers' static-cache recipe.
+
+    ``max_seconds``: a step starts only if the longest one of its kind so far still fits; what is left
+    out is listed in ``result.skipped``. ``on_update(result)`` runs after every step (write partial
+    results there). The ideal speed-up from bytes is given at batch 1 only (a batch reads the union of its
+    kept rows, which per-token sparsity does not tell)."""
+    for name in methods:
+        if get_method(name).needs_predictor and predictors_for is None:
+            raise ValueError(f"{name} needs predictors: pass predictors_for")
+    if repeats < 1 or new_tokens < 2:
+        raise ValueError("need repeats >= 1 and new_tokens >= 2")
+    batches = parse_batches(list(batches), "batches")
+    if any(b not in batches for b in compile_batches):
+        raise ValueError(f"compile_batches {sorted(compile_batches)} must be among the batch sizes {batches}")
+    limit = getattr(model.config, "max_position_embeddings", None) or prefill_len
+    prefill_len = min(prefill_len, limit)
+    budget = _Budget(max_seconds)
+    result = BenchResult(settings=dict(batches=batches, compile_batches=sorted(compile_batches), new_tokens=new_tokens,
+                                       repeats=repeats, generate_repeats=generate_repeats, routes=routes,
+                                       route_tokens=route_tokens, prefill_len=prefill_len, positions=positions,
+                                       attention=attention, max_seconds=max_seconds))
+
+    def say(message: str) -> None:
+        log(f"[{budget.elapsed():6.0f}s] {message}")
+
+    def update() -> None:
+        result.seconds = budget.elapsed()
+        if on_update is not None:
+            on_update(result)
+
+    nbytes = model_bytes(model)
+    device = next(model.parameters()).device
+    configs = [("dense", 0.0)] + [(name, s) for name in methods for s in sparsities]
+    # one calibration per method serves every batch (and the positions="all" prefill)
+    cals: dict = {}
+    if attention is None:
+        shared = [name for name in methods if not get_method(name).needs_predictor]
+        if shared:
+            cals = calibrate_methods(model, shared, calibration, max_windows=None, progress=False)
+        say(f"calibrated {', '.join(shared) or 'nothing shared'}")
+
+    def setup(name: str, s: float):
+        preds = predictors_for(s) if get_method(name).needs_predictor else None
+        if name == "dense" or attention is not None:
+            return calibration, preds  # attention thresholds are calibrated with the FFN's, from tokens
+        if (name, s) not in cals and name not in cals:  # predictor scores: calibrated per predictor set
+            cals[(name, s)] = calibrate(model, name, calibration, predictors=preds, max_windows=None, progress=False)
+        return cals.get(name, cals.get((name, s))), preds
+
+    for b in batches:
+        prompt = prompt_for(b).to(device)
+        if prompt.dim() != 2 or prompt.shape[0] != b:
+            raise ValueError(f"prompt_for({b}) must give [{b}, prompt_len] token ids, got {tuple(prompt.shape)}")
+        compiled = b in compile_batches
+        kind = "compiled" if compiled else "graph"
+        first = b == batches[0]
+        dense: SpeedPoint | None = None
+        dense_tokens = None
+        step = kind + (" with first-batch figures" if first else "")  # what the time guard compares
+        for name, s in configs:
+            label = "dense" if name == "dense" else f"{name} @ {s:.0%}"
+            if name != "dense" and dense is None:
+                result.skipped.append(f"batch {b}: {label} (no dense point at this batch)")
+                continue
+            if not budget.allows(step):
+                result.skipped.append(f"batch {b}: {label} ({kind}; time limit {max_seconds:.0f}s)")
+                say(f"batch {b}: {label} skipped: the time limit would not hold it")
+                continue
+            t0 = time.perf_counter()
+            cal, preds = setup(name, s)
+            figures = ConfigFigures(name, s) if first else None
+            with _sparsified(model, name, s, cal, preds, positions, attention):
+                if figures is not None:
+                    figures.memory_gib = _allocated_gib(model, settle=True)
+                    if prefill_len:
+                        figures.prefill_ms = time_prefill(model, prefill_len, prefill_repeats)
+                point, tokens = _measure_point(
+                    model, name, s, prompt, new_tokens=new_tokens, repeats=repeats, generate_repeats=generate_repeats,
+                    compile=compiled, positions=positions, nbytes=nbytes, extra_bytes=predictor_bytes(preds),
+                    dense=dense, dense_tokens=dense_tokens)
+                if figures is not None and routes:
+                    figures.model_generate_tokens_per_s = model_generate_tokens_per_s(model, prompt, route_tokens)
+            if figures is not None and prefill_len and name != "dense" and positions == "decode":
+                with _sparsified(model, name, s, cal, preds, "all", attention):
+                    figures.prefill_all_ms = time_prefill(model, prefill_len, prefill_repeats)
+            if name == "dense":
+                dense, dense_tokens = point, tokens
+            result.points.append(point)
+            if figures is not None:
+                result.configs.append(figures)
+            budget.spent(step, time.perf_counter() - t0)
+            say(f"batch {b} {kind}: {label}: {point.tokens_per_s:.1f} tokens/s per sequence, {point.speedup:.2f}x dense"
+                + (f" (ideal {point.ideal_speedup:.2f}x)" if _at_batch_one(point) else "")
+                + (f", measured sparsity {point.measured:.1%}" if name != "dense" else "")
+                + f", countdown.generate {point.generate_tokens_per_s:.1f} tokens/s; {point.seconds:.0f}s")
+            update()
+    if hf_static:
+        if budget.allows("hf_static"):
+            figures = next((c for c in result.configs if c.method == "dense"), None)
+            if figures is not None:
+                figures.hf_static = hf_static_recipe(model, prompt_for(batches[0]).to(device))
+                say(f"transformers' static-cache recipe (dense): {figures.hf_static}")
+        else:
+            result.skipped.append("transformers' static-cache recipe (time limit)")
+        update()
+    result.seconds = budget.elapsed()
+    return result
+
+
+def _at_batch_one(point: SpeedPoint) -> bool:
+    return point.ideal_speedup == point.ideal_speedup  # not nan: measured at batch 1
 
 
 def measure_speed(
@@ -107,70 +450,109 @@ def measure_speed(
     attention: float | None = None,
     log: Callable[[str], None] = print,
 ) -> list[SpeedPoint]:
-    """Dense first, then every (method, sparsity) in threshold mode; returns one point each.
+    """Dense first, then every (method, sparsity) in threshold mode at one batch: `measure_bench` for
+    ``prompt`` [B, P] alone, without the prefill and route figures."""
+    b = prompt.shape[0]
+    return measure_bench(model, methods, sparsities, calibration, batches=[b], prompt_for=lambda _: prompt,
+                         new_tokens=new_tokens, repeats=repeats, predictors_for=predictors_for,
+                         compile_batches=[b] if compile else [], prefill_len=0, positions=positions,
+                         attention=attention, log=log).points
 
-    ``prompt`` [B, P] token ids (B sequences decoded together, 1 to 16); ``calibration`` [n, L] token
-    windows for the thresholds. ``attention``: input sparsity of the attention projections too (every
-    method, same target). The ideal speed-up from bytes is given at batch 1 only (a batch reads
-    the union of its kept rows, which per-token sparsity does not tell)."""
-    for name in methods:
-        if get_method(name).needs_predictor and predictors_for is None:
-            raise ValueError(f"{name} needs predictors: pass predictors_for")
-    if repeats < 1 or new_tokens < 2:
-        raise ValueError("need repeats >= 1 and new_tokens >= 2")
-    nbytes = model_bytes(model)
-    context = prompt.shape[-1] + new_tokens / 2  # mean cached positions over the decode steps
-    dense_bytes = nbytes.per_token(context)
 
-    batch = prompt.shape[0]
-    context *= batch  # a step reads every sequence's KV cache
+# -- tables -----------------------------------------------------------------------------------------
 
-    def point(method: str, target: float, measured: float, ffn_fraction: float, extra: int, results, dense,
-              attention_skipped=None):
-        runs = [r.tokens_per_second for r in results]
-        tps = statistics.median(runs)
-        b = nbytes.per_token(context, ffn_fraction, extra, attention_skipped)
-        gen = results[0].tokens[0, prompt.shape[-1]:]
-        match = float((gen == dense[0]).float().mean()) if dense is not None else 1.0
-        ideal = dense_bytes / b if batch == 1 else float("nan")
-        memory = torch.cuda.memory_allocated(prompt.device if prompt.is_cuda else None) / 2**30 \
-            if torch.cuda.is_available() and next(model.parameters()).is_cuda else float("nan")
-        return SpeedPoint(method, target, measured, tps, 1e3 / tps, 1e3 * statistics.median(r.prefill_seconds for r in results),
-                          tps / dense[1] if dense is not None else 1.0, ideal, b, b * tps / 1e9, match, runs,
-                          batch, memory)
+def _num(value: float, fmt: str, dash: str = "—") -> str:
+    return dash if value != value else format(value, fmt)
 
-    dense_results = _timed(model, prompt, new_tokens, repeats, compile)
-    dense_point = point("dense", 0.0, 0.0, 1.0, 0, dense_results, None)
-    dense = (dense_results[0].tokens[0, prompt.shape[-1]:], dense_point.tokens_per_s)
-    log(f"dense: {dense_point.tokens_per_s:.1f} tokens/s ({dense_point.gb_per_s:.0f} GB/s)")
-    points = [dense_point]
-    todo = {name: list(sparsities) for name in methods}
-    for name, s, preds in each_sparsified(model, todo, calibration, positions=positions, predictors_for=predictors_for,
-                                          attention=attention, progress=False):
-        results = _timed(model, prompt, new_tokens, repeats, compile)
-        # sparsity the masks really had on the generated tokens of the first sequence (reference path)
-        seq = results[0].tokens[0]
-        seen = perplexity(model, seq, context=seq.numel(), stride=new_tokens, positions=positions, progress=False)
-        p = point(name, s, seen.sparsity, seen.ffn_bytes_read, predictor_bytes(preds), results, dense,
-                  seen.attention_sparsity)
-        points.append(p)
-        log(f"{name} @ {s:.0%}: {p.tokens_per_s:.1f} tokens/s, {p.speedup:.2f}x (ideal {p.ideal_speedup:.2f}x), "
-            f"measured sparsity {p.measured:.1%}")
-    return points
+
+def _gb(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
 
 
 def speed_markdown(points: list[SpeedPoint], title: str = "") -> str:
+    """One row per point, grouped by batch size and route, dense first in each group."""
     head = f"**{title}**\n\n" if title else ""
     lines = [
-        "| method | target | batch | measured | tokens/s per sequence | ms/token | speed-up | ideal (bytes) | % of ideal | GB/s | GPU GiB | same tokens as dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | route | method | target | measured | tokens/s per sequence | speed-up vs dense (same batch) | "
+        "ideal (bytes, batch 1) | % of ideal | GB/s | GPU GiB | whole call tokens/s: fast loop / countdown.generate | "
+        "same tokens as dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
-        target = "—" if p.method == "dense" else f"{p.target:.0%}"
-        measured = "—" if p.method == "dense" else f"{p.measured:.1%}"
-        ideal = "—" if p.ideal_speedup != p.ideal_speedup else f"{p.ideal_speedup:.2f}×"
-        of_ideal = "—" if p.ideal_speedup != p.ideal_speedup else f"{p.speedup / p.ideal_speedup:.0%}"
-        lines.append(f"| {p.method} | {target} | {p.batch} | {measured} | {p.tokens_per_s:.1f} | {p.ms_per_token:.3f} | "
-                     f"{p.speedup:.2f}× | {ideal} | {of_ideal} | {p.gb_per_s * p.batch:.0f} | {p.memory_gib:.1f} | "
+        dense = p.method == "dense"
+        target = "—" if dense else f"{p.target:.0%}"
+        measured = "—" if dense else f"{p.measured:.1%}"
+        ideal = _num(p.ideal_speedup, ".2f") + ("×" if _at_batch_one(p) else "")
+        of_ideal = f"{p.speedup / p.ideal_speedup:.0%}" if _at_batch_one(p) else "—"
+        route = p.route or ("compiled" if p.compiled else "—")
+        lines.append(f"| {p.batch} | {route} | {p.method} | {target} | {measured} | {p.tokens_per_s:.1f} | "
+                     f"{p.speedup:.2f}× | {ideal} | {of_ideal} | {_gb(p.gb_per_s)} | {_num(p.memory_gib, '.2f')} | "
+                     f"{_num(p.call_tokens_per_s, '.1f')} / {_num(p.generate_tokens_per_s, '.1f')} | "
                      f"{p.match_dense:.0%} |")
     return head + "\n".join(lines) + "\n"
+
+
+def routes_markdown(result: BenchResult, title: str = "") -> str:
+    """Per configuration at the first batch size: the routes a user can take, memory and prefill."""
+    configs = result.configs
+    if not configs:
+        return ""
+    first = result.settings.get("batches", [1])[0]
+    pts = {(p.method, p.target): p for p in result.points if p.batch == first}
+    names = [c.method if c.method == "dense" else f"{c.method} {c.target:.0%}" for c in configs]
+    lines = [f"**{title}**\n" if title else "", "| what a user does | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(configs)]
+    d = configs[0]
+
+    def row(label: str, values: list[float], fmt: str, relative: str = "speed") -> None:
+        """dense as is; the others as a ratio to dense and the value (speed: higher is better)."""
+        cells = [_num(values[0], fmt)]
+        for v in values[1:]:
+            if v != v or values[0] != values[0]:
+                cells.append(_num(v, fmt))
+            elif relative == "speed":
+                cells.append(f"{v / values[0]:.2f}× ({format(v, fmt)})")
+            elif relative == "time":
+                cells.append(f"{values[0] / v:.2f}× of dense speed ({format(v, fmt)} ms)")
+            else:
+                cells.append(f"{format(v, fmt)} ({(v / values[0] - 1):+.1%})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    point = [pts.get((c.method, c.target)) for c in configs]
+    get = lambda attr: [getattr(p, attr) if p is not None else float("nan") for p in point]  # noqa: E731
+    route = "compiled, " if point[0] is not None and point[0].compiled else ""
+    row(f"fast loop `Decoder` ({route}batch {first}), decode tokens/s per sequence", get("tokens_per_s"), ".1f")
+    row("fast loop, whole call tokens/s (prefill + decode)", get("call_tokens_per_s"), ".1f")
+    row(f"`countdown.generate(...{', compile=True' if route else ''})`, whole call tokens/s", get("generate_tokens_per_s"),
+        ".1f")
+    lines.append("| ... as a share of the fast loop's whole call | " + " | ".join(
+        _num(p.generate_tokens_per_s / p.call_tokens_per_s, ".0%") if p is not None else "—" for p in point) + " |")
+    if result.settings.get("routes"):
+        row(f"plain `model.generate` (greedy, {result.settings.get('route_tokens')} new tokens), tokens/s per sequence",
+            [c.model_generate_tokens_per_s for c in configs], ".1f")
+    if d.hf_static:
+        lines.append("| transformers' recipe: `generate(cache_implementation=\"static\")`, forward compiled "
+                     f"`mode=\"reduce-overhead\"` | {d.hf_static} |" + " — |" * (len(configs) - 1))
+    row("GPU memory after `sparsify`, GiB (no KV cache)", [c.memory_gib for c in configs], ".2f", "memory")
+    n = result.settings.get("prefill_len", 0)
+    if n:
+        positions = result.settings.get("positions", "decode")
+        row(f"forward of a {n}-token prompt, ms (positions=\"{positions}\")", [c.prefill_ms for c in configs], ".1f",
+            "time")
+        if positions == "decode":
+            lines.append("| same, positions=\"all\" (every prompt token sparse) | — | " + " | ".join(
+                f"{d.prefill_ms / c.prefill_all_ms:.2f}× of dense speed ({c.prefill_all_ms:.1f} ms)"
+                if c.prefill_all_ms == c.prefill_all_ms and d.prefill_ms == d.prefill_ms else "—"
+                for c in configs[1:]) + " |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def bench_markdown(result: BenchResult, title: str = "") -> str:
+    """The batch table, then the routes / memory / prefill table (last), then what the time limit left out."""
+    parts = [speed_markdown(result.points, title)]
+    routes = routes_markdown(result, f"routes, memory and prefill at batch {result.settings.get('batches', [1])[0]}")
+    if routes:
+        parts.append(routes)
+    if result.skipped:
+        parts.append("Left out (time limit): " + "; ".join(result.skipped) + "\n")
+    return "\n".join(parts)
