@@ -89,7 +89,7 @@ def test_time_limit_leaves_out_and_says_so():
                            prompt_for=lambda b: tokens(b, 8), new_tokens=3, repeats=1, prefill_len=0,
                            max_seconds=0.0, log=lambda s: None)
     assert result.points == [] and len(result.skipped) == 4
-    assert "Left out (time limit)" in bench_markdown(result)
+    assert "Left out (time limit 0s after model loading)" in bench_markdown(result)
 
 
 @pytest.mark.parametrize("value, message", [("0", "out of range"), ("17", "out of range"), ("x", "whole numbers"),
