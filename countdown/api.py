@@ -86,7 +86,7 @@ def sparsify(
     positions: str = "decode",
     count_rule: str = "floor",
     ties: str = "exact",
-    threshold_rule: str = "pooled",
+    threshold_rule: str | None = None,
     threshold_adjust: float = 0.0,
     seq_len: int = 512,
     max_windows: int | None = 32,
@@ -109,7 +109,10 @@ def sparsify(
     ("floor": drop ``int(D*s)`` per token, "round"), ``ties`` (top-k: "exact" k, or "strict"
     ``score > k-th smallest``), ``threshold_rule`` ("pooled" quantile, "mean-kth", "median-kth") and
     ``threshold_adjust`` (added to every threshold). ``d-countdown`` needs ``predictors`` from
-    ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity. Methods with
+    ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity; its default
+    threshold rule is the predictors' (``Predictors.keep_rule``): "zero" (keep logit > 0, nothing to
+    calibrate, the sparsity is what the classifier gives) for ``recipe="official"``, else "pooled"
+    (every other method: "pooled"). Methods with
     per-neuron statistics (``chess``) need ``calibration`` in top-k mode too. ``attention=a`` also
     skips a fraction ``a`` of the input channels of every attention projection (q/k/v share one
     calibrated threshold per layer, o_proj has its own; TEAL model-wide is
@@ -121,12 +124,18 @@ def sparsify(
     sparsity = check_sparsity(sparsity)
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    if threshold_rule is None:
+        threshold_rule = getattr(predictors, "keep_rule", "pooled") if m.needs_predictor else "pooled"
     check_protocol(positions, count_rule, ties, threshold_rule, threshold_adjust)
+    if threshold_rule == "zero" and not m.needs_predictor:
+        raise ValueError(f"threshold_rule='zero' keeps predictor logits > 0 (D-COUNTDOWN's official rule); "
+                         f"method {m.name!r} has no predictor: use 'pooled', 'mean-kth' or 'median-kth'")
     sites = ffn_sites(model)
     check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
-    mode = mode or ("threshold" if calibration is not None else "topk")
+    logit_rule = threshold_rule == "zero" and mode != "topk"  # logit > 0: nothing to calibrate
+    mode = mode or ("threshold" if calibration is not None or logit_rule else "topk")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     parallel.check(sites, m, mode)
@@ -145,7 +154,9 @@ def sparsify(
     spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, count_rule, ties, threshold_rule,
                         float(threshold_adjust), attention)
     thresholds, stats = None, None
-    if (mode == "threshold" and m.sites) or m.stats:
+    if logit_rule:
+        thresholds = torch.full((len(sites), len(m.sites)), float(threshold_adjust))
+    elif (mode == "threshold" and m.sites) or m.stats:
         if calibration is None:
             if mode == "topk":
                 raise ValueError(f"method {m.name!r} measures per-neuron statistics ({', '.join(m.stats)}) on "

@@ -2,13 +2,15 @@
 reads or validates it.
 
 Tensors: ``thresholds`` [L, n_sites] (float32) for a full artifact, per layer
-``layers.{i}.predictor_{V,U,b}`` for D-COUNTDOWN predictors, ``layers.{i}.stat_<name>`` ([I] float32)
+``layers.{i}.predictor_{V,U,b}`` (low-rank) or ``predictor_{W,b}`` (bitlinear) for D-COUNTDOWN
+predictors, ``layers.{i}.stat_<name>`` ([I] float32)
 for per-neuron calibration statistics (CHESS's ``up_abs_mean``), and ``attention_thresholds`` [L, 2]
 for attention input sparsity. Metadata (key ``countdown``): format, version, kind ("sparsity" or
 "predictors"), method, sparsity (target), mode, sites, attention (its sparsity or null), the evaluation
 protocol (positions, count_rule, ties, threshold_rule, threshold_adjust: see `countdown.ffn.SparsitySpec`),
 predictor_sparsity (the target the predictors were trained for), the model fingerprint, and for
-predictor files the per-layer training reports.
+predictor files the predictor_recipe ("countdown" | "official"), predictor_kind ("lowrank" |
+"bitlinear") and the per-layer training reports.
 
 Artifacts written before the protocol was recorded lack those keys; they were made with positions
 "all", top-k dropping round(D*s) neurons with exact ties, and pooled thresholds, which is what

@@ -435,11 +435,15 @@ def tasks_cmd() -> None:
 def train_predictors_cmd(
     model: str = ModelOpt,
     sparsity: float = typer.Option(0.7, help="Target sparsity the predictors are trained for, in [0, 1)."),
-    rank: str = typer.Option("auto", help="Predictor rank r ('auto': ≈5% of the FFN's weights, the paper's ratio)."),
+    recipe: str = typer.Option("countdown", help="Training recipe: 'countdown' (ours: bias, calibrated threshold) or "
+                               "'official' (the COUNTDOWN code's: no bias, kept where logit > 0)."),
+    predictor: str = typer.Option("lowrank", help="Predictor kind: 'lowrank' (x V Uᵀ) or 'bitlinear' (ternary x Wᵀ)."),
+    rank: str = typer.Option("auto", help="Low-rank predictor rank r ('auto': ours ≈5% of the FFN's weights, "
+                             "the paper's ratio; official H/8, 512 at H=4096)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the predictor artifact (.safetensors)."),
     text: str = TextOpt,
     calib_windows: int = typer.Option(16, help="Training windows of --context tokens (the last tenth is held out)."),
-    epochs: int = typer.Option(15, help="Training epochs per layer."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs per layer (default: the recipe's, 15 / 10)."),
     context: int = ContextOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -449,13 +453,14 @@ def train_predictors_cmd(
 
     m, tok = _load(model, device, dtype)
     windows = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-    preds = train_predictors(m, sparsity, windows, rank=rank if rank == "auto" else int(rank), epochs=epochs,
-                             max_windows=None)
+    preds = train_predictors(m, sparsity, windows, recipe=recipe, predictor=predictor,
+                             rank=rank if rank == "auto" else int(rank), epochs=epochs, max_windows=None)
     summary = preds.summary()
     path = save_predictors(m, preds, output)
     output.with_suffix(".json").write_text(
         json.dumps({"summary": summary, "layers": [asdict(x) for x in preds.reports]}, indent=1))
-    table = Table(title=f"predictors for {sparsity:.0%} sparsity (held-out recall of the true top-{1 - sparsity:.0%})")
+    table = Table(title=f"{recipe} {predictor} predictors for {sparsity:.0%} sparsity "
+                        f"(held-out recall of the true top-{1 - sparsity:.0%})")
     for col in ("layer", "recall (top-k)", "recall (logit>0)", "precision (logit>0)", "kept (logit>0)", "loss first→last"):
         table.add_column(col, justify="right")
     for rep in preds.reports:
@@ -463,10 +468,13 @@ def train_predictors_cmd(
                       f"{rep.kept_at_zero:.2f}", f"{rep.loss_first:.3f}→{rep.loss_last:.3f}")
     console.print(table)
     frac = summary["predictor_fraction"]
+    shape = f"rank {summary['rank']}" if predictor == "lowrank" else "ternary [I, H] (stored in the model's dtype)"
+    skips = (f"{1 - summary['kept_at_zero_mean']:.0%} measured (logit > 0, the official rule; recall "
+             f"{summary['recall_at_zero_mean']:.3f})" if preds.keep_rule == "zero" else f"{sparsity:.0%}")
     console.print(
-        f"rank {summary['rank']}: predictor = {frac:.1%} of the FFN's weights and bytes per token "
-        f"(break-even: it must let the kernel skip more than {frac:.1%} of the FFN bytes; at {sparsity:.0%} "
-        f"sparsity D-COUNTDOWN skips {sparsity:.0%}). Recall mean {summary['recall_mean']:.3f}, "
+        f"{shape}: predictor = {frac:.1%} of the FFN's weights and bytes per token "
+        f"(break-even: it must let the kernel skip more than {frac:.1%} of the FFN bytes; "
+        f"D-COUNTDOWN skips {skips}). Recall (top-k) mean {summary['recall_mean']:.3f}, "
         f"min {summary['recall_min']:.3f} (layer {summary['recall_min_layer']}); trained in {summary['train_seconds']:.0f}s. "
         f"Wrote {path}")
 

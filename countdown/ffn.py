@@ -37,7 +37,9 @@ KERNEL_MODES = ("auto", "off", "always")
 POSITIONS = ("all", "decode")
 COUNT_RULES = ("floor", "round")  # neurons dropped per token: int(D*s) (official) or round(D*s)
 TIES = ("exact", "strict")  # top-k: exactly k kept, or official "score > k-th smallest"
-THRESHOLD_RULES = ("pooled", "mean-kth", "median-kth")  # see `countdown.calibrate`
+# see `countdown.calibrate`; "zero": every threshold 0 (+ threshold_adjust), the official D-COUNTDOWN keep
+# rule "predictor logit > 0" (predictor methods only; nothing to calibrate)
+THRESHOLD_RULES = ("pooled", "mean-kth", "median-kth", "zero")
 
 # The protocol of the official COUNTDOWN evaluation (rustic-snob/COUNTDOWN): pass as
 # ``countdown.sparsify(model, ..., **OFFICIAL_PROTOCOL)``.
@@ -66,7 +68,10 @@ class SparsitySpec:
     * ``threshold_rule`` (threshold mode): "pooled" takes the s-quantile of all calibration scores of a
       layer (Dhar et al.); "mean-kth" / "median-kth" average each calibration forward's mean per-token
       k-th smallest score over forwards by mean (official) or median; ``threshold_adjust`` is added to
-      every threshold (the official ``--adjust_threshold``).
+      every threshold (the official ``--adjust_threshold``); "zero" (D-COUNTDOWN's predictors only)
+      sets every threshold to 0, i.e. keeps the neurons whose predictor logit is > 0 (the official
+      practical rule, the default for predictors trained with ``recipe="official"``), so the sparsity
+      is the measured one, not the target.
 
     Why these defaults: "floor" is the official count and costs nothing; "exact" ties keep the nominal
     count, so the measured sparsity is the target (strict ties skip extra neurons wherever scores tie);
@@ -105,7 +110,8 @@ def protocol_label(mode: str, positions: str = "all", count_rule: str = "floor",
     if mode == "topk":
         rule = f"top-k {count_rule}/{'strict ties' if ties == 'strict' else 'exact k'}"
     elif mode == "threshold":
-        rule = "threshold pooled" if threshold_rule == "pooled" else f"threshold {threshold_rule} {count_rule}"
+        rule = {"pooled": "threshold pooled", "zero": "threshold logit>0"}.get(
+            threshold_rule, f"threshold {threshold_rule} {count_rule}")
         if threshold_adjust:
             rule += f" {threshold_adjust:+g}"
     else:
@@ -213,6 +219,9 @@ class _SparseModule(nn.Module):
             for key, value in predictor.items():  # stored in the model's dtype: bytes as the kernel reads them
                 self.register_buffer(f"predictor_{key}", value.detach().to(dtype).clone(), persistent=False)
         self.has_predictor = predictor is not None
+        # low-rank (V, U) or bitlinear (W) predictor, with or without a bias (see `countdown.predictor`)
+        self.predictor_kind = "bitlinear" if predictor is not None and "W" in predictor else "lowrank"
+        self.predictor_has_bias = predictor is not None and "b" in predictor
         for name, value in (stats or {}).items():  # float32: a per-neuron constant, cast where used
             self.register_buffer(f"stat_{name}", value.detach().float().clone(), persistent=False)
 
@@ -223,14 +232,20 @@ class _SparseModule(nn.Module):
         return mask
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Low-rank predictor logits ``(x V) Uᵀ + b`` ([..., I]; see `countdown.predictor`)."""
+        """Predictor logits [..., I]: low-rank ``(x V) Uᵀ [+ b]`` or bitlinear ``x Wᵀ [+ b]`` (see
+        `countdown.predictor`)."""
         if not self.has_predictor:
             raise RuntimeError(
                 f"layer {self.layer_idx}: method {self.method.name!r} needs trained predictors; "
                 "run `countdown train-predictors` or `countdown.train_predictors(...)` first"
             )
-        v = self.predictor_V
-        return (x.to(v.dtype) @ v) @ self.predictor_U.t() + self.predictor_b
+        if self.predictor_kind == "bitlinear":
+            w = self.predictor_W
+            logits = x.to(w.dtype) @ w.t()
+        else:
+            v = self.predictor_V
+            logits = (x.to(v.dtype) @ v) @ self.predictor_U.t()
+        return logits + self.predictor_b if self.predictor_has_bias else logits
 
     def stat(self, name: str) -> torch.Tensor:
         """The per-neuron statistic ``name`` ([I], float32) measured on calibration text."""

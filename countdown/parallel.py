@@ -39,8 +39,8 @@ from torch import nn
 # methods whose scores and masks are per-neuron and read no whole-matrix constant (column norms, SVD):
 # under TP each rank computes exactly its slice of what one process computes
 TP_METHODS = ("dense", "cats", "m-countdown", "d-countdown-ideal", "d-countdown", "teal", "chess")
-# per-neuron predictor tensors (rows along I); "V" [H, r] is the same on every rank
-PREDICTOR_ROWS = ("U", "b")
+# per-neuron predictor tensors (rows along I: low-rank U, bitlinear W, bias b); "V" [H, r] is the same on every rank
+PREDICTOR_ROWS = ("U", "W", "b")
 
 
 def _dtensor_type():
