@@ -74,8 +74,36 @@ def main() -> None:
                 f"{s}%: recall mean {r[0]:.3f} (min {r[1]:.3f}), rank {r[2]}, {r[3]:.1%} of FFN weights"
                 for s, r in sorted(info["recall"].items())) + "\n")
         if ("topk", "decode") in info["runs"]:
-            plot_ppl_vs_sparsity(info["runs"][("topk", "decode")], args.plots / f"{folder.name}_topk_decode.png",
+            points = info["runs"][("topk", "decode")]
+            plot_ppl_vs_sparsity(points, args.plots / f"{folder.name}_topk_decode.png",
                                  title=f"{folder.name}: perplexity vs sparsity (top-k, official positions)")
+            plot_ppl_vs_bytes(points, args.plots / f"{folder.name}_topk_decode_bytes.png",
+                              title=f"{folder.name}: perplexity vs FFN weight bytes read (top-k, official positions)")
+
+
+def plot_ppl_vs_bytes(points, path: Path, title: str) -> None:
+    """Perplexity against the FFN bytes a kernel reads: methods compared at equal cost, not equal sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense = next(p.ppl for p in points if p.method == "dense")
+    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+    for i, method in enumerate(dict.fromkeys(p.method for p in points if p.method != "dense")):
+        pts = sorted((p for p in points if p.method == method), key=lambda p: p.ffn_bytes_read)
+        ax.plot([100 * p.ffn_bytes_read for p in pts], [p.ppl for p in pts], marker="os^"[i // 10],
+                color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("FFN weight bytes read per token, % of dense")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

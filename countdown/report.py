@@ -103,8 +103,9 @@ def plot_ppl_vs_sparsity(points: list[Point], path: Path, title: str = "") -> Pa
     dense = [p for p in points if p.method == "dense"]
     if dense:
         ax.axhline(dense[0].ppl, color="black", linestyle="--", linewidth=1, label=f"dense ({dense[0].ppl:.2f})")
-    for label, pts in _series(points).items():
-        ax.plot([p.measured for p in pts], [p.ppl for p in pts], marker="o", label=label)
+    for i, (label, pts) in enumerate(_series(points).items()):  # past ten lines the colours repeat: dash those
+        ax.plot([p.measured for p in pts], [p.ppl for p in pts], marker="os^"[i // 10 % 3], color=f"C{i % 10}",
+                linestyle="-" if i < 10 else "--", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("measured FFN sparsity (fraction of neurons skipped per token)")
     ax.set_ylabel("perplexity (log scale)")
