@@ -20,6 +20,7 @@ per-token top-k or by a calibrated threshold. Scores and masks are ``[..., I]`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
@@ -98,6 +99,50 @@ def coefficient(parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
     return a * parts.up(x) if parts.kind == "gated" else a
 
 
+def per_neuron_threshold(parts: FFNParts, key: str, sources: tuple[torch.Tensor, ...],
+                         compute: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``compute(*sources)``: a kernel's per-neuron threshold vector [I] (fp32, contiguous) derived from a
+    site's threshold and per-neuron constants, cached on the module under ``key`` until a source changes.
+
+    A source changes when it is replaced (``.to()``, a new buffer or weight: new storage) or updated in
+    place (its version counter). The cache holds the sources it was computed from, so their storage
+    cannot be reused by a new tensor while the entry stands. Inside a torch.compile trace the cached
+    vector is used as it is (no Python-side checks in the graph); inside a CUDA-graph capture a missing
+    vector is computed in the graph and not cached (its memory belongs to the graph). Warm-up runs
+    eagerly before capture (`countdown.decode`), which fills the cache."""
+    cache = getattr(parts, "_kernel_thresholds", None)
+    hit = cache.get(key) if cache is not None else None
+    if torch.compiler.is_compiling():
+        return hit[2] if hit is not None else compute(*sources)
+    stamp = tuple((t.device, t.data_ptr(), t._version) for t in sources)
+    if hit is not None and hit[0] == stamp:
+        return hit[2]
+    with torch.no_grad():
+        value = compute(*sources).float().contiguous()
+    if not any(t.is_cuda for t in sources) or not torch.cuda.is_current_stream_capturing():
+        if cache is None:
+            cache = {}
+            setattr(parts, "_kernel_thresholds", cache)
+        cache[key] = (stamp, sources, value)
+    return value
+
+
+def _rescaled_threshold(tau: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """thr_i with ``s > thr_i`` ⇔ ``s·scale_i > τ`` for every s ≥ 0: τ / scale_i; where scale_i = 0 the
+    product is 0, kept iff 0 > τ (thr = -inf: always; +inf: never). float64, then fp32."""
+    tau, scale = tau.double().reshape(()), scale.double()
+    never_or_always = torch.where(tau < 0, -math.inf, math.inf)
+    return torch.where(scale > 0, tau / scale, never_or_always).float()
+
+
+def _saliency_threshold(tau: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """thr_i with ``|t| > thr_i`` ⇔ ``½ t² n_i² > τ`` (S-COUNTDOWN): sqrt(2τ) / n_i for τ ≥ 0 (never where
+    n_i = 0: the saliency is 0); τ < 0 keeps every neuron (a saliency is never negative)."""
+    tau, norm = tau.double().reshape(()), norm.double()
+    thr = torch.where(norm > 0, torch.sqrt(2 * tau.clamp_min(0)) / norm, math.inf)
+    return torch.where(tau < 0, -math.inf, thr).float()
+
+
 def _two_of_three(kind: str, skipped: float) -> float:
     """Bytes read when one projection is dense and the other two are read for kept neurons only."""
     return (1 + 2 * (1 - skipped)) / 3 if kind == "gated" else (1 + (1 - skipped)) / 2
@@ -140,7 +185,8 @@ class Method:
 
     def kernel_forward(self, parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
         """The FFN output for decode tokens x through this method's Triton op (``has_kernel`` only);
-        ``parts.threshold(site)`` is a site's 1-element threshold on x's device."""
+        ``parts.threshold(site)`` is a site's 1-element threshold on x's device. A score that rescales
+        another per neuron becomes a per-neuron threshold vector (`per_neuron_threshold`)."""
         raise NotImplementedError(f"method {self.name!r} has no kernel")
 
 
@@ -292,9 +338,12 @@ class DejaVu(Method):
     g, or a calibrated threshold on g); act(0) = 0 for every supported activation, so a skipped neuron
     has t_i = 0. The original DejaVu predicts these neurons with a trained lookahead MLP; that is the
     paper's "practical" DejaVu and is not this class. Works on plain FFNs too (DejaVu's own setting is
-    ReLU OPT). No kernel yet: the CATS gather op (`kernels.fused_gather_ffn`, dense="gate") with the
-    signed score ``g > τ`` in place of ``|act(g)| > τ`` would serve it.
+    ReLU OPT). Kernel: the CATS gather op (`kernels.fused_gather_ffn`, dense="gate") with the signed
+    score, ``signed=True, score_act=False``: keep ``g_i > τ`` instead of ``|act(g_i)| > τ``; no extra bytes
+    (gated FFNs; a plain FFN's activation module has no kernel).
     """
+
+    has_kernel = True
 
     def scores(self, parts, x):
         return {"coef": parts.gate(x)}
@@ -307,6 +356,11 @@ class DejaVu(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
+    def kernel_forward(self, parts, x):
+        return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(),
+                                        parts.threshold("coef"), act=parts.kernel_act, dense="gate",
+                                        score_act=False, signed=True)
+
 
 class SCountdown(Method):
     """S-COUNTDOWN (the official code's saliency variant): mask on the OBD-style saliency
@@ -318,11 +372,13 @@ class SCountdown(Method):
     saliency, and t is zeroed where the saliency is not above it. Here the column norms come from
     ``parts.column_norms("down")`` (cached per module) and the saliency is computed in float32 (t² of an
     fp16 outlier would overflow). The official "practical" state uses a trained predictor, which is not
-    this class. Gated FFNs only. No kernel yet: ``½ t² n² > τ`` is ``|t|·n > √(2τ)``, so the coefficient
-    op (`kernels.coefficient_ffn`) with a per-neuron scale on |t| would serve it.
+    this class. Gated FFNs only. Kernel: ``½ t_i² n_i² > τ`` is ``|t_i| > √(2τ) / n_i``, so the coefficient
+    op (`kernels.coefficient_ffn`, as D-COUNTDOWN ideal) with that per-neuron threshold vector (I fp32
+    values, computed once per threshold and weight; n_i = 0 never keeps, τ < 0 keeps all).
     """
 
     gated_only = True
+    has_kernel = True
 
     def scores(self, parts, x):
         return {"coef": self._saliency(parts, coefficient(parts, x))}
@@ -337,6 +393,12 @@ class SCountdown(Method):
 
     def ffn_bytes_read(self, kind, skipped):
         return (2 + (1 - skipped["coef"])) / 3
+
+    def kernel_forward(self, parts, x):
+        thr = per_neuron_threshold(parts, "s-countdown:coef", (parts.threshold("coef"), parts.column_norms("down")),
+                                   _saliency_threshold)
+        return kernels.coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
+                                       act=parts.kernel_act)
 
 
 class Dhar(Method):
@@ -390,10 +452,13 @@ class Chess(Method):
     per-document means), measured by a pass before the score pass and given back to the module as a
     buffer; the artifact saves it. It is needed in top-k mode too, so CHESS always needs calibration
     text. Gated FFNs only (a plain FFN has no up projection; the score would be CATS's).
-    No kernel yet: the CATS gather op with the per-neuron threshold τ / E|u_i| would serve it.
+    Kernel: the CATS gather op (`kernels.fused_gather_ffn`, dense="gate", |act(g)|) with the per-neuron
+    threshold vector τ / E|u_i| (I fp32 values, computed once per threshold and statistic; E|u_i| = 0
+    never keeps, as its importance is 0, unless τ < 0).
     """
 
     gated_only = True
+    has_kernel = True
     stats = ("up_abs_mean",)
 
     def calibration_stats(self, parts, x):
@@ -413,6 +478,12 @@ class Chess(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
+    def kernel_forward(self, parts, x):
+        thr = per_neuron_threshold(parts, "chess:coef", (parts.threshold("coef"), parts.stat("up_abs_mean")),
+                                   _rescaled_threshold)
+        return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
+                                        act=parts.kernel_act, dense="gate", score_act=True)
+
 
 class Wina(Method):
     """WINA: weight-informed input sparsity. At each matrix's input, neuron (channel) j scores
@@ -424,11 +495,15 @@ class Wina(Method):
     mask on plain |x|, down is scored by |t| alone, i.e. TEAL's) and uses the fused gate_up column norms
     for Phi. This class follows the paper's formula at the down input and uses one input mask with the
     W_gate norms for both W_gate and W_up (also for Phi-3's fused layout). Scores are in the activation's
-    dtype, as the official code computes them. Gated FFNs only. No kernel (WINA ships none): an
-    input-sparse GEMV op reading the kept columns of each matrix would serve it.
+    dtype, as the official code computes them. Gated FFNs only. Kernel (WINA ships none): TEAL's
+    input-sparse GEMV (`kernels.input_sparse_linear`) with its ``channel_scale``, score |x_j|·scale_j >
+    τ: the column norms of W_gate for gate and up, of W_down for down (K fp32 values per matrix,
+    cached per module until the weights change); every matrix input-major, as for TEAL.
     """
 
     gated_only = True
+    has_kernel = True
+    kernel_layout = ("gate", "up", "down")
 
     def scores(self, parts, x):
         t = coefficient(parts, x)
@@ -449,6 +524,15 @@ class Wina(Method):
 
     def ffn_bytes_read(self, kind, skipped):
         return Teal.ffn_bytes_read(self, kind, skipped)
+
+    def kernel_forward(self, parts, x):
+        thr_in, norms_in = parts.threshold("input"), parts.column_norms("gate")
+        projections = [kernels.input_sparse_linear(x, w_t, thr_in, channel_scale=norms_in)
+                       for w_t in parts.input_major()]
+        g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
+        t = parts.act(g) * u
+        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),
+                                           channel_scale=parts.column_norms("down"))
 
 
 @dataclass(frozen=True)

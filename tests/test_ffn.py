@@ -80,7 +80,7 @@ def test_whole_model_decode_step_uses_kernels_and_matches(monkeypatch):
 @pytest.mark.parametrize(
     "setup, reason",
     [
-        (dict(method="s-countdown"), "has no kernel"),
+        (dict(method="dhar"), "has no kernel"),
         (dict(method="m-countdown", mode="topk"), "thresholds only"),
     ],
 )

@@ -1,7 +1,8 @@
 """The comparison methods (DejaVu, S-COUNTDOWN, Dhar et al., CHESS, WINA, R-Sparse): each one's score is
 the paper's (checked by hand on one layer's tensors), top-k keeps the exact count at every site,
 calibrated thresholds reach the target at every site, sparsity 0 is the dense model, plain FFNs get
-the documented behaviour, and CHESS's per-neuron statistic survives save/load."""
+the documented behaviour, CHESS's per-neuron statistic survives save/load, and the kernel path of
+DejaVu, S-COUNTDOWN, CHESS and WINA gives what their reference forward gives."""
 
 from __future__ import annotations
 
@@ -207,7 +208,7 @@ def test_weight_derived_constants_follow_the_weights():
         module.down_proj.weight.mul_(2)
     torch.testing.assert_close(module.column_norms("down"), 2 * before)
     assert module.low_rank("down", 2)[0] is not a
-    countdown.set_kernels(module, "always")  # no kernel: W_down keeps nn.Linear's layout, norms unchanged
+    countdown.set_kernels(module, "always")  # W_down laid out input-major for the kernel: same norms
     torch.testing.assert_close(module.column_norms("down"), 2 * before)
 
 
@@ -277,3 +278,92 @@ def test_chess_calibration_does_not_depend_on_the_methods_calibrated_beside_it()
     shared = countdown.calibrate_methods(model, ["cats", "chess", "r-sparse"], ids, progress=False)["chess"]
     assert torch.equal(alone.stats[1]["up_abs_mean"], shared.stats[1]["up_abs_mean"])
     assert torch.equal(alone.thresholds(0.6), shared.thresholds(0.6))
+
+
+# -- kernel paths (Triton interpreter without a GPU) -------------------------------------------------
+
+KERNELLED = ("dejavu", "s-countdown", "chess", "wina")
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ODD_H, ODD_I = 36, 75  # neither a power of two nor a multiple of 16
+
+
+def _odd_model(method, sparsity=0.6):
+    """A one-layer Llama of odd sizes, sparsified in threshold mode (the kernels' mode) on KERNEL_DEVICE."""
+    import transformers as tf
+
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=ODD_H, intermediate_size=ODD_I, num_hidden_layers=1,
+                            num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=64)
+    model = tf.AutoModelForCausalLM.from_config(config).eval().to(KERNEL_DEVICE)
+    countdown.sparsify(model, method, sparsity, calibration=tokens(4, 24), positions="all", progress=False)
+    return sparse_modules(model)[0]
+
+
+def _kernel_and_reference(module, batch, seed=0):
+    x = torch.randn(batch, 1, ODD_H, generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE)
+    module.kernels = "always"
+    assert module.kernel_skip_reason(x) is None
+    fast = module(x)
+    module.kernels = "off"
+    return x, fast, module(x)
+
+
+@pytest.mark.parametrize("method", KERNELLED)
+def test_kernel_forward_matches_the_reference_forward(method):
+    module = _odd_model(method)
+    for batch in (1, 3):  # the batch-1 kernel and the batched (union) kernels
+        x, fast, ref = _kernel_and_reference(module, batch, seed=batch)
+        assert fast.shape == ref.shape == x.shape and fast.dtype == ref.dtype
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+        dense = module._dense_forward(x)
+        assert not torch.allclose(ref, dense, rtol=1e-3, atol=1e-4)  # neurons were skipped
+
+
+@pytest.mark.parametrize("method", KERNELLED)
+def test_kernels_stay_off_in_topk_mode(method):
+    model = _sparsify(tiny_model("llama"), method, 0.5, mode="topk")
+    module = sparse_modules(model)[0]
+    module.kernels = "always"
+    assert "thresholds only" in module.kernel_skip_reason(torch.randn(1, 1, 32))
+
+
+def test_chess_kernel_thresholds_are_cached_and_follow_threshold_and_statistic():
+    module = _odd_model("chess")
+    _kernel_and_reference(module, 1)
+    thr = module._kernel_thresholds["chess:coef"][2]
+    torch.testing.assert_close(thr, module.threshold("coef") / module.stat("up_abs_mean"))
+    _kernel_and_reference(module, 1)
+    assert module._kernel_thresholds["chess:coef"][2] is thr  # computed once, not per call
+    with torch.no_grad():
+        module.masker.thresholds.mul_(1.5)  # in place: the version counter moves
+    x, fast, ref = _kernel_and_reference(module, 2, seed=3)
+    torch.testing.assert_close(module._kernel_thresholds["chess:coef"][2], 1.5 * thr)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # E|u_i| = 0: importance 0, never kept (τ >= 0)
+        module.stat_up_abs_mean[::4] = 0
+    for batch in (1, 3):
+        torch.testing.assert_close(*_kernel_and_reference(module, batch, seed=batch)[1:], rtol=1e-4, atol=1e-5)
+    assert torch.isinf(module._kernel_thresholds["chess:coef"][2][::4]).all()
+    with torch.no_grad():  # τ < 0 keeps every neuron, those with E|u_i| = 0 too: the dense FFN
+        module.masker.thresholds.fill_(-0.01)
+    x, fast, ref = _kernel_and_reference(module, 1)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, module._dense_forward(x), rtol=1e-4, atol=1e-5)
+
+
+def test_s_countdown_kernel_follows_the_down_weights_and_negative_thresholds():
+    module = _odd_model("s-countdown")
+    with torch.no_grad():  # zero down columns: saliency 0, never kept; the cached thresholds must follow
+        module.down_proj.weight[:, ::5] = 0
+    for batch in (1, 3):
+        torch.testing.assert_close(*_kernel_and_reference(module, batch, seed=batch)[1:], rtol=1e-4, atol=1e-5)
+    thr = module._kernel_thresholds["s-countdown:coef"][2]
+    assert torch.isinf(thr[::5]).all() and torch.isfinite(thr[1::5]).all()
+    norms = module.column_norms("down")
+    torch.testing.assert_close(thr[1::5], (2 * module.threshold("coef")).sqrt() / norms[1::5])
+    with torch.no_grad():
+        module.masker.thresholds.fill_(-1.0)  # a saliency is never negative: every neuron kept
+    x, fast, ref = _kernel_and_reference(module, 2)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, module._dense_forward(x), rtol=1e-4, atol=1e-5)

@@ -9,8 +9,16 @@ W_down transposed to ``w_down_t`` [I, H], all contiguous, so a skipped neuron is
     gather_ffn(x, a, w_sparse, w_down_t, thr, act=, dense=)  CATS / M-COUNTDOWN kept rows of 2 matrices
     fused_gather_ffn(x, w_dense, w_sparse, w_down_t, thr, act=, dense=)
                                                              CATS / M-COUNTDOWN dense one, kept rows 2
+                                                             DejaVu (signed), CHESS (thr vector)
+    coefficient_ffn with an [I] threshold vector             S-COUNTDOWN      gate, up; kept down rows
     predicted_sparse_ffn(x, score, w_gate, w_up, w_down_t, thr, act=)
                                                              D-COUNTDOWN prac. kept rows of all 3
+    input_sparse_linear(x, w_t, thr, channel_scale=)         TEAL / WINA      rows of kept input channels
+
+Every FFN op takes ``thr`` as a float, a 1-element tensor, or an [I] float32 tensor of per-neuron
+thresholds (CHESS: τ / E|u_i|; S-COUNTDOWN: sqrt(2τ) / ‖W_down[:, i]‖); the gather ops also take
+``signed=True`` (keep a_i > thr on the signed score: DejaVu). ``input_sparse_linear`` (TEAL, WINA)
+scales its scores per channel instead (``channel_scale``).
 
 The ops serve decode batches of 1 to 16 tokens (x [H], [B, H] or [B, 1, H]; vectors [B, I]): one
 token runs the batch-1 kernel (``_core``), 2 to 16 tokens the batched kernels (``batch_ffn``), where

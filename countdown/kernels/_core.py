@@ -10,10 +10,18 @@ the mask (``KIND``) and whether that vector is given or computed densely inside 
 (``COMPUTE``):
 
     KIND  vector v       kept when               rows gathered for kept neurons    t_i
-    0     t  (coeff.)     |v_i| > thr             w_down_t                          v_i
-    1     g  (gate pre)   |act(v_i)| or |v_i|     w_up, w_down_t                    act(v_i) * (W_up[i] . x)
-    2     u  (up out)     |v_i| > thr             w_gate, w_down_t                  act(W_gate[i] . x) * v_i
-    3     predictor       v_i > thr (signed)      w_gate, w_up, w_down_t            act(g_i) * u_i
+    0     t  (coeff.)     |v_i| > thr_i           w_down_t                          v_i
+    1     g  (gate pre)   score(v_i) > thr_i      w_up, w_down_t                    act(v_i) * (W_up[i] . x)
+    2     u  (up out)     score(v_i) > thr_i      w_gate, w_down_t                  act(W_gate[i] . x) * v_i
+    3     predictor       v_i > thr_i (signed)    w_gate, w_up, w_down_t            act(g_i) * u_i
+
+score(v) is |v| by default, |act(v)| with ``SCORE_ACT`` (CATS) and v itself with ``SIGNED`` (DejaVu
+keeps the largest signed gate pre-activations; the predictor path is always signed). The threshold
+is one scalar for every neuron (a float argument, or a 1-element tensor read by the kernel), or with
+``THR_VEC`` a per-neuron fp32 vector thr [I], loaded beside the scores (4 bytes a neuron against the
+2-3 weight rows of 2H bytes each that the neuron costs, so ~0.01% more bytes): methods whose score
+is a per-neuron rescaling of one of the scores above (CHESS: |act(g_i)|·E|u_i| > τ, S-COUNTDOWN:
+½ t_i² ‖W_down[:, i]‖² > τ) are the same kernel with thr_i = τ / E|u_i| or sqrt(2τ) / ‖W_down[:, i]‖.
 
 With ``COMPUTE`` the kernel first computes v densely for its own neurons (KIND 0: gate and up rows,
 KIND 1: gate rows, KIND 2: up rows) into an fp32 scratch vector, then runs the sparse phase on it.
@@ -74,15 +82,26 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _keep(v, thr, KIND: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr):
-    """Mask of kept neurons from the fp32 vector v (see the table in the module docstring)."""
-    if KIND == 3:
-        s = v
-    elif SCORE_ACT:
-        s = tl.abs(_act(v, ACT))
+def _keep(v, thr, SIGNED: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr):
+    """Mask of kept neurons from the fp32 vector v (see the table in the module docstring); thr is a
+    scalar or a vector broadcastable to v (per-neuron thresholds)."""
+    if SCORE_ACT:
+        s = _act(v, ACT)
     else:
-        s = tl.abs(v)
+        s = v
+    if not SIGNED:
+        s = tl.abs(s)
     return s > thr
+
+
+@triton.jit
+def _thresholds(thr, thr_ptr, idx, inr, THR_VEC: tl.constexpr):
+    """The thresholds of neurons idx (valid where inr): the per-neuron vector's entries, or the scalar."""
+    if THR_VEC:
+        t = tl.load(thr_ptr + idx, mask=inr, other=0.0, eviction_policy="evict_last")
+    else:
+        t = thr
+    return t
 
 
 @triton.jit
@@ -176,9 +195,9 @@ def _consume(acc, d, a, b, rm, vr, xv, KIND: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def _sparse_rows(acc, lo, hi, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
-                 KIND: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr, BLOCK_I: tl.constexpr,
-                 CHUNK: tl.constexpr, PIPE: tl.constexpr):
+def _sparse_rows(acc, lo, hi, vec_ptr, thr, thr_ptr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
+                 KIND: tl.constexpr, SCORE_ACT: tl.constexpr, SIGNED: tl.constexpr, THR_VEC: tl.constexpr,
+                 ACT: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Phase 2 over neurons [lo, hi): adds the kept neurons' t_i * w_down_t[i] to acc [H_PAD].
 
     The scores of CHUNK neurons are loaded at once and their kept neurons compacted in registers
@@ -191,7 +210,7 @@ def _sparse_rows(acc, lo, hi, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd
         idx = c + cr
         inr = idx < hi
         v = tl.load(vec_ptr + idx, mask=inr, other=0.0).to(tl.float32)
-        keep = _keep(v, thr, KIND, SCORE_ACT, ACT) & inr
+        keep = _keep(v, _thresholds(thr, thr_ptr, idx, inr, THR_VEC), SIGNED, SCORE_ACT, ACT) & inr
         ki = keep.to(tl.int32)
         pos = tl.cumsum(ki, axis=0) - 1  # rank of each kept neuron within the chunk
         n = tl.sum(ki, axis=0)
@@ -228,14 +247,14 @@ def _sparse_ffn_kernel(
     wg_ptr,     # [I, H] W_gate, row-major
     wu_ptr,     # [I, H] W_up, row-major
     wd_ptr,     # [I, H] W_down transposed (w_down_t), row-major
-    thr_ptr,    # [1]  threshold tensor (read when THR_PTR)
+    thr_ptr,    # [1]  threshold tensor (read when THR_PTR), or [I] fp32 per-neuron thresholds (THR_VEC)
     ws_ptr,     # [NCOPY, H] fp32 accumulation workspace, zero on entry (FINALIZE 2 leaves it zero)
     cnt_ptr,    # [1]  int32 ticket counter, zero on entry (FINALIZE >= 1)
     out_ptr,    # [H]  output, written by the last program (FINALIZE >= 1)
     thr_value,  # float threshold (when not THR_PTR)
     H, I, NPP,  # hidden size, intermediate size, neurons per program (static split)
-    KIND: tl.constexpr, COMPUTE: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr,
-    THR_PTR: tl.constexpr, H_PAD: tl.constexpr, I_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    KIND: tl.constexpr, COMPUTE: tl.constexpr, SCORE_ACT: tl.constexpr, SIGNED: tl.constexpr, ACT: tl.constexpr,
+    THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_PAD: tl.constexpr, I_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_I: tl.constexpr, CHUNK: tl.constexpr, BALANCE: tl.constexpr, INTERLEAVE: tl.constexpr,
     PREFETCH: tl.constexpr, FINALIZE: tl.constexpr, NCOPY: tl.constexpr, PIPE: tl.constexpr,
 ):
@@ -261,14 +280,14 @@ def _sparse_ffn_kernel(
                 ce = tl.minimum(c + CHUNK, end)
                 _dense_rows(vec_ptr, wg_ptr, wu_ptr, xv, hoffs, hm, H, c, ce, KIND, ACT, BLOCK_D, PREFETCH)
                 tl.debug_barrier()  # the chunk's scratch, written by other threads of this program
-                acc = _sparse_rows(acc, c, ce, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
-                                   KIND, SCORE_ACT, ACT, BLOCK_I, CHUNK, PIPE)
+                acc = _sparse_rows(acc, c, ce, vec_ptr, thr, thr_ptr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
+                                   KIND, SCORE_ACT, SIGNED, THR_VEC, ACT, BLOCK_I, CHUNK, PIPE)
                 c += CHUNK
         else:
             _dense_rows(vec_ptr, wg_ptr, wu_ptr, xv, hoffs, hm, H, start, end, KIND, ACT, BLOCK_D, PREFETCH)
             tl.debug_barrier()
-            acc = _sparse_rows(acc, start, end, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
-                               KIND, SCORE_ACT, ACT, BLOCK_I, CHUNK, PIPE)
+            acc = _sparse_rows(acc, start, end, vec_ptr, thr, thr_ptr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
+                               KIND, SCORE_ACT, SIGNED, THR_VEC, ACT, BLOCK_I, CHUNK, PIPE)
     else:
         if BALANCE:
             # Every program scans the whole score vector (L2-resident after the first) and takes the
@@ -276,7 +295,7 @@ def _sparse_ffn_kernel(
             ioffs = tl.arange(0, I_PAD)
             im = ioffs < I
             va = tl.load(vec_ptr + ioffs, mask=im, other=0.0).to(tl.float32)
-            ka = (_keep(va, thr, KIND, SCORE_ACT, ACT) & im).to(tl.int32)
+            ka = (_keep(va, _thresholds(thr, thr_ptr, ioffs, im, THR_VEC), SIGNED, SCORE_ACT, ACT) & im).to(tl.int32)
             cum = tl.cumsum(ka, axis=0)
             total = tl.sum(ka, axis=0)
             nprog = tl.num_programs(0)
@@ -285,8 +304,8 @@ def _sparse_ffn_kernel(
         else:
             start = pid * NPP
             end = tl.minimum(start + NPP, I)
-        acc = _sparse_rows(acc, start, end, vec_ptr, thr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
-                           KIND, SCORE_ACT, ACT, BLOCK_I, CHUNK, PIPE)
+        acc = _sparse_rows(acc, start, end, vec_ptr, thr, thr_ptr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
+                           KIND, SCORE_ACT, SIGNED, THR_VEC, ACT, BLOCK_I, CHUNK, PIPE)
 
     # ---- reduction over programs: fp32 atomics, then (FINALIZE) the last program casts ----
     # Program p adds into copy p % NCOPY of the workspace: NCOPY copies divide the number of adds
@@ -404,20 +423,24 @@ def launch(
     out_dtype: torch.dtype,
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
+    *,
+    signed: bool = False,
 ) -> torch.Tensor:
     """Run the kernel; arguments are assumed validated (see the public ops). Returns y [H].
 
     x [H] contiguous; vec [I] contiguous (ignored and replaced by fp32 scratch when ``compute``);
     w_gate, w_up, w_down_t [I, H] contiguous (a weight the path does not read may be None);
-    threshold: 1-element tensor on x's device (or None, then ``threshold_value`` is used).
+    threshold: 1-element tensor on x's device, or an [I] contiguous fp32 tensor of per-neuron
+    thresholds (or None, then ``threshold_value`` is used). score_act / signed: the score (table above).
     config: launch parameters (default: ``pick_config``). out: optional [H] output buffer (tests
     poison it to check that every element is written; with finalize=0 it is filled by a copy).
     """
     inter, hidden = w_down_t.shape
     device = w_down_t.device
     cfg = config or pick_config(kind, compute, hidden, inter, device)
+    thr_vec = is_threshold_vector(threshold)
     programs, npp, meta = _grid_and_meta(kind, compute, hidden, inter, act, score_act, threshold is not None,
-                                         cfg, device)
+                                         cfg, device, thr_vec=thr_vec, signed=signed)
     if compute:
         vec = torch.empty(inter, dtype=torch.float32, device=device)
     size = cfg.ncopy * hidden + 1  # fp32 copies of y, then the int32 ticket counter
@@ -440,14 +463,22 @@ def launch(
     return out
 
 
-def _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, cfg, device):
+def is_threshold_vector(threshold: torch.Tensor | None) -> bool:
+    """Whether a validated threshold tensor holds one threshold per neuron (else one for all). A
+    1-element vector for I = 1 counts as a scalar: both mean the same."""
+    return threshold is not None and threshold.numel() > 1
+
+
+def _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, cfg, device, *, thr_vec=False,
+                   signed=False):
     programs = max(1, min(cfg.programs_per_sm * _num_sms(device), triton.cdiv(inter, cfg.block_i)))
     npp = triton.cdiv(inter, programs)
     balance = cfg.balance and not compute and triton.next_power_of_2(inter) <= MAX_BALANCE_INTER
     if not balance:
         programs = triton.cdiv(inter, npp)
     meta = dict(
-        KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, ACT=ACTIVATIONS.index(act), THR_PTR=thr_is_tensor,
+        KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, SIGNED=signed or kind == KIND_SCORE,
+        ACT=ACTIVATIONS.index(act), THR_PTR=thr_is_tensor and not thr_vec, THR_VEC=thr_vec,
         H_PAD=triton.next_power_of_2(hidden), I_PAD=triton.next_power_of_2(inter) if balance else 1,
         BLOCK_D=cfg.block_d, BLOCK_I=cfg.block_i, CHUNK=cfg.chunk, BALANCE=balance,
         INTERLEAVE=cfg.interleave and compute, PREFETCH=cfg.prefetch, FINALIZE=cfg.finalize,
@@ -458,16 +489,20 @@ def _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, 
 
 def compile_kernel(kind: int, compute: bool, dtype: torch.dtype, vec_dtype: torch.dtype, hidden: int, inter: int,
                    act: str = "silu", score_act: bool = False, thr_is_tensor: bool = False,
-                   config: KernelConfig | None = None, device: torch.device | None = None) -> None:
+                   config: KernelConfig | None = None, device: torch.device | None = None, *,
+                   thr_vec: bool = False, signed: bool = False) -> None:
     """Compile (without running) the kernel ``launch`` would use for these dtypes and shape.
 
     Useful before CUDA-graph capture and to compile many variants in parallel processes (the
     compiled kernel lands in Triton's on-disk cache). vec_dtype: dtype of the given vector (t, a
-    or score; ignored when ``compute``). Pointers are assumed 16-byte aligned, as allocations are.
+    or score; ignored when ``compute``). thr_vec: per-neuron fp32 thresholds (implies a tensor).
+    Pointers are assumed 16-byte aligned, as allocations are.
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
     cfg = config or pick_config(kind, compute, hidden, inter, device)
-    programs, npp, meta = _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, cfg, device)
+    thr_is_tensor = thr_is_tensor or thr_vec
+    programs, npp, meta = _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, cfg, device,
+                                         thr_vec=thr_vec, signed=signed)
     x_dtype = dtype
     _sparse_ffn_kernel.warmup(
         x_dtype, torch.float32 if compute else vec_dtype, dtype, dtype, dtype,

@@ -50,7 +50,9 @@ workspace atomics (P * B * H fp32 adds, P ~ 16 neuron splits) and the per-tile t
 Shapes and layouts: x [B, H] contiguous in the weights' dtype; vec [B, I] contiguous (gate / up
 projection, predictor score, or t; any float dtype, or uint8 for a bool mask with threshold 0.5);
 w_gate, w_up, w_down_t [I, H] contiguous row-major (``pack_ffn_weights``); threshold a 1-element
-fp32 tensor (read on the device: one CUDA graph serves every threshold) or a Python float. Output
+fp32 tensor (read on the device: one CUDA graph serves every threshold), a Python float, or an [I]
+fp32 tensor of per-neuron thresholds shared by the tokens (CHESS, S-COUNTDOWN; loaded with the
+scores, I floats). The score is |v|, |act(v)| or the signed v, as in ``_core``. Output
 [B, H] in the weights' dtype. No host synchronisation anywhere (CUDA-graph capturable).
 """
 
@@ -64,7 +66,7 @@ import triton
 import triton.language as tl
 
 from . import _core
-from ._core import KIND_GATE, KIND_SCORE, KIND_T, KIND_UP, _act, _keep
+from ._core import KIND_GATE, KIND_SCORE, KIND_T, KIND_UP, _act, _keep, _thresholds
 from .pack import ACTIVATIONS, MAX_BATCH
 
 B_PAD = tl.constexpr(16)  # the batch padded to tl.dot's smallest side; must be >= MAX_BATCH
@@ -111,11 +113,11 @@ def _coef_kernel(
     vec_ptr,    # [B, I]  given score vector (read unless COMPUTE)
     wg_ptr,     # [I, H]  W_gate
     wu_ptr,     # [I, H]  W_up
-    thr_ptr,    # [1]     threshold (read when THR_PTR)
+    thr_ptr,    # [1]     threshold (read when THR_PTR), or [I] fp32 per-neuron thresholds (THR_VEC)
     coef_ptr,   # [B, I]  fp32 out: t[b, i] where token b keeps neuron i, else 0
     thr_value, B, H, I,
-    KIND: tl.constexpr, COMPUTE: tl.constexpr, SCORE_ACT: tl.constexpr, ACT: tl.constexpr,
-    THR_PTR: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    KIND: tl.constexpr, COMPUTE: tl.constexpr, SCORE_ACT: tl.constexpr, SIGNED: tl.constexpr, ACT: tl.constexpr,
+    THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     STAGES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     if THR_PTR:
@@ -142,7 +144,10 @@ def _coef_kernel(
                                   STAGES, EVEN_K)
     else:
         v = tl.load(vec_ptr + vptr, mask=valid, other=0.0).to(tl.float32)
-    keep = _keep(v, thr, KIND, SCORE_ACT, ACT) & valid
+    thr_rows = _thresholds(thr, thr_ptr, rows, im, THR_VEC)
+    if THR_VEC:
+        thr_rows = thr_rows[:, None]  # one threshold per neuron, shared by the tokens
+    keep = _keep(v, thr_rows, SIGNED, SCORE_ACT, ACT) & valid
     union = tl.max(keep.to(tl.int32), axis=1) > 0
 
     # the sparse projection(s), over the union rows only
@@ -166,12 +171,12 @@ def _coef_kernel(
 def _down_kernel(
     vec_ptr,    # [B, I]  coefficients: exact (GIVEN_T false, zero = not kept) or t masked by |t| > thr
     wd_ptr,     # [I, H]  w_down_t
-    thr_ptr,    # [1]     threshold (GIVEN_T and THR_PTR)
+    thr_ptr,    # [1]     threshold (GIVEN_T and THR_PTR), or [I] fp32 per-neuron thresholds (GIVEN_T and THR_VEC)
     ws_ptr,     # [B, H]  fp32 workspace, zero on entry and on exit
     cnt_ptr,    # [NH]    int32 tickets, one per column tile, zero on entry and on exit
     out_ptr,    # [B, H]  output
     thr_value, B, H, I, NPP,
-    GIVEN_T: tl.constexpr, THR_PTR: tl.constexpr, H_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+    GIVEN_T: tl.constexpr, THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -193,7 +198,10 @@ def _down_kernel(
         v = tl.load(vec_ptr + rb[:, None] * I + rows[None, :], mask=bm[:, None] & rm[None, :], other=0.0)
         v = v.to(tl.float32)
         if GIVEN_T:
-            v = tl.where(tl.abs(v) > thr, v, 0.0)
+            if THR_VEC:
+                v = tl.where(tl.abs(v) > _thresholds(thr, thr_ptr, rows, rm, True)[None, :], v, 0.0)
+            else:
+                v = tl.where(tl.abs(v) > thr, v, 0.0)
         union = tl.max((v != 0.0).to(tl.int32), axis=0) > 0
         w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * H + hs[None, :], mask=union[:, None] & hm[None, :],
                     other=0.0, eviction_policy="evict_first")
@@ -214,6 +222,7 @@ def _down_kernel(
     if ticket == tl.num_programs(0) - 1:
         zero = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
         tot = tl.atomic_add(ws_ptr + offs, zero, mask=om, sem="relaxed")  # read where the adds landed (L2)
+        tot = tl.where(om, tot, 0.0)  # masked lanes hold undefined values (fp16 cast overflow in the interpreter)
         tl.store(ws_ptr + offs, zero, mask=om)
         tl.store(cnt_ptr + pid_h, 0)
         tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=om)
@@ -262,12 +271,15 @@ def _down_grid(hidden: int, inter: int, cfg: BatchConfig) -> tuple[int, int, int
 def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor | None,
            w_gate: torch.Tensor | None, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
            threshold: torch.Tensor | None, threshold_value: float, act: str, score_act: bool,
-           config: BatchConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+           config: BatchConfig | None = None, out: torch.Tensor | None = None, *,
+           signed: bool = False) -> torch.Tensor:
     """Run the batched path; arguments are assumed validated (see the public ops). Returns y [B, H].
 
     x [B, H] contiguous (None for ``sparse_down``: kind KIND_T without compute); vec [B, I]
     contiguous (ignored when ``compute``); weights [I, H] contiguous (one the path does not read may
-    be None); threshold a 1-element tensor on the device, or None to use ``threshold_value``.
+    be None); threshold a 1-element tensor on the device, an [I] contiguous fp32 tensor of
+    per-neuron thresholds (the same for every token), or None to use ``threshold_value``.
+    score_act / signed: the score, as in ``_core``.
     """
     inter, hidden = w_down_t.shape
     device, dtype = w_down_t.device, w_down_t.dtype
@@ -276,6 +288,8 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
     # fp32 weights get IEEE dots; so does Triton's interpreter, whose bf16 tl.dot is wrong (3.9)
     ieee = dtype == torch.float32 or _core.interpret_mode()
     thr_arg = threshold if threshold is not None else w_down_t  # any pointer; not read
+    thr_vec = _core.is_threshold_vector(threshold)
+    thr_ptr = threshold is not None and not thr_vec
     if kind == KIND_T and not compute:
         coef, given_t = vec, True
     else:
@@ -284,8 +298,8 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
         wu = w_down_t if w_up is None else w_up
         _coef_kernel[(triton.cdiv(inter, cfg.block_i),)](
             x, x if vec is None else vec, wg, wu, thr_arg, coef, float(threshold_value), batch, hidden, inter,
-            KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, ACT=ACTIVATIONS.index(act),
-            THR_PTR=threshold is not None, BLOCK_I=cfg.block_i, BLOCK_K=cfg.block_k, IEEE=ieee,
+            KIND=kind, COMPUTE=compute, SCORE_ACT=score_act, SIGNED=signed or kind == KIND_SCORE,
+            ACT=ACTIVATIONS.index(act), THR_PTR=thr_ptr, THR_VEC=thr_vec, BLOCK_I=cfg.block_i, BLOCK_K=cfg.block_k, IEEE=ieee,
             STAGES=cfg.stages, EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.coef_warps)
     splits, nh, npp = _down_grid(hidden, inter, cfg)
     pad = B_PAD.value
@@ -296,7 +310,7 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
         out = torch.empty(batch, hidden, dtype=dtype, device=device)
     _down_kernel[(splits, nh)](
         coef, w_down_t, thr_arg, acc_ws, counters, out, float(threshold_value), batch, hidden, inter, npp,
-        GIVEN_T=given_t, THR_PTR=threshold is not None, H_TILE=cfg.h_tile, BLOCK_N=cfg.block_n, IEEE=ieee,
+        GIVEN_T=given_t, THR_PTR=thr_ptr, THR_VEC=thr_vec and given_t, H_TILE=cfg.h_tile, BLOCK_N=cfg.block_n, IEEE=ieee,
         STAGES=cfg.stages, num_warps=cfg.down_warps)
     return out
 
@@ -307,15 +321,17 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
 
 def _batch_impl(x: Optional[torch.Tensor], vec: Optional[torch.Tensor], w_gate: Optional[torch.Tensor],
                 w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, threshold: Optional[torch.Tensor],
-                threshold_value: float, act: str, kind: int, compute: bool, score_act: bool) -> torch.Tensor:
-    return launch(kind, compute, x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, score_act)
+                threshold_value: float, act: str, kind: int, compute: bool, score_act: bool,
+                signed: bool) -> torch.Tensor:
+    return launch(kind, compute, x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, score_act,
+                  signed=signed)
 
 
 _batch_op = torch.library.custom_op("countdown::batch_sparse_ffn", _batch_impl, mutates_args=())
 
 
 @_batch_op.register_fake
-def _(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act):
+def _(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed):
     batch = (x if x is not None else vec).shape[0]
     return w_down_t.new_empty(batch, w_down_t.shape[1])
 
@@ -323,10 +339,10 @@ def _(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, com
 def batch_sparse_ffn(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor | None,
                      w_gate: torch.Tensor | None, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                      threshold: torch.Tensor | None, threshold_value: float, act: str = "silu",
-                     score_act: bool = False) -> torch.Tensor:
+                     score_act: bool = False, signed: bool = False) -> torch.Tensor:
     """The batched path of the public ops (validated arguments, see ``launch``); y [B, H]."""
     run = _core.op_or_impl(_batch_op, _batch_impl)
-    return run(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act)
+    return run(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed)
 
 
 __all__ = ["BatchConfig", "GPU_CONFIG", "KIND_GATE", "KIND_SCORE", "KIND_T", "KIND_UP", "batch_sparse_ffn",

@@ -171,16 +171,27 @@ def check_vector(name: str, v: torch.Tensor, length: int, device: torch.device, 
     return v.reshape(batch, length).contiguous()
 
 
-def check_threshold(threshold, device: torch.device) -> tuple[torch.Tensor | None, float]:
-    """(tensor, 0.0) for a 1-element tensor threshold, (None, value) for a Python number."""
+def check_threshold(threshold, device: torch.device, per_neuron: int | None = None) -> tuple[torch.Tensor | None, float]:
+    """(tensor, 0.0) for a 1-element tensor threshold, (None, value) for a Python number.
+
+    ``per_neuron``: the op also takes one threshold per neuron, an [I] contiguous float32 tensor with
+    I = per_neuron (returned as it is; ``_core.is_threshold_vector`` tells the launchers)."""
     if isinstance(threshold, torch.Tensor):
-        if threshold.numel() != 1:
-            raise ValueError(f"threshold tensor must hold one value, got shape {tuple(threshold.shape)}")
         if not threshold.is_floating_point():
             raise TypeError(f"threshold tensor must be floating point, got {threshold.dtype}")
         if threshold.device != device:
             raise ValueError(f"threshold is on {threshold.device}, expected {device}")
-        return threshold.reshape(1), 0.0
+        if threshold.numel() == 1:
+            return threshold.reshape(1), 0.0
+        if per_neuron is None:
+            raise ValueError(f"threshold tensor must hold one value, got shape {tuple(threshold.shape)}")
+        if threshold.dim() != 1 or threshold.numel() != per_neuron:
+            raise ValueError(f"threshold tensor must hold one value or one per neuron (shape [{per_neuron}]), "
+                             f"got shape {tuple(threshold.shape)}")
+        if threshold.dtype != torch.float32 or not threshold.is_contiguous():
+            raise ValueError(f"per-neuron thresholds must be a contiguous float32 tensor [{per_neuron}], got "
+                             f"{threshold.dtype} with strides {threshold.stride()}")
+        return threshold, 0.0
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a float or a 1-element tensor, got {type(threshold).__name__}")
     return None, float(threshold)

@@ -7,7 +7,7 @@
 Shapes: x [H] / [B, H] / [B, 1, H] with B <= 16 tokens (B >= 2 runs ``batch_ffn``: each token keeps
 its own neurons, the union's rows are read once), score [I] / [B, I] / [B, 1, I] (float, bool or uint8),
 w_gate / w_up / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
-threshold: Python float or 1-element float tensor. Output: x's shape and dtype; fp32 accumulation.
+threshold: Python float, 1-element float tensor or [I] float32 per-neuron thresholds. Output: x's shape and dtype; fp32 accumulation.
 Nothing of a neuron that fails the test is read: cost scales with the kept fraction.
 """
 
@@ -49,7 +49,7 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
     if sv.dtype == torch.bool:
         sv, thr_t, thr_v = sv.view(torch.uint8), None, 0.5
     else:
-        thr_t, thr_v = check_threshold(threshold, x.device)
+        thr_t, thr_v = check_threshold(threshold, x.device, per_neuron=inter)
     if batch > 1:
         y = batch_ffn.batch_sparse_ffn(_core.KIND_SCORE, False, xv, sv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
     else:

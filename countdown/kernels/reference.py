@@ -11,7 +11,8 @@ Shapes and layouts (H hidden size, I intermediate size, ``...`` any leading batc
     w_up      [I, H]     nn.Linear weight of the up projection
     w_down_t  [I, H]     W_down transposed (W_down is [H, I]); row i = neuron i's output column
     t, a, score  [..., I]   coefficient, dense projection output, predictor score
-    threshold float or a 1-element tensor; a neuron is kept when its score is strictly above it.
+    threshold float, a 1-element tensor, or (the FFN ops) an [I] tensor of per-neuron thresholds shared
+              by every token; a neuron is kept when its score is strictly above its threshold.
 
 Outputs are [..., H].
 """
@@ -60,8 +61,15 @@ def union_kept_fraction(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _thr(threshold: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    """The threshold as a float, a 0-d fp32 tensor, or an fp32 vector broadcast over the last dim."""
     if isinstance(threshold, torch.Tensor):
-        return threshold.to(device=like.device, dtype=torch.float32).reshape(())
+        t = threshold.to(device=like.device, dtype=torch.float32)
+        if t.numel() == 1:
+            return t.reshape(())
+        if t.dim() != 1 or t.numel() != like.shape[-1]:
+            raise ValueError(f"threshold must hold one value or one per entry of the last dimension "
+                             f"({like.shape[-1]}), got shape {tuple(threshold.shape)}")
+        return t
     return float(threshold)
 
 
@@ -90,31 +98,34 @@ def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w
                     threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
     """D-COUNTDOWN ideal end to end: t = act(W_gate x) * (W_up x) densely, then ``sparse_down``."""
     t = activation(_proj(x, w_gate), act) * _proj(x, w_up)
-    return _down(t, t.abs() > _thr(threshold, x), w_down_t).to(w_down_t.dtype)
+    return _down(t, t.abs() > _thr(threshold, t), w_down_t).to(w_down_t.dtype)
 
 
-def _gather_score(a32: torch.Tensor, dense: str, score_act: bool | None, act: str) -> torch.Tensor:
+def _gather_score(a32: torch.Tensor, dense: str, score_act: bool | None, act: str, signed: bool) -> torch.Tensor:
     if score_act is None:
         score_act = dense == "gate"
     if score_act and dense != "gate":
         raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
-    return activation(a32, act).abs() if score_act else a32.abs()
+    s = activation(a32, act) if score_act else a32
+    return s if signed else s.abs()
 
 
 def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-               score_act: bool | None = None) -> torch.Tensor:
-    """CATS / M-COUNTDOWN given the dense projection ``a``.
+               score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
+    """CATS / M-COUNTDOWN / DejaVu / CHESS given the dense projection ``a``.
 
     dense="gate": a = W_gate x (pre-activation), w_sparse = W_up,  t_i = act(a_i) * (W_up[i] . x)
     dense="up":   a = W_up x,                    w_sparse = W_gate, t_i = act(W_gate[i] . x) * a_i
-    Neuron i is kept when score_i > threshold, score = |act(a)| if score_act else |a|
-    (default: |act(a)| for dense="gate", i.e. CATS; |a| for dense="up", i.e. M-COUNTDOWN).
+    Neuron i is kept when score_i > threshold_i, score = |act(a)| if score_act else |a|
+    (default: |act(a)| for dense="gate", i.e. CATS; |a| for dense="up", i.e. M-COUNTDOWN), without
+    the absolute value when ``signed`` (DejaVu: a_i > threshold). threshold_i: one value, or one per
+    neuron (CHESS: τ / E|u_i|).
     """
     if dense not in ("gate", "up"):
         raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
     a32 = a.float()
-    keep = _gather_score(a32, dense, score_act, act) > _thr(threshold, a)
+    keep = _gather_score(a32, dense, score_act, act, signed) > _thr(threshold, a)
     b = _proj(x, w_sparse)
     t = activation(a32, act) * b if dense == "gate" else activation(b, act) * a32
     return _down(t, keep, w_down_t).to(w_down_t.dtype)
@@ -122,10 +133,10 @@ def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_
 
 def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-                     score_act: bool | None = None) -> torch.Tensor:
+                     score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
     """``gather_ffn`` with the dense projection a = w_dense x computed too (w_dense = W_gate or W_up)."""
     return gather_ffn(x, _proj(x, w_dense), w_sparse, w_down_t, threshold, act=act, dense=dense,
-                      score_act=score_act)
+                      score_act=score_act, signed=signed)
 
 
 def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

@@ -1,6 +1,6 @@
 """D-COUNTDOWN (ideal): the down projection over the neurons whose coefficient passes the threshold.
 
-    sparse_down(t, w_down_t, thr)        y = sum_{i: |t_i| > thr} t_i * w_down_t[i, :]
+    sparse_down(t, w_down_t, thr)        y = sum_{i: |t_i| > thr_i} t_i * w_down_t[i, :]
     coefficient_ffn(x, w_gate, w_up, w_down_t, thr, act)
                                          the same with t = act(W_gate x) * (W_up x) computed densely
                                          inside the same kernel (one launch for the whole FFN)
@@ -9,7 +9,8 @@ Shapes (H hidden, I intermediate): t [I] / [B, I] / [B, 1, I] with B <= 16 token
 B >= 2 runs ``batch_ffn``: each token keeps its own neurons, the union's rows are read once), x [H]
 (same leading shape), w_gate / w_up / w_down_t [I, H] contiguous in the weights' dtype (bf16, fp16,
 fp32), see ``pack_ffn_weights``. threshold: Python float or 1-element float tensor on the device
-(a tensor lets one CUDA graph serve every threshold value). Output: [..., H] in the weights'
+(a tensor lets one CUDA graph serve every threshold value), or an [I] contiguous float32 tensor of
+per-neuron thresholds shared by the tokens (S-COUNTDOWN: ½ t_i² n_i² > τ is |t_i| > sqrt(2τ) / n_i). Output: [..., H] in the weights'
 dtype; accumulation is fp32. Rows of w_down_t whose neuron fails the test are never read.
 """
 
@@ -66,7 +67,7 @@ def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torc
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     require_kernel(t, w_down_t, coefficients=True)
     tv = check_vector("t", t, inter, w_down_t.device, decode_batch(t.shape)[0])
-    thr_t, thr_v = check_threshold(threshold, w_down_t.device)
+    thr_t, thr_v = check_threshold(threshold, w_down_t.device, per_neuron=inter)
     if tv.shape[0] > 1:
         y = batch_ffn.batch_sparse_ffn(_core.KIND_T, False, None, tv, None, None, w_down_t, thr_t, thr_v)
     else:
@@ -78,8 +79,8 @@ def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w
                     threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
     """D-COUNTDOWN ideal in one kernel: t = act(W_gate x) * (W_up x) for every neuron, then the down
     projection over |t_i| > threshold. Reads all of W_gate and W_up, and only the kept rows of w_down_t."""
-    xv, batch, _ = check_gated_call(x, w_gate, w_up, w_down_t, act)
-    thr_t, thr_v = check_threshold(threshold, x.device)
+    xv, batch, inter = check_gated_call(x, w_gate, w_up, w_down_t, act)
+    thr_t, thr_v = check_threshold(threshold, x.device, per_neuron=inter)
     if batch > 1:
         y = batch_ffn.batch_sparse_ffn(_core.KIND_T, True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v, act)
     else:

@@ -55,7 +55,7 @@ def test_batch_opcheck_and_compile():
     x, p = batch_weights(3, torch.bfloat16, seed=6)
     u = x.float() @ p.w_up.float().t()
     thr = torch.tensor([threshold_for(u.abs(), 0.5)], device=DEVICE)
-    args = (x, None, p.w_gate, p.w_up, p.w_down_t, thr, 0.0, "silu", 2, True, False)
+    args = (x, None, p.w_gate, p.w_up, p.w_down_t, thr, 0.0, "silu", 2, True, False, False)
     torch.library.opcheck(torch.ops.countdown.batch_sparse_ffn.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
