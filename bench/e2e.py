@@ -31,12 +31,12 @@ import countdown
 from countdown.decode import Decoder
 from countdown.ffn import sparse_modules
 from countdown.loading import random_inputs, random_model
-from countdown.methods import KERNEL_METHODS
+from countdown.cli import BENCH_METHODS
 from countdown.predictor import random_predictors
 from countdown.speed import SpeedPoint, measure_speed, model_bytes, speed_markdown
 
 SHAPES = ("smollm2-135m", "llama-2-7b", "llama-3-8b")
-METHODS = ",".join(KERNEL_METHODS)
+METHODS = ",".join(BENCH_METHODS)
 
 
 def log(*a):
@@ -61,7 +61,7 @@ def check(shape: str) -> dict:
     ref = model.generate(prompt.cuda(), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     fast = Decoder(model, max_len=64).generate(prompt, n).tokens
     out = {"graph_loop_equals_generate": float((ref.cpu()[0, 32:] == fast[0, 32:]).float().mean())}
-    for method in KERNEL_METHODS:
+    for method in BENCH_METHODS:
         preds = random_predictors(model) if method == "d-countdown" else None
         countdown.sparsify(model, method, 0.7, calibration=calib, predictors=preds, progress=False)
         errs_kernel, errs_ref = [], []

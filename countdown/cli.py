@@ -19,6 +19,9 @@ from rich.table import Table
 from .ffn import POSITIONS
 from .methods import KERNEL_METHODS, METHODS, SPARSE_METHODS
 
+# the paper's methods and TEAL; the other kernelled methods reuse these ops (docs/KERNELS.md)
+BENCH_METHODS = ("cats", "m-countdown", "d-countdown-ideal", "d-countdown", "teal")
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
@@ -289,7 +292,8 @@ def _prefetch_report(model, eval_ids, context: int, out: Path, prefix: list[int]
 def bench_cmd(
     model: str = typer.Option("smollm2", "--model", "-m", help="As for `run`, or random:llama-3-8b / random:llama-2-7b / "
                               "random:smollm2-135m (that shape, random weights: speed does not depend on their values)."),
-    methods: str = typer.Option(",".join(KERNEL_METHODS), help="Comma-separated methods."),
+    methods: str = typer.Option(",".join(BENCH_METHODS), help="Comma-separated methods (any with a kernel: "
+                                + ", ".join(KERNEL_METHODS) + ")."),
     sparsities: str = typer.Option("0.5,0.7,0.9", help="Comma-separated target sparsities."),
     batch: str = typer.Option("1", help="Batch sizes, comma-separated (1 to 16), e.g. 1,2,4,8,16: every method and dense "
                               "at each; tokens/s is per sequence."),
