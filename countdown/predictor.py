@@ -211,23 +211,32 @@ def collect_pairs(model: nn.Module, sites: list[FFNSite], windows: torch.Tensor,
     xs: list[list[torch.Tensor]] = [[] for _ in sites]
     ts: list[list[torch.Tensor]] = [[] for _ in sites]
 
+    def see(i: int, site: FFNSite, x: torch.Tensor) -> None:
+        xs[i].append(x.float().cpu())
+        ts[i].append(site.coefficient(x).abs().float().cpu())
+
+    _forward_with_ffn_inputs(model, sites, windows, see, "collect (x, |t|)", progress)
+    return [torch.cat(x) for x in xs], [torch.cat(t) for t in ts]
+
+
+def _forward_with_ffn_inputs(model: nn.Module, sites: list[FFNSite], windows: torch.Tensor,
+                             see: Callable[[int, FFNSite, torch.Tensor], None], desc: str, progress: bool) -> None:
+    """Run the dense model over ``windows`` ([n, L], one at a time), calling ``see(layer, site, x)``
+    with every FFN's input x [tokens, H]."""
     def hook_for(i: int, site: FFNSite):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            xs[i].append(x.float().cpu())
-            ts[i].append(site.coefficient(x).abs().float().cpu())
+            see(i, site, args[0].reshape(-1, args[0].shape[-1]))
 
         return hook
 
     handles = [site.input_module.register_forward_pre_hook(hook_for(i, site)) for i, site in enumerate(sites)]
     device = next(model.parameters()).device
     try:
-        for w in tqdm(windows, desc="collect (x, |t|)", disable=not progress, leave=False):
+        for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
             model(input_ids=w.unsqueeze(0).to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(x) for x in xs], [torch.cat(t) for t in ts]
 
 
 def _labels(t_abs: torch.Tensor, sparsity: float, ties: str = "exact") -> torch.Tensor:
@@ -455,21 +464,11 @@ def predictor_recall(model: nn.Module, predictors: "Predictors", windows: Any, t
     layers = [{k: v.to(device) for k, v in layer.items()} for layer in predictors]
     counts = [_Counts() for _ in sites]
 
-    def hook_for(i: int, site: FFNSite):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            labels = _labels(site.coefficient(x).abs().float(), predictors.sparsity, ties)
-            counts[i].add(_recall_counts(logits_of(layers[i], x), labels, predictors.sparsity))
+    def see(i: int, site: FFNSite, x: torch.Tensor) -> None:
+        labels = _labels(site.coefficient(x).abs().float(), predictors.sparsity, ties)
+        counts[i].add(_recall_counts(logits_of(layers[i], x), labels, predictors.sparsity))
 
-        return hook
-
-    handles = [site.input_module.register_forward_pre_hook(hook_for(i, site)) for i, site in enumerate(sites)]
-    try:
-        for w in tqdm(windows, desc="predictor recall", disable=not progress, leave=False):
-            model(input_ids=w.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_ffn_inputs(model, sites, windows, see, "predictor recall", progress)
     per_layer = [c.metrics() for c in counts]
     return RecallReport(predictors.sparsity, predictors.recipe, predictors.kind, int(windows.numel()),
                         [m["recall"] for m in per_layer], [m["recall_at_zero"] for m in per_layer],
