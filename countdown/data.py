@@ -309,10 +309,15 @@ def token_windows(
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     prefix = document_prefix(tokenizer)
-    if prefix and seq_len > len(prefix):
-        body = token_windows(_Unprefixed(tokenizer), text, seq_len - len(prefix), max_windows,
-                             None if stride is None else stride)
-        return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(body.shape[0], -1), body], dim=1)
+    if not prefix or seq_len <= len(prefix):
+        return _text_windows(tokenizer, text, seq_len, max_windows, stride)
+    body = _text_windows(tokenizer, text, seq_len - len(prefix), max_windows, stride)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(body.shape[0], -1), body], dim=1)
+
+
+def _text_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int | None,
+                  stride: int | None) -> torch.LongTensor:
+    """``[n, seq_len]`` windows of the text's own tokens (no special tokens)."""
     step = seq_len if stride is None else stride
     if step < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -349,16 +354,6 @@ def _encode_prefix(tokenizer: Any, text: str, n_tokens: int | None) -> list[int]
         chars *= 2
 
 
-class _Unprefixed:
-    """A tokenizer seen without its document prefix (the text tokens of a window)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str, add_special_tokens: bool = False):
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-
 def first_tokens(tokenizer: Any, text: str, n_tokens: int, seq_len: int) -> torch.LongTensor:
     """The first ``n_tokens`` tokens of ``text`` (rounded down to whole windows, at least one) as
     ``[n, seq_len]`` windows, each starting with the tokenizer's `document_prefix`."""
@@ -369,7 +364,9 @@ def token_stream(tokenizer: Any, text: str, n_tokens: int, seq_len: int) -> torc
     """The first ``n_tokens`` text tokens of ``text`` (whole ``seq_len`` windows, at least one) as one
     ``[n]`` stream without any document prefix: what `evaluate.perplexity` slides its windows over
     (it puts the prefix before each window itself)."""
-    return token_windows(_Unprefixed(tokenizer), text, seq_len, max_windows=max(1, n_tokens // seq_len)).reshape(-1)
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    return _text_windows(tokenizer, text, seq_len, max(1, n_tokens // seq_len), None).reshape(-1)
 
 
 def calibration_windows(calibration: Any, tokenizer: Any, seq_len: int, max_windows: int | None) -> torch.LongTensor:
