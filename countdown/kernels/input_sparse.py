@@ -40,6 +40,7 @@ and leaves the workspace ready for the next call (as ``_core`` does for the FFN 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -52,6 +53,15 @@ from .pack import SUPPORTED_DTYPES, check_threshold
 __all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_unavailable_reason", "MAX_BATCH"]
 
 MAX_BATCH = 16  # tokens padded to one 16-row MMA tile
+
+# Which kernel ``input_sparse_linear`` runs: "walk" (``_input_sparse_kernel`` below, the measured one)
+# or "prefetch" (``input_sparse_prefetch``: the keep mask is computed before the weight loop; issue 13
+# follow-up, not yet measured). FUSE_QKV: the attention projections q, k and v run as one launch
+# (``countdown.attention``; needs the prefetch kernel's multi-weight entry). Both read at call time (so
+# at graph-capture time), so one process can A/B them; the environment gives the initial values.
+VARIANT = os.environ.get("COUNTDOWN_INPUT_SPARSE", "walk")
+FUSE_QKV = os.environ.get("COUNTDOWN_FUSE_QKV", "0") == "1"
+VARIANTS = ("walk", "prefetch")
 
 
 @triton.jit
@@ -220,7 +230,15 @@ def _grid(cfg: InputSparseConfig, k: int, n: int, device: torch.device) -> tuple
 def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
             threshold: Optional[torch.Tensor], threshold_value: float, out: torch.Tensor,
             config: Optional[InputSparseConfig] = None) -> torch.Tensor:
-    """Run the kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out."""
+    """Run the kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out.
+    Without a config, ``VARIANT`` picks the kernel."""
+    if config is None and VARIANT != "walk":
+        if VARIANT not in VARIANTS:
+            raise ValueError(f"input_sparse.VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
+        from . import input_sparse_prefetch  # imports this module: a top-level import would be a cycle
+
+        input_sparse_prefetch.launch(x, [w_t], [channel_scale], [threshold], [threshold_value], [out])
+        return out
     batch, k = x.shape
     n = w_t.shape[1]
     device = w_t.device
