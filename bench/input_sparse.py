@@ -17,11 +17,23 @@ gate/up 4096->14336, down 14336->4096; batch B in 1, 2, 4, 8, 16.
    % floor = floor / time; GB/s = bytes / time. ``dense_wt`` is F.linear on the view w_t.t() (the
    fallback when the model keeps only w_t).
 Writes $OUT/input_sparse.json (everything) and prints the table last.
+
+    PYTHONPATH=. python3 bench/input_sparse.py --variants   # walk kernel vs prefetch variants, < 4 min
+
+``--variants`` (issue 13 follow-up) times, in one process, the shipped walk kernel against the prefetch
+kernel (``countdown/kernels/input_sparse_prefetch.py``) in the configurations of ``VARIANTS``, at the
+shapes above: every batch at s=0.5, B=1 and 16 at s=0 too; then q, k, v of Llama-3-8B (4096->4096,
+1024, 1024) as three launches (walk, prefetch) and as one ``input_sparse_multi`` launch per prefetch
+configuration. Every variant is first checked against the reference at every shape and batch (TEAL
+s=0.5 and WINA s=0.7, outputs poisoned with NaN); a wrong one is not timed. Cells run by priority (B=1
+s=0.5 first) and no new cell starts after BENCH_BUDGET_S seconds (default 200). Same timing and floor
+as the table above. Writes $OUT/input_sparse_variants.json and prints its table last.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -34,6 +46,7 @@ import torch.nn.functional as F
 import triton
 
 from countdown.kernels import input_sparse as isp
+from countdown.kernels import input_sparse_prefetch as ispf
 from countdown.kernels import reference
 
 SHAPES = {"o_proj": (4096, 4096), "k/v": (4096, 1024), "qkv": (4096, 6144), "gate/up": (4096, 14336),
@@ -259,5 +272,214 @@ def main():
             f"{r0['dense_pct_floor']:4.0f} | {cells} | {r0['config']}")
 
 
+# --------------------------------------------------------------------------------------------
+# --variants: the walk kernel against the prefetch kernel, one process
+
+P_ = ispf.PrefetchConfig
+VARIANTS = {  # name: ("walk" | "pf", config); "-s1": no channel split (no atomics, ticket, read-back)
+    "walk": ("walk", isp._GPU_CONFIG),
+    "walk-n32-s1": ("walk", C_(block_n=32, block_k=64, num_warps=4, num_stages=8, programs_per_sm=1)),
+    "pf": ("pf", ispf._GPU_CONFIG),  # 256 x 32, pipeliner 4 stages, ~2 programs/SM, >= 128 channels each
+    "pf-s6": ("pf", P_(num_stages=6)),  # more rows in flight per program
+    "pf-manual": ("pf", P_(pipe="manual", num_stages=1)),  # next tile prefetched in registers instead
+    "pf-n128": ("pf", P_(block_n=128, min_kpp=256)),  # narrower tiles, fewer splits
+    "pf-n32-s1": ("pf", P_(block_n=32, block_k=64, num_stages=8, max_split=1)),
+    "pf-n64-s1": ("pf", P_(block_n=64, block_k=64, num_stages=6, max_split=1)),
+}
+QKV = (4096, (4096, 1024, 1024))  # Llama-3-8B q, k, v (8 KV heads)
+V_BATCHES = (1, 2, 4, 8, 16)
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "200"))
+if SMOKE:
+    VARIANTS = {"walk": ("walk", isp._INTERPRET_CONFIG), "pf": ("pf", ispf._INTERPRET_CONFIG),
+                "pf-manual": ("pf", P_(block_n=16, block_k=16, num_stages=1, programs_per_sm=4, min_kpp=16,
+                                       pipe="manual"))}
+    QKV = (48, (48, 16, 16))
+    V_BATCHES = (1, 2)
+VRESULTS: dict = {"check": [], "table": [], "qkv": [], "info": {}}
+
+
+def vsave():
+    with open(os.path.join(OUT, "input_sparse_variants.json"), "w") as f:
+        json.dump(VRESULTS, f, indent=1)
+
+
+def run_variant(name, x, w_ts, scales, thr, outs, fused=True):
+    """One call of variant ``name`` on weights w_ts sharing x (several weights: fused or one launch each)."""
+    kind, cfg = VARIANTS[name]
+    if kind == "walk" or not fused:
+        for w, sc, o in zip(w_ts, scales, outs):
+            if kind == "walk":
+                isp._launch(x, w, sc, thr, 0.0, o, cfg)
+            else:
+                ispf.launch(x, [w], [sc], [thr], [0.0], [o], cfg)
+    else:
+        ispf.launch(x, w_ts, scales, [thr] * len(w_ts), [0.0] * len(w_ts), outs, cfg)
+
+
+def _vcompile_job(job):
+    """Compile variant ``name`` for one weight set and the batch buckets (1; 2-8; 16) by running it."""
+    name, k, ns = job
+    try:
+        ws = [torch.randn(k, n, device=DEV, dtype=DT) for n in ns]
+        thr = torch.ones(1, device=DEV)
+        for batch in (1, 2, 16):
+            x = torch.randn(batch, k, device=DEV, dtype=DT)
+            outs = [torch.empty(batch, n, device=DEV, dtype=DT) for n in ns]
+            run_variant(name, x, ws, [None] * len(ns), thr, outs)
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001 (reported; the variant is then skipped)
+        return f"{name} K={k} N={ns}: {type(e).__name__}: {str(e)[:300]}"
+
+
+def vprecompile():
+    t0 = time.time()
+    jobs = [(name, k, (n,)) for name in VARIANTS for k, n in SHAPES.values()]
+    jobs += [(name, QKV[0], QKV[1]) for name in VARIANTS if VARIANTS[name][0] == "pf"]
+    with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as ex:
+        res = list(ex.map(_vcompile_job, jobs))
+    bad = set()
+    for job, r in zip(jobs, res):
+        if r is not None:
+            log("compile FAILED", r)
+            bad.add(job[0])
+    log(f"precompiled {len(jobs)} variant x shape jobs in {time.time() - t0:.1f}s")
+    return bad
+
+
+def vcheck(bad):
+    """Every variant against the reference at every shape and batch; returns the variants that failed."""
+    shapes = [(name, k, (n,)) for name, (k, n) in SHAPES.items()] + [("q,k,v", QKV[0], QKV[1])]
+    for sname, k, ns in shapes:
+        ws = [(torch.randn(k, n, device=DEV) / k**0.5).to(DT) for n in ns]
+        scales = [torch.rand(k, device=DEV) + 0.25 for _ in ns]
+        for batch in V_BATCHES:
+            x = torch.randn(batch, k, device=DEV).to(DT)
+            for wina, s in ((False, 0.5), (True, 0.7)):
+                sc = scales if wina else [None] * len(ns)
+                score = x.float().abs() * (scales[0] if wina else 1.0)
+                thr_f = reference.midpoint_threshold(score, s)
+                thr = torch.tensor([thr_f], device=DEV)
+                refs = [reference.input_sparse_linear(x, w, thr_f, channel_scale=c) for w, c in zip(ws, sc)]
+                for name in VARIANTS:
+                    if name in bad:
+                        continue
+                    outs = [torch.full((batch, n), float("nan"), device=DEV, dtype=DT) for n in ns]
+                    # several weights share one threshold here; each its own scale
+                    run_variant(name, x, ws, sc, thr, outs)
+                    err = max(rel_err(o, r) for o, r in zip(outs, refs))
+                    VRESULTS["check"].append(dict(shape=sname, B=batch, wina=wina, variant=name, err=err))
+                    if err > 1e-2:
+                        log(f"check {sname} B={batch} wina={wina} {name}: WRONG rel err {err:.2e}")
+                        bad.add(name)
+    worst = {name: max(r["err"] for r in VRESULTS["check"] if r["variant"] == name) for name in VARIANTS}
+    log("check (max rel err over shapes x batches x TEAL/WINA):", {k: f"{v:.1e}" for k, v in worst.items()})
+    VRESULTS["info"]["check_worst"] = worst
+    vsave()
+    return bad
+
+
+class WeightSet:
+    """C copies (C * bytes > 150 MB, beyond L2) of weights that share x: [K, N_i] input-major and the
+    nn.Linear [N_i, K] for cuBLAS."""
+
+    def __init__(self, k, ns, seed):
+        self.k, self.ns = k, ns
+        size = k * sum(ns) * 2
+        self.copies = 2 if SMOKE else max(3, math.ceil(150e6 / size))
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        self.w = [[(torch.randn(n, k, device=DEV, generator=g) / k**0.5).to(DT) for n in ns]
+                  for _ in range(self.copies)]
+        self.w_t = [[w.t().contiguous() for w in ws] for ws in self.w]
+        self.outs = [torch.empty(16, n, device=DEV, dtype=DT) for n in ns]
+
+    def fn(self, name, x, thr, fused=True):
+        outs = [o[: x.shape[0]] for o in self.outs]
+        none = [None] * len(self.ns)
+        return lambda c: run_variant(name, x, self.w_t[c], none, thr, outs, fused)
+
+    def dense_fn(self, x):
+        return lambda c: [F.linear(x, w) for w in self.w[c]]
+
+
+def vtime(sets, bad, t_start):
+    # (weight set, B, s) by priority: the batch-1 target first, then s=0, then B=16, then the rest
+    cells = [(sn, 1, 0.5) for sn in sets] + [(sn, 1, 0.0) for sn in sets] + \
+            [(sn, 16, s) for s in (0.5, 0.0) for sn in sets] + \
+            [(sn, b, 0.5) for b in V_BATCHES if b not in (1, 16) for sn in sets]
+    dense = {}
+    names = [n for n in VARIANTS if n not in bad]
+    for sn, batch, s in cells:
+        if batch not in V_BATCHES:
+            continue
+        if time.time() - t_start > BUDGET_S:
+            log(f"budget of {BUDGET_S:.0f}s spent: {sn} B={batch} s={s} and later cells not run")
+            VRESULTS["info"].setdefault("skipped", []).append([sn, batch, s])
+            continue
+        ws = sets[sn]
+        g = torch.Generator(device=DEV).manual_seed(1000 * batch + int(100 * s))
+        x = torch.randn(batch, ws.k, device=DEV, generator=g).to(DT)
+        thr_f = reference.midpoint_threshold(x.abs(), s)
+        thr = torch.tensor([thr_f], device=DEV)
+        kept = int((x.float().abs() > thr_f).any(0).sum())
+        nbytes = kept * sum(ws.ns) * 2
+        if (sn, batch) not in dense:
+            dense[(sn, batch)] = bench_graph(ws.dense_fn(x), ws.copies)
+        row = dict(shape=sn, K=ws.k, N=list(ws.ns), B=batch, s=s, kept_rows=kept, floor_us=nbytes / BW * 1e6,
+                   dense_us=dense[(sn, batch)], us={})
+        if len(ws.ns) == 1:
+            timed = [(n, n, True) for n in names]
+        else:  # several weights: walk and pf one launch per weight, then every prefetch config fused
+            timed = [(f"{n} x{len(ws.ns)}", n, False) for n in ("walk", "pf") if n in names]
+            timed += [(n, n, True) for n in names if VARIANTS[n][0] == "pf"]
+        for key, name, fused in timed:
+            row["us"][key] = bench_graph(ws.fn(name, x, thr, fused), ws.copies)
+        row["pct_floor"] = {k: 100 * row["floor_us"] / v for k, v in row["us"].items()}
+        row["gbs"] = {k: nbytes / v / 1e3 for k, v in row["us"].items()}
+        VRESULTS["qkv" if len(ws.ns) > 1 else "table"].append(row)
+        vsave()
+    return VRESULTS["table"] + VRESULTS["qkv"]
+
+
+def vprint(rows):
+    log(f"\nInput-sparse GEMV variants, bf16, us per call and % of byte floor (kept rows * N * 2 B / 3.0 TB/s); "
+        f"CUDA graph over rotated weights, median; dense = cuBLAS F.linear")
+    for group in ("table", "qkv"):
+        grp = [r for r in rows if r in VRESULTS[group]]
+        if not grp:
+            continue
+        keys = list(grp[0]["us"])
+        log(f"{'shape':8} {'B':>2} {'s':>4} {'floor':>5} {'dense':>6} | " + " | ".join(f"{k:>14}" for k in keys)
+            + " | best GB/s")
+        for r in sorted(grp, key=lambda r: (r["shape"], r["B"], r["s"])):
+            cells = " | ".join(f"{r['us'][k]:7.1f} {r['pct_floor'][k]:4.0f}% " if k in r["us"] else f"{'-':>14}"
+                               for k in keys)
+            best = min(r["us"], key=r["us"].get)
+            log(f"{r['shape']:8} {r['B']:>2} {r['s']:4.2f} {r['floor_us']:5.1f} {r['dense_us']:6.1f} | {cells} | "
+                f"{best} {r['gbs'][best]:.0f}")
+
+
+def variants_main():
+    t_start = time.time()
+    torch.manual_seed(0)
+    if not SMOKE:
+        props = torch.cuda.get_device_properties(0)
+        VRESULTS["info"].update(gpu=props.name, sms=props.multi_processor_count)
+    VRESULTS["info"].update(torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
+                            variants={k: [kind, dataclasses.asdict(c)] for k, (kind, c) in VARIANTS.items()})
+    log(VRESULTS["info"])
+    bad = set() if SMOKE else vprecompile()
+    bad = vcheck(bad)
+    t0 = time.time()
+    sets = {name: WeightSet(k, (n,), seed=i) for i, (name, (k, n)) in enumerate(SHAPES.items())}
+    sets["q,k,v"] = WeightSet(QKV[0], QKV[1], seed=99)
+    log(f"checked in {t0 - t_start:.1f}s; weights ready in {time.time() - t0:.1f}s")
+    rows = vtime(sets, bad, t_start)
+    VRESULTS["info"]["seconds"] = time.time() - t_start
+    vsave()
+    vprint(rows)
+    log(f"total {time.time() - t_start:.0f}s")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(variants_main() if "--variants" in sys.argv[1:] else main())

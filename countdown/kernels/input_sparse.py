@@ -40,6 +40,7 @@ and leaves the workspace ready for the next call (as ``_core`` does for the FFN 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -52,6 +53,17 @@ from .pack import SUPPORTED_DTYPES, check_threshold
 __all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_unavailable_reason", "MAX_BATCH"]
 
 MAX_BATCH = 16  # tokens padded to one 16-row MMA tile
+
+# Which kernel ``input_sparse_linear`` runs: "walk" (``_input_sparse_kernel`` below), "prefetch"
+# (``input_sparse_prefetch``: the keep mask is packed into bit words before the weight loop) or "auto":
+# prefetch for one token, walk for 2-16. Measured on the H100 (docs/BENCHMARKS.md, 2026-11-23), prefetch
+# is 1-14% faster at batch 1 on every Llama-3-8B shape and 6-15% slower at batch 2-16. FUSE_QKV: the
+# attention projections q, k and v run as one launch (``countdown.attention``), 37% faster than three
+# at batch 1 and 24% at batch 16. Both are read at call time (so at graph-capture time), so one process
+# can A/B them; the environment gives the initial values.
+VARIANT = os.environ.get("COUNTDOWN_INPUT_SPARSE", "auto")
+FUSE_QKV = os.environ.get("COUNTDOWN_FUSE_QKV", "1") == "1"
+VARIANTS = ("auto", "walk", "prefetch")
 
 
 @triton.jit
@@ -220,7 +232,15 @@ def _grid(cfg: InputSparseConfig, k: int, n: int, device: torch.device) -> tuple
 def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
             threshold: Optional[torch.Tensor], threshold_value: float, out: torch.Tensor,
             config: Optional[InputSparseConfig] = None) -> torch.Tensor:
-    """Run the kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out."""
+    """Run the kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out.
+    Without a config, ``VARIANT`` picks the kernel."""
+    if VARIANT not in VARIANTS:
+        raise ValueError(f"input_sparse.VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
+    if config is None and (VARIANT == "prefetch" or (VARIANT == "auto" and x.shape[0] == 1)):
+        from . import input_sparse_prefetch  # imports this module: a top-level import would be a cycle
+
+        input_sparse_prefetch.launch(x, [w_t], [channel_scale], [threshold], [threshold_value], [out])
+        return out
     batch, k = x.shape
     n = w_t.shape[1]
     device = w_t.device
