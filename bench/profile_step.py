@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/profile_step.py                       # Llama-3-8B shape, dense, M-70%, D-90%
     PYTHONPATH=. python bench/profile_step.py --shape llama-2-7b --no-compile
+    PYTHONPATH=. python bench/profile_step.py --batch 2 --configs dense,m-countdown:0.9
 
 Builds the random-weight model of the shape (bf16), captures the decode step as `bench/e2e.py` does
 (compiled by default), replays it under torch.profiler and sums each kernel's GPU time per step. The
@@ -62,14 +63,21 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3-8b")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--configs", default="dense,m-countdown:0.7,d-countdown:0.9",
+                    help="comma-separated method:sparsity (dense alone for the baseline)")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     model = random_model(args.shape, "cuda", "bfloat16")
-    prompt, calib = random_inputs(model, 128, 4)
+    prompt, calib = random_inputs(model, 128, 4, batch=args.batch)
     nb = model_bytes(model)
     floor_ms = nb.per_token(128 + args.steps / 2) / 3.0e12 * 1e3
     results = {}
-    for name, method, s in (("dense", None, 0), ("m-countdown 70%", "m-countdown", 0.7), ("d-countdown 90%", "d-countdown", 0.9)):
+    configs = []
+    for item in args.configs.split(","):
+        method, _, s = item.partition(":")
+        configs.append(("dense", None, 0.0) if method == "dense" else (f"{method} {float(s):.0%}", method, float(s)))
+    for name, method, s in configs:
         if method:
             preds = random_predictors(model) if method == "d-countdown" else None
             countdown.sparsify(model, method, s, calibration=calib, predictors=preds, progress=False)
@@ -78,14 +86,14 @@ def main() -> None:
             countdown.unsparsify(model)
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "profile.json"), "w") as f:
-            json.dump({"shape": args.shape, "compile": args.compile, "dense_floor_ms": floor_ms, "results": results}, f, indent=1)
-    print(f"\n{args.shape}, bf16, {'compiled + ' if args.compile else ''}CUDA graph; dense bytes floor at 3.0 TB/s: {floor_ms:.2f} ms")
+        with open(os.path.join(out, f"profile-b{args.batch}.json"), "w") as f:
+            json.dump({"shape": args.shape, "batch": args.batch, "compile": args.compile, "dense_floor_ms": floor_ms, "results": results}, f, indent=1)
+    print(f"\n{args.shape}, bf16, batch {args.batch}, {'compiled + ' if args.compile else ''}CUDA graph; dense bytes floor at 3.0 TB/s: {floor_ms:.2f} ms")
     for name, r in results.items():
         print(f"\n{name}: wall {r['wall_ms']:.3f} ms/step, kernels {r['kernel_ms']:.3f} ms, "
               f"{r['launches']} launches/step, idle {r['wall_ms'] - r['kernel_ms']:.3f} ms ({r['source']})")
         print("| ms/step | launches | kernel |\n|---|---|---|")
-        for kname, ms, n in r["kernels"][:12]:
+        for kname, ms, n in r["kernels"][:16]:
             print(f"| {ms:.3f} | {n} | {kname[:90]} |")
 
 
