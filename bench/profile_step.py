@@ -28,7 +28,7 @@ from countdown.speed import model_bytes
 
 
 def profile_config(model, prompt, steps: int, compile: bool) -> dict:
-    decoder = Decoder(model, max_len=prompt.shape[-1] + steps + 8, compile=compile)
+    decoder = Decoder(model, max_len=prompt.shape[-1] + steps + 8, batch_size=prompt.shape[0], compile=compile)
     decoder.generate(prompt, 8)  # capture
     result = decoder.generate(prompt, steps + 1)
     wall_ms = result.decode_seconds / steps * 1e3
