@@ -37,7 +37,7 @@ def profile_config(model, prompt, steps: int, compile: bool) -> dict:
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            decoder._graph.replay()
+            decoder._graphs["greedy"].replay()
         torch.cuda.synchronize()
     source = "graph replay"
     if not any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()):
@@ -46,7 +46,7 @@ def profile_config(model, prompt, steps: int, compile: bool) -> dict:
         decoder.generate(prompt, 2)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                decoder._step()
+                decoder._step("greedy")
             torch.cuda.synchronize()
     per_kernel = defaultdict(lambda: [0.0, 0])
     for evt in prof.events():
