@@ -21,6 +21,7 @@ from .api import (
     sparsify,
     unsparsify,
 )
+from .attention import fuse_qkv, unfuse_qkv
 from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
@@ -46,6 +47,7 @@ __all__ = [
     "calibrate_methods",
     "ffn_sites",
     "fingerprint",
+    "fuse_qkv",
     "generate",
     "get_method",
     "is_sparsified",
@@ -59,6 +61,7 @@ __all__ = [
     "sparsify",
     "sparsity_spec",
     "train_predictors",
+    "unfuse_qkv",
     "unsparsify",
 ]
 __version__ = "0.1.0"

@@ -329,7 +329,8 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
 
 
 # --------------------------------------------------------------------------------------------
-# entry points (eager; the walk kernel's registered ops dispatch here when input_sparse.VARIANT says so)
+# entry points (the walk kernel's registered ops dispatch here when input_sparse.VARIANT says so;
+# ``input_sparse_multi`` is itself the registered op ``countdown::input_sparse_multi`` under torch.compile)
 
 
 def input_sparse_linear_prefetch(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
@@ -380,6 +381,11 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
     x2 = x.reshape(-1, k).contiguous()
     batch = x2.shape[0]
     thr = [check_threshold(t, x.device) for t in thresholds]
+    if outs is None and config is None:
+        # the registered op: one opaque node under torch.compile (attention's fused q/k/v)
+        ys = _core.op_or_impl(_multi_op, _multi_impl)(x2, w_ts, channel_scales, [t for t, _ in thr],
+                                                      [v for _, v in thr])
+        return [y.reshape(*x.shape[:-1], y.shape[1]) for y in ys]
     if outs is None:
         outs2 = [torch.empty(batch, w.shape[1], dtype=x.dtype, device=x.device) for w in w_ts]
     else:
@@ -391,13 +397,39 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
                 raise ValueError(f"input_sparse_multi: out must be a contiguous {x.dtype} tensor of {batch * n} "
                                  f"elements on {x.device}, got {o.dtype} {tuple(o.shape)} on {o.device}")
         outs2 = [o.view(batch, o.numel() // batch) for o in outs]
-    if any(w.shape[1] == 1 for w in w_ts) and len(w_ts) > 1:
-        # Triton turns an int argument equal to 1 into a constant; the per-weight branch needs all
-        # widths as values of one type, so a width-1 weight runs in its own launch
-        for i, w in enumerate(w_ts):
-            launch(x2, [w], [channel_scales[i]], [thr[i][0]], [thr[i][1]], [outs2[i]], config)
-    else:
-        launch(x2, w_ts, channel_scales, [t for t, _ in thr], [v for _, v in thr], outs2, config)
+    _launch_all(x2, w_ts, channel_scales, [t for t, _ in thr], [v for _, v in thr], outs2, config)
     if outs is not None:
         return list(outs)
     return [o.reshape(*x.shape[:-1], o.shape[1]) for o in outs2]
+
+
+def _launch_all(x2: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequence[Optional[torch.Tensor]],
+                thresholds: Sequence[Optional[torch.Tensor]], threshold_values: Sequence[float],
+                outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig]) -> None:
+    """`launch`, except that a width-1 weight among several runs in its own launch: Triton turns an
+    int argument equal to 1 into a constant, and the per-weight branch needs all widths as values of
+    one type."""
+    if any(w.shape[1] == 1 for w in w_ts) and len(w_ts) > 1:
+        for i, w in enumerate(w_ts):
+            launch(x2, [w], [channel_scales[i]], [thresholds[i]], [threshold_values[i]], [outs[i]], config)
+    else:
+        launch(x2, w_ts, channel_scales, thresholds, threshold_values, outs, config)
+
+
+def _multi_impl(x: torch.Tensor, w_ts: list[torch.Tensor], channel_scales: list[Optional[torch.Tensor]],
+                thresholds: list[Optional[torch.Tensor]], threshold_values: list[float]) -> list[torch.Tensor]:
+    """``countdown::input_sparse_multi`` on validated arguments: x [B, K] contiguous, w_ts 1 to 3
+    [K, N_i]; one channel scale per weight, all None (TEAL) or all [K] fp32 (WINA); one threshold per
+    weight, all None (then the float ``threshold_values`` are used) or all [1] float tensors.
+    Returns fresh [B, N_i] outputs."""
+    outs = [torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device) for w in w_ts]
+    _launch_all(x, w_ts, channel_scales, thresholds, threshold_values, outs, None)
+    return outs
+
+
+_multi_op = torch.library.custom_op("countdown::input_sparse_multi", _multi_impl, mutates_args=())
+
+
+@_multi_op.register_fake
+def _(x, w_ts, channel_scales, thresholds, threshold_values):
+    return [x.new_empty(x.shape[0], w.shape[1]) for w in w_ts]

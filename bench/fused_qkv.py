@@ -1,0 +1,255 @@
+"""q, k and v in one launch under torch.compile (issues 11 and 13): decode tokens/s with and without it.
+
+    PYTHONPATH=. python bench/fused_qkv.py               # batch 1, five configurations: about 4-5 minutes
+    PYTHONPATH=. python bench/fused_qkv.py --batch 4     # the same at batch 4 (a second run)
+
+One random-weight bf16 model of the Llama-3-8B shape (`countdown.loading.random_model`), one process.
+Every point is `countdown.Decoder(model, compile=True)` (torch.compile, then the CUDA graph), prompt
+128 → ``--new-tokens`` new tokens, median of 3 calls after a warm-up call (which compiles: about 45 s
+a point on an H100, hence one batch size per run by default). ``--configs`` (default: all but
+``teal50-wide``):
+
+    dense              cuBLAS q, k, v (three GEMVs)
+    dense+fuse         `countdown.fuse_qkv(model)`: one input-sparse launch at threshold 0
+    mcd70              M-COUNTDOWN 70%, FFN only (attention dense)
+    mcd70+fuse         the same with q/k/v fused (the dense baseline's treatment)
+    teal50-wide        TEAL 50% model-wide (attention inputs 50%), kernels.input_sparse.FUSE_QKV off:
+                       q/k/v as three launches (what torch.compile got before this change)
+    teal50-wide+fuse   FUSE_QKV on
+
+Before timing a sparsification's fused configuration it checks, eagerly, that the fused path runs (one
+3-weight launch per layer for a decode step of 1 and of 4 tokens) and matches the unfused one: layer
+0's q/k/v against cuBLAS (dense) or three single launches (sparse) on a random input ("MISMATCH" in
+the table above ``--tol`` relative L2 error), and the logits of one decode step (reported). GPU memory
+before and after fusing (no extra weight copy). Points that would end past ``--deadline`` are skipped
+and named. Table last; JSON to $OUT/fused_qkv.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import countdown
+from countdown import attention
+from countdown.decode import Decoder
+from countdown.kernels import input_sparse, input_sparse_prefetch
+from countdown.loading import RANDOM_SHAPES, random_inputs, random_model
+
+T0 = time.time()
+PROMPT = 128
+
+
+def log(*a) -> None:
+    print(f"[{time.time() - T0:6.0f}s]", *a, flush=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def gib(settle: bool = True) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    if settle:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+class Launches:
+    """Counts prefetch-kernel launches by their number of weights (3: a fused q/k/v) while active."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self._real = input_sparse_prefetch.launch
+
+    def __enter__(self) -> "Launches":
+        input_sparse_prefetch.launch = lambda *a, **kw: self.seen.append(len(a[1])) or self._real(*a, **kw)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        input_sparse_prefetch.launch = self._real
+
+
+@torch.no_grad()
+def check(model, fuse_on, tol: float) -> dict:
+    """Fused against unfused, eagerly: launches per decode step, layer 0's q/k/v, one step's logits.
+    ``fuse_on(bool)`` switches the fusion of the model as it is set up."""
+    n_layers = len(model.model.layers)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(11)
+    out = {"ok": True}
+    for b in (1, 4):
+        ids = torch.randint(model.config.vocab_size, (b, 1), generator=g).to(model.device)
+        x = torch.randn(b, 1, attn.q_proj.in_features, generator=g).to(model.device, model.dtype)
+        fuse_on(False)
+        ref_logits = model(input_ids=ids, use_cache=False).logits
+        fuse_on(True)
+        reason = attn.qkv_skip_reason(x)
+        if reason is not None:
+            raise RuntimeError(f"batch {b}: the fused path does not run: {reason}")
+        with Launches() as seen:
+            logits = model(input_ids=ids, use_cache=False).logits
+        if seen.seen.count(3) != n_layers:
+            raise RuntimeError(f"batch {b}: {seen.seen.count(3)} fused q/k/v launches in one step, expected {n_layers}")
+        projections = attn.qkv_projections()
+        dense = all(isinstance(p, attention.FusedQKVLinear) for p in projections)
+        # unfused: cuBLAS for dense projections, one input-sparse launch each for sparse ones
+        ref_qkv = [F.linear(x, p.weight, p.bias) if dense else p(x) for p in projections]
+        thresholds = [attention.DENSE_THRESHOLD if dense else p.sparse_threshold for p in projections]
+        ys = input_sparse_prefetch.input_sparse_multi(x, [p.weight.t() for p in projections], thresholds)
+        ys = [y if p.bias is None else y + p.bias for y, p in zip(ys, projections)]
+        out[f"qkv_rel_err_b{b}"] = max(rel(y, r) for y, r in zip(ys, ref_qkv))
+        out[f"logits_rel_err_b{b}"] = rel(logits, ref_logits)
+        out["ok"] &= out[f"qkv_rel_err_b{b}"] <= tol
+    log("check", json.dumps(out))
+    return out
+
+
+def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool) -> dict:
+    prompt = prompt_1.expand(b, -1).contiguous()
+    t = time.time()
+    decoder = Decoder(model, max_len=PROMPT + max(new_tokens, 16), batch_size=b, compile=compile)
+    decoder.generate(prompt, 16)  # compile, capture, autotune
+    results = [decoder.generate(prompt, new_tokens) for _ in range(3)]
+    row = {"tokens_per_s": statistics.median(r.tokens_per_second for r in results),
+           "tokens": results[0].tokens[0, PROMPT:].tolist(), "seconds": time.time() - t}
+    del decoder
+    if compile:
+        torch._dynamo.reset()  # one compiled graph per point; keeps dynamo under its recompile limit
+    return row
+
+
+# name: (method, FFN sparsity, attention-input sparsity, fused)
+CONFIGS = {
+    "dense": ("dense", 0.0, None, False),
+    "dense+fuse": ("dense", 0.0, None, True),
+    "mcd70": ("m-countdown", 0.7, None, False),
+    "mcd70+fuse": ("m-countdown", 0.7, None, True),
+    "teal50-wide": ("teal", 0.5, 0.5, False),  # attention inputs sparse, q/k/v as three launches
+    "teal50-wide+fuse": ("teal", 0.5, 0.5, True),
+}
+DEFAULT = "dense,dense+fuse,mcd70,mcd70+fuse,teal50-wide+fuse"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-3-8b")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", default="1", help="batch sizes, e.g. 1,4 (each point compiles: ~45 s on an H100)")
+    ap.add_argument("--configs", default=DEFAULT, help=f"of {', '.join(CONFIGS)}")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA graph only")
+    ap.add_argument("--tol", type=float, default=2e-2, help="largest relative error of layer 0's q/k/v")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton's interpreter; use --layers 2)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape has")
+    ap.add_argument("--deadline", type=float, default=390.0,
+                    help="seconds: skip points that would end past it (the table still prints)")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    compile = not args.no_compile
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.cache_size_limit = 64
+    if args.layers is None:
+        model = random_model(args.shape, args.device, args.dtype)
+    else:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        config = LlamaConfig(**{**RANDOM_SHAPES[args.shape], "num_hidden_layers": args.layers})
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    kernels = "auto" if args.device == "cuda" else "always"  # elsewhere: Triton's interpreter
+    prompt, calib = random_inputs(model, PROMPT, 4)
+    log(f"model built, {gib():.2f} GiB")
+    points, skipped, memory = [], [], {}
+    longest = 0.0
+    groups = []  # configs sharing one sparsification, in the order given
+    for n in names:
+        key = CONFIGS[n][:3]
+        if not groups or groups[-1][0] != key:
+            groups.append((key, []))
+        groups[-1][1].append(n)
+    for (method, s, att), group in groups:
+        if method != "dense":
+            countdown.sparsify(model, method, s, calibration=calib, attention=att, kernels=kernels, progress=False)
+        if att is None:  # dense q/k/v: the opt-in fusion
+            def fuse_on(on: bool) -> None:
+                countdown.fuse_qkv(model, kernels) if on else countdown.unfuse_qkv(model)
+        else:  # input-sparse q/k/v: the module switch
+            def fuse_on(on: bool) -> None:
+                input_sparse.FUSE_QKV = on
+        match = None
+        if any(CONFIGS[n][3] for n in group):
+            before = gib()
+            fuse_on(True)
+            memory[group[0].split("+")[0]] = {"unfused_gib": before, "fused_gib": gib()}
+            match = check(model, fuse_on, args.tol)
+        for n in group:
+            fuse_on(CONFIGS[n][3])
+            for b in batches:
+                if time.time() - T0 + longest > args.deadline:
+                    skipped.append(f"{n} batch {b}")
+                    log("deadline: skipping", n, "batch", b)
+                    continue
+                r = speed(model, prompt, b, args.new_tokens, compile)
+                longest = max(longest, r["seconds"])
+                points.append({"config": n, "fused": CONFIGS[n][3], "batch": b, **r,
+                               "match": match if CONFIGS[n][3] else None})
+                log(n, f"batch {b}: {r['tokens_per_s']:.1f} tok/s ({r['seconds']:.0f}s)")
+        fuse_on(False)
+        if method != "dense":
+            countdown.unsparsify(model)
+    input_sparse.FUSE_QKV = True
+
+    def find(config: str, b: int) -> dict | None:
+        return next((q for q in points if q["config"] == config and q["batch"] == b), None)
+
+    for p in points:
+        dense, unfused = find("dense", p["batch"]), find(p["config"].split("+")[0], p["batch"])
+        p["vs_dense"] = p["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+        p["vs_unfused"] = p["tokens_per_s"] / unfused["tokens_per_s"] if unfused else None
+        if p["fused"] and unfused:
+            p["same_tokens"] = sum(a == b for a, b in zip(p["tokens"], unfused["tokens"])) / len(unfused["tokens"])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    route = ("torch.compile + " if compile else "") + ("CUDA graph" if args.device == "cuda" else "eager")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "fused_qkv.json"), "w") as f:
+            json.dump({"shape": args.shape, "gpu": device, "route": route, "new_tokens": args.new_tokens,
+                       "torch": torch.__version__, "memory": memory, "skipped": skipped,
+                       "points": [{k: v for k, v in p.items() if k != "tokens"} for p in points]}, f, indent=1)
+    layers = f" ({args.layers} layers)" if args.layers else ""
+    print(f"\n{args.shape}{layers}, {args.dtype}, {route}, prompt {PROMPT} + {args.new_tokens} new tokens, median of 3, {device}, "
+          f"torch {torch.__version__}, {time.time() - T0:.0f}s")
+    for name, m in memory.items():
+        print(f"GPU memory, {name}: {m['unfused_gib']:.3f} GiB unfused, {m['fused_gib']:.3f} GiB fused")
+    if skipped:
+        print("skipped (deadline):", ", ".join(skipped))
+    print("\n| config | batch | tok/s | vs dense | vs unfused | greedy tokens as unfused | q/k/v rel err | "
+          "logits rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in points:
+        m, b = p["match"], 1 if p["batch"] == 1 else 4
+        err = "—" if m is None else f"{m[f'qkv_rel_err_b{b}']:.1e}" + ("" if m["ok"] else " MISMATCH")
+        lerr = "—" if m is None else f"{m[f'logits_rel_err_b{b}']:.1e}"
+        ratio = lambda v: "—" if v is None else f"{v:.3f}×"  # noqa: E731
+        same = f"{p['same_tokens']:.0%}" if "same_tokens" in p else "—"
+        print(f"| {p['config']} | {p['batch']} | {p['tokens_per_s']:.1f} | {ratio(p['vs_dense'])} | "
+              f"{ratio(p['vs_unfused'])} | {same} | {err} | {lerr} |")
+
+
+if __name__ == "__main__":
+    main()
