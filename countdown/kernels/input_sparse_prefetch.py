@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import _core
-from .input_sparse import MAX_BATCH, _problem
+from .input_sparse_checks import MAX_BATCH, problem as _problem
 from .pack import check_threshold
 
 __all__ = ["PrefetchConfig", "input_sparse_linear_prefetch", "input_sparse_multi", "MAX_WEIGHTS"]
