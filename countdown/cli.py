@@ -318,6 +318,8 @@ def bench_cmd(
                                                 "no step starts that would end past it (judged by the longest step of "
                                                 "its kind so far); what is left out is listed."),
     attention: Optional[float] = AttentionOpt,
+    fuse_qkv: bool = typer.Option(True, "--fuse-qkv/--no-fuse-qkv", help="Compute q, k and v in one launch in every "
+                                  "configuration, dense included (countdown.fuse_qkv: the best dense baseline; CUDA only)."),
     out: Optional[Path] = typer.Option(None, help="Write speed.json and speed.md (after every point) and speedup.png here."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("auto", help="'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."),
@@ -358,6 +360,7 @@ def bench_cmd(
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     loop = "CUDA graph" if dev.type == "cuda" else "eager"
     compiled = ("" if not compile_list else ", compiled at batch " + ",".join(map(str, compile_list)))
+    compiled += ", q/k/v fused everywhere" if fuse_qkv and dev.type == "cuda" else ""
     title = (f"{model}, {dtype}, batch {','.join(map(str, batches))}, prompt {prompt_len} → {new_tokens} new tokens, "
              f"median of {repeats}, {where} ({loop}{compiled}; {note}; torch {torch.__version__}; "
              f"{time.strftime('%Y-%m-%d')})")
@@ -375,6 +378,7 @@ def bench_cmd(
                            new_tokens=new_tokens, repeats=repeats, predictors_for=predictors_for,
                            compile_batches=compile_list, routes=routes, route_tokens=route_tokens,
                            prefill_len=prefill_len, hf_static=hf_static, attention=attention,
+                           fuse_qkv=fuse_qkv and dev.type == "cuda",
                            max_seconds=None if max_seconds is None else max_seconds - (time.perf_counter() - started),
                            log=lambda s: console.print(s, highlight=False), on_update=write)
     if out is not None:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from .api import calibrate, calibrate_methods, sparsify, unsparsify
+from .attention import fuse_qkv as fuse_projections
+from .attention import unfuse_qkv
 from .decode import MAX_BATCH
 from .evaluate import perplexity
 from .generation import clear_cache, decoder_for, generate
@@ -309,6 +311,7 @@ def measure_bench(
     positions: str = "decode",
     attention: float | None = None,
     max_seconds: float | None = None,
+    fuse_qkv: bool = False,
     log: Callable[[str], None] = print,
     on_update: Callable[[BenchResult], None] | None = None,
 ) -> BenchResult:
@@ -325,7 +328,9 @@ def measure_bench(
     it is host-bound); ``hf_static`` (last, dense): transformers' static-cache recipe.
 
     ``max_seconds``: a step starts only if the longest one of its kind so far still fits; what is left
-    out is listed in ``result.skipped``. ``on_update(result)`` runs after every step (write partial
+    out is listed in ``result.skipped``. ``fuse_qkv``: every configuration, dense included, computes q, k
+    and v in one launch (`countdown.fuse_qkv`; the best dense baseline on CUDA), undone at the end.
+    ``on_update(result)`` runs after every step (write partial
     results there). The ideal speed-up from bytes is given at batch 1 only (a batch reads the union of its
     kept rows, which per-token sparsity does not tell)."""
     for name in methods:
@@ -342,7 +347,7 @@ def measure_bench(
     result = BenchResult(settings=dict(batches=batches, compile_batches=sorted(compile_batches), new_tokens=new_tokens,
                                        repeats=repeats, generate_repeats=generate_repeats, routes=routes,
                                        route_tokens=route_tokens, prefill_len=prefill_len, positions=positions,
-                                       attention=attention, max_seconds=max_seconds))
+                                       attention=attention, max_seconds=max_seconds, fuse_qkv=fuse_qkv))
 
     def say(message: str) -> None:
         log(f"[{budget.elapsed():6.0f}s] {message}")
@@ -371,62 +376,72 @@ def measure_bench(
             cals[(name, s)] = calibrate(model, name, calibration, predictors=preds, max_windows=None, progress=False)
         return cals.get(name, cals.get((name, s))), preds
 
-    for b in batches:
-        prompt = prompt_for(b).to(device)
-        if prompt.dim() != 2 or prompt.shape[0] != b:
-            raise ValueError(f"prompt_for({b}) must give [{b}, prompt_len] token ids, got {tuple(prompt.shape)}")
-        compiled = b in compile_batches
-        kind = "compiled" if compiled else "graph"
-        first = b == batches[0]
-        dense: SpeedPoint | None = None
-        dense_tokens = None
-        step = kind + (" with first-batch figures" if first else "")  # what the time guard compares
-        for name, s in configs:
-            label = "dense" if name == "dense" else f"{name} @ {s:.0%}"
-            if name != "dense" and dense is None:
-                result.skipped.append(f"batch {b}: {label} (no dense point at this batch)")
-                continue
-            if not budget.allows(step):
-                result.skipped.append(f"batch {b}: {label} ({kind})")
-                say(f"batch {b}: {label} skipped: the time limit would not hold it")
-                continue
-            t0 = time.perf_counter()
-            cal, preds = setup(name, s)
-            figures = ConfigFigures(name, s) if first else None
-            with _sparsified(model, name, s, cal, preds, positions, attention):
+    if fuse_qkv:
+        try:
+            say(f"q, k and v fused in {fuse_projections(model)} layers (every configuration, dense included)")
+        except (ValueError, TypeError, UnsupportedModelError) as err:  # e.g. phi3's single qkv_proj
+            fuse_qkv = False
+            say(f"q, k and v not fused: {err}")
+    try:
+        for b in batches:
+            prompt = prompt_for(b).to(device)
+            if prompt.dim() != 2 or prompt.shape[0] != b:
+                raise ValueError(f"prompt_for({b}) must give [{b}, prompt_len] token ids, got {tuple(prompt.shape)}")
+            compiled = b in compile_batches
+            kind = "compiled" if compiled else "graph"
+            first = b == batches[0]
+            dense: SpeedPoint | None = None
+            dense_tokens = None
+            step = kind + (" with first-batch figures" if first else "")  # what the time guard compares
+            for name, s in configs:
+                label = "dense" if name == "dense" else f"{name} @ {s:.0%}"
+                if name != "dense" and dense is None:
+                    result.skipped.append(f"batch {b}: {label} (no dense point at this batch)")
+                    continue
+                if not budget.allows(step):
+                    result.skipped.append(f"batch {b}: {label} ({kind})")
+                    say(f"batch {b}: {label} skipped: the time limit would not hold it")
+                    continue
+                t0 = time.perf_counter()
+                cal, preds = setup(name, s)
+                figures = ConfigFigures(name, s) if first else None
+                with _sparsified(model, name, s, cal, preds, positions, attention):
+                    if figures is not None:
+                        figures.memory_gib = _allocated_gib(model, settle=True)
+                        if prefill_len:
+                            figures.prefill_ms = time_prefill(model, prefill_len, prefill_repeats)
+                    point, tokens = _measure_point(
+                        model, name, s, prompt, new_tokens=new_tokens, repeats=repeats, generate_repeats=generate_repeats,
+                        compile=compiled, positions=positions, nbytes=nbytes, extra_bytes=predictor_bytes(preds),
+                        dense=dense, dense_tokens=dense_tokens)
+                    if figures is not None and routes:
+                        figures.model_generate_tokens_per_s = model_generate_tokens_per_s(model, prompt, route_tokens)
+                if figures is not None and prefill_len and name != "dense" and positions == "decode":
+                    with _sparsified(model, name, s, cal, preds, "all", attention):
+                        figures.prefill_all_ms = time_prefill(model, prefill_len, prefill_repeats)
+                if name == "dense":
+                    dense, dense_tokens = point, tokens
+                result.points.append(point)
                 if figures is not None:
-                    figures.memory_gib = _allocated_gib(model, settle=True)
-                    if prefill_len:
-                        figures.prefill_ms = time_prefill(model, prefill_len, prefill_repeats)
-                point, tokens = _measure_point(
-                    model, name, s, prompt, new_tokens=new_tokens, repeats=repeats, generate_repeats=generate_repeats,
-                    compile=compiled, positions=positions, nbytes=nbytes, extra_bytes=predictor_bytes(preds),
-                    dense=dense, dense_tokens=dense_tokens)
-                if figures is not None and routes:
-                    figures.model_generate_tokens_per_s = model_generate_tokens_per_s(model, prompt, route_tokens)
-            if figures is not None and prefill_len and name != "dense" and positions == "decode":
-                with _sparsified(model, name, s, cal, preds, "all", attention):
-                    figures.prefill_all_ms = time_prefill(model, prefill_len, prefill_repeats)
-            if name == "dense":
-                dense, dense_tokens = point, tokens
-            result.points.append(point)
-            if figures is not None:
-                result.configs.append(figures)
-            budget.spent(step, time.perf_counter() - t0)
-            say(f"batch {b} {kind}: {label}: {point.tokens_per_s:.1f} tokens/s per sequence, {point.speedup:.2f}x dense"
-                + (f" (ideal {point.ideal_speedup:.2f}x)" if _at_batch_one(point) else "")
-                + (f", measured sparsity {point.measured:.1%}" if name != "dense" else "")
-                + f", countdown.generate {point.generate_tokens_per_s:.1f} tokens/s; {point.seconds:.0f}s")
+                    result.configs.append(figures)
+                budget.spent(step, time.perf_counter() - t0)
+                say(f"batch {b} {kind}: {label}: {point.tokens_per_s:.1f} tokens/s per sequence, {point.speedup:.2f}x dense"
+                    + (f" (ideal {point.ideal_speedup:.2f}x)" if _at_batch_one(point) else "")
+                    + (f", measured sparsity {point.measured:.1%}" if name != "dense" else "")
+                    + f", countdown.generate {point.generate_tokens_per_s:.1f} tokens/s; {point.seconds:.0f}s")
+                update()
+        if hf_static:
+            if budget.allows("hf_static"):
+                figures = next((c for c in result.configs if c.method == "dense"), None)
+                if figures is not None:
+                    figures.hf_static = hf_static_recipe(model, prompt_for(batches[0]).to(device))
+                    say(f"transformers' static-cache recipe (dense): {figures.hf_static}")
+            else:
+                result.skipped.append("transformers' static-cache recipe")
             update()
-    if hf_static:
-        if budget.allows("hf_static"):
-            figures = next((c for c in result.configs if c.method == "dense"), None)
-            if figures is not None:
-                figures.hf_static = hf_static_recipe(model, prompt_for(batches[0]).to(device))
-                say(f"transformers' static-cache recipe (dense): {figures.hf_static}")
-        else:
-            result.skipped.append("transformers' static-cache recipe")
-        update()
+    finally:
+        if fuse_qkv:
+            unfuse_qkv(model)
     result.seconds = budget.elapsed()
     return result
 

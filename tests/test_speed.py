@@ -126,3 +126,15 @@ def test_cli_bench_end_to_end(tmp_path, monkeypatch):
     assert "| batch | route | method" in md and "| what a user does |" in md
     assert r.output.rstrip().splitlines()[-1].startswith("| same, positions=\"all\"")  # the routes table prints last
     assert (out / "speedup.png").stat().st_size > 1000
+
+
+def test_fused_qkv_bench_leaves_the_model_as_it_found_it():
+    from countdown.attention import fused_attention_modules
+
+    model = tiny_model("llama")
+    logs: list[str] = []
+    result = measure_bench(model, ["m-countdown"], [0.5], tokens(2, 24), batches=[1], prompt_for=lambda b: tokens(b, 8),
+                           new_tokens=3, repeats=1, generate_repeats=0, prefill_len=0, fuse_qkv=True, log=logs.append)
+    assert [p.method for p in result.points] == ["dense", "m-countdown"] and result.settings["fuse_qkv"]
+    assert any("fused in 2 layers" in line for line in logs)
+    assert not any(a.__dict__.get("_qkv_dense", False) for a in fused_attention_modules(model))
