@@ -331,6 +331,7 @@ def main():
         res.update(device=device_name, torch=torch.__version__, triton=triton.__version__, seconds=time.time() - t0)
         out = os.environ.get("OUT")
         if out:
+            os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "batch_down_variants.json"), "w") as f:
                 json.dump(res, f, indent=1)
         print_down_table(res)
