@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/batch_kernels.py            # check + config sweep + timings (~3 min, H100)
     PYTHONPATH=. python bench/batch_kernels.py --no-sweep
+    PYTHONPATH=. python bench/batch_kernels.py --down-variants   # down kernel: masked walk vs compact (~3 min)
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/batch_kernels.py --dry   # CPU smoke run, tiny shapes
 
 Llama-3-8B FFN (H=4096, I=14336), bf16. 1) Every op at B = 1, 2, 4, 8, 16 on fresh random data
@@ -23,6 +24,13 @@ triton's do_bench (L2 flushed before each replay), divided by 8. union = mean fr
 kept by at least one token (``reference.union_kept_fraction``); bytes = weight bytes the path must
 read (dense part + union rows); floor = bytes / 3.0 TB/s; GB/s = bytes / time. Table last; JSON to
 $OUT/batch_results.json.
+
+--down-variants: the batched down kernel's variants (``DOWN_VARIANTS``: the masked walk and the
+compacting kernel in a few launch configurations), each first checked against the reference at
+B = 2, 4, 16 on every path below (a wrong one is not timed), then timed as above on: down (sparse_down
+on an fp32 t: the down kernel alone, bytes = union rows), mcd_fused, dprac, dideal_fused, at
+B = 2, 4, 8, 16 and s = 0.7, 0.9. Table last (us per layer, % of the byte floor, best variant);
+JSON to $OUT/batch_down_variants.json.
 """
 
 from __future__ import annotations
@@ -199,10 +207,112 @@ def sweep(layers):
     return rows
 
 
+# --down-variants: the masked-walk down kernel (base) against the compacting one
+# (``BatchConfig.compact``). Chosen from the sm_90 compile of triton 3.6 (registers, shared memory):
+# c64 keeps base's grid (16 x 16 programs, 2 per SM at ~220 registers); the dp396 ones fill 3 CTAs
+# per SM in one wave; c32_ht128_dp640 runs many small programs (5 per SM, ~85 registers).
+DOWN_VARIANTS = {
+    "base": {},
+    "c64": dict(compact=True),
+    "c32_dp396": dict(compact=True, block_n=32, down_programs=396),
+    "c64_ht128_dp396": dict(compact=True, h_tile=128, down_programs=396),
+    "c32_ht128_dp640": dict(compact=True, block_n=32, h_tile=128, down_programs=640),
+}
+# path -> (kind, compute); "down" is ``sparse_down`` on an fp32 t [B, I]: the down kernel alone
+DOWN_PATHS = {"down": (_core.KIND_T, False), "mcd_fused": (_core.KIND_UP, True),
+              "dprac": (_core.KIND_SCORE, False), "dideal_fused": (_core.KIND_T, True)}
+DOWN_BATCHES = (2, 4, 8, 16)
+DOWN_SPARSITIES = (0.7, 0.9)
+
+
+def variant_call(path, cfg, x, vec, p, thr):
+    kind, compute = DOWN_PATHS[path]
+    return batch_ffn.launch(kind, compute, None if path == "down" else x, None if compute else vec, p[0], p[1], p[2],
+                            thr, 0.0, "silu", False, config=cfg)
+
+
+def variant_inputs(path, batch, s, layers, seed):
+    return inputs("dideal" if path == "down" else path, batch, s, layers, seed)
+
+
+def variant_bytes(path, union):
+    return union * I * ROW if path == "down" else bytes_read(path, union)
+
+
+def down_variants(layers, batches, sparsities, check_batches):
+    """Check every variant against the reference, then time the correct ones; returns the results dict."""
+    cfgs = {name: dataclasses.replace(batch_ffn.GPU_CONFIG, **kw) for name, kw in DOWN_VARIANTS.items()}
+    checks, bad = [], set()
+    for name, cfg in cfgs.items():
+        for path in DOWN_PATHS:
+            for batch in check_batches:
+                x, vec, thr, union = variant_inputs(path, batch, 0.8, layers[:1], seed=500 + batch)[0]
+                p = layers[0]
+                try:
+                    out = variant_call(path, cfg, x, vec, p, thr)
+                    ref = reference.sparse_down(vec, p[2], thr) if path == "down" else ref_call(path, x, p, vec, thr)
+                    err = rel_err(out, ref)
+                except Exception as e:  # a variant that does not compile (resources) is reported, not timed
+                    log(f"check {name} {path} B={batch}: {type(e).__name__} {str(e)[:160]}")
+                    err = float("inf")
+                ok = err <= 1e-2
+                if not ok:
+                    bad.add(name)
+                checks.append(dict(variant=name, path=path, batch=batch, rel_err=err, ok=ok, union=union))
+                log(f"check {name:16s} {path:12s} B={batch:2d} rel_err={err:.2e} union={union:.3f} "
+                    f"{'ok' if ok else 'FAIL'}")
+    timings = []
+    for path in DOWN_PATHS:
+        for batch in batches:
+            for s in sparsities:
+                per = variant_inputs(path, batch, s, layers, seed=batch * 10 + int(s * 100))
+                union = sum(q[3] for q in per) / len(per)
+                cell = []
+                for name, cfg in cfgs.items():
+                    if name in bad:
+                        continue
+
+                    def fn(l, per=per, path=path, cfg=cfg):
+                        x, vec, thr, _ = per[l]
+                        return variant_call(path, cfg, x, vec, layers[l], thr)
+
+                    us = time_layers(fn, layers=LAYERS)
+                    cell.append(dict(variant=name, path=path, batch=batch, s=s, us=us, union=union,
+                                     bytes=variant_bytes(path, union)))
+                timings += cell
+                log(f"timed {path:12s} B={batch:2d} s={s} union={union:.3f}: " +
+                    " ".join(f"{r['variant']}={r['us']:.1f}" for r in cell))
+    return dict(variants={n: dataclasses.asdict(c) for n, c in cfgs.items()}, check=checks, failed=sorted(bad),
+                timings=timings)
+
+
+def print_down_table(res):
+    fails = [r for r in res["check"] if not r["ok"]]
+    log(f"\ncheck: {len(res['check']) - len(fails)}/{len(res['check'])} ok" +
+        (f"; not timed (wrong or failed): {res['failed']}" if fails else ""))
+    names = [n for n in res["variants"] if n not in res["failed"]]
+    log("us per layer (% of the byte floor at 3.0 TB/s); union = rows kept by some token; best = fastest")
+    for path in DOWN_PATHS:
+        for s in DOWN_SPARSITIES:
+            rows = [r for r in res["timings"] if r["path"] == path and r["s"] == s]
+            if not rows:
+                continue
+            log(f"{path + ' s=' + str(s):17s}" + "".join(f"{n:>18s}" for n in names) + "  best (vs base)")
+            for batch in sorted({r["batch"] for r in rows}):
+                cell = {r["variant"]: r for r in rows if r["batch"] == batch}
+                floor = next(iter(cell.values()))["bytes"] / COPY_BW * 1e6
+                txt = "".join(f"{cell[n]['us']:10.1f} ({100 * floor / cell[n]['us']:3.0f}%)" for n in names)
+                best = min(cell.values(), key=lambda r: r["us"])
+                vs = f" {cell['base']['us'] / best['us']:.2f}x" if "base" in cell else ""
+                log(f"  B={batch:2d} u={cell[names[0]]['union']:.2f}{txt}  {best['variant']}{vs}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--down-variants", action="store_true",
+                    help="only the down-kernel variants (masked walk vs compact): check, time, table")
     args = ap.parse_args()
     if args.dry:
         global H, I, DEV, LAYERS, ROW, SWEEP
@@ -214,6 +324,19 @@ def main():
     device_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
     log(device_name, torch.__version__, triton.__version__)
     layers = make_layers()
+    if args.down_variants:
+        small = args.dry  # the interpreter: two batch sizes, one sparsity
+        res = down_variants(layers, (2, 4) if small else DOWN_BATCHES, (0.9,) if small else DOWN_SPARSITIES,
+                            (2, 16) if small else (2, 4, 16))
+        res.update(device=device_name, torch=torch.__version__, triton=triton.__version__, seconds=time.time() - t0)
+        out = os.environ.get("OUT")
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "batch_down_variants.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        print_down_table(res)
+        log(f"total {time.time() - t0:.0f}s")
+        return
     results = dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
                    config=dataclasses.asdict(batch_ffn.GPU_CONFIG))
     results["check"] = check(layers)

@@ -29,6 +29,13 @@ Two launches (one for ``sparse_down``), both memory-bound matrix products on the
    end it adds acc into an fp32 workspace [B, H] with relaxed atomics; the last of the programs of
    column tile j (atomic ticket per tile) casts the tile to the output dtype and zeroes it again, so
    the workspace is zero between calls (a persistent one per device, as in ``_core``).
+   ``_down_compact_kernel`` (``BatchConfig.compact``) is the same split-K product over the union rows
+   only: each program first packs the indices of its union neurons into its own region of an int32
+   scratch (coefficients ``scan_elems`` at a time, union flag, cumsum for the packed position), then
+   loads ``block_n`` packed rows a step, so every step but the last is a full tile. The masked walk
+   takes NPP / block_n dependent steps however few rows are kept (latency-bound when the union is
+   small, B = 2..4); the packed one takes union * NPP / block_n. ``pick_config`` gives it to batches
+   of at most ``COMPACT_MAX_BATCH`` tokens.
 
 fp32 accumulation: bf16/fp16 coefficients enter the tensor cores as hi + lo, two products with the
 same weight tile (coef = hi + lo exactly to ~16 bits), so the down projection keeps fp32-quality
@@ -41,18 +48,21 @@ arithmetic only, no memory traffic.
 Why this is never slower than the dense FFN. The union of B independent masks at sparsity s keeps
 1 - s^B of the rows (s=0.9: 19% at B=2, 81% at B=16), so at large B the sparse path reads nearly
 every row. Both kernels are then plain skinny GEMMs in the weights' row-major layout: a fully kept
-block is a full-width tile load, so the path streams like the dense GEMM (no compaction, no
-per-row work beyond the masked load). No dense fallback is needed, and none that would need a
-host sync to decide: the mask is applied per block of rows on the device, and reading a block
-whose rows are all kept costs what the dense GEMM costs. The fixed costs over cuBLAS are the
-workspace atomics (P * B * H fp32 adds, P ~ 16 neuron splits) and the per-tile tickets, a few us.
+block is a full-width tile load, so the path streams like the dense GEMM (the masked walk: no
+per-row work beyond the masked load; the compact kernel adds only its packing prologue). No dense
+fallback is needed, and none that would need a host sync to decide: the mask is applied per
+block of rows on the device, and reading a block whose rows are all kept costs what the dense GEMM
+costs. The fixed costs over cuBLAS are the workspace atomics (P * B * H fp32 adds, P ~ 16 neuron
+splits) and the per-tile tickets, a few us.
 
 Shapes and layouts: x [B, H] contiguous in the weights' dtype; vec [B, I] contiguous (gate / up
 projection, predictor score, or t; any float dtype, or uint8 for a bool mask with threshold 0.5);
 w_gate, w_up, w_down_t [I, H] contiguous row-major (``pack_ffn_weights``); threshold a 1-element
 fp32 tensor (read on the device: one CUDA graph serves every threshold), a Python float, or an [I]
 fp32 tensor of per-neuron thresholds shared by the tokens (CHESS, S-COUNTDOWN; loaded with the
-scores, I floats). The score is |v|, |act(v)| or the signed v, as in ``_core``. Output
+scores, I floats). The score is |v|, |act(v)| or the signed v, as in ``_core``. Scratch: coef [B, I]
+fp32 (per call), the down workspace [16 H] fp32 + [NH] int32 tickets and (compact) the packed indices
+[NH * NS * NPP] int32 (persistent per device; NS neuron splits, NH column tiles). Output
 [B, H] in the weights' dtype. No host synchronisation anywhere (CUDA-graph capturable).
 """
 
@@ -168,6 +178,50 @@ def _coef_kernel(
 
 
 @triton.jit
+def _given_coefs(v, thr, thr_ptr, rows, rm, GIVEN_T: tl.constexpr, THR_VEC: tl.constexpr):
+    """The coefficients [*, n] of neurons rows [n]: v as is (exact, zero = not kept), or (GIVEN_T) t
+    with the tokens' entries |t| <= their neuron's threshold zeroed."""
+    if GIVEN_T:
+        if THR_VEC:
+            v = tl.where(tl.abs(v) > _thresholds(thr, thr_ptr, rows, rm, True)[None, :], v, 0.0)
+        else:
+            v = tl.where(tl.abs(v) > thr, v, 0.0)
+    return v
+
+
+@triton.jit
+def _down_dot(v, w, acc, IEEE: tl.constexpr):
+    """acc + v @ w for fp32 coefficients v [B_PAD, n] and a weight tile w [n, H_TILE]: one IEEE fp32
+    dot, or two tensor-core dots of the hi and lo halves of v in w's dtype (fp32-quality v)."""
+    if IEEE:
+        acc = _dot(v, w, acc, True)
+    else:
+        v_hi = v.to(w.dtype)
+        v_lo = (v - v_hi.to(tl.float32)).to(w.dtype)
+        acc = tl.dot(v_hi, w, acc)
+        acc = tl.dot(v_lo, w, acc)
+    return acc
+
+
+@triton.jit
+def _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, H, pid_h, H_TILE: tl.constexpr):
+    """Adds this program's acc [B_PAD, H_TILE] into the fp32 workspace; the last program of column tile
+    pid_h (atomic ticket) writes the tile's total to out and leaves workspace and ticket zero."""
+    offs = rb[:, None] * H + hs[None, :]
+    om = bm[:, None] & hm[None, :]
+    tl.atomic_add(ws_ptr + offs, acc, mask=om, sem="relaxed")
+    tl.debug_barrier()  # every thread's adds precede this program's ticket
+    ticket = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        zero = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
+        tot = tl.atomic_add(ws_ptr + offs, zero, mask=om, sem="relaxed")  # read where the adds landed (L2)
+        tot = tl.where(om, tot, 0.0)  # masked lanes hold undefined values (fp16 cast overflow in the interpreter)
+        tl.store(ws_ptr + offs, zero, mask=om)
+        tl.store(cnt_ptr + pid_h, 0)
+        tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=om)
+
+
+@triton.jit
 def _down_kernel(
     vec_ptr,    # [B, I]  coefficients: exact (GIVEN_T false, zero = not kept) or t masked by |t| > thr
     wd_ptr,     # [I, H]  w_down_t
@@ -196,36 +250,82 @@ def _down_kernel(
         rows = c + tl.arange(0, BLOCK_N)
         rm = rows < hi
         v = tl.load(vec_ptr + rb[:, None] * I + rows[None, :], mask=bm[:, None] & rm[None, :], other=0.0)
-        v = v.to(tl.float32)
-        if GIVEN_T:
-            if THR_VEC:
-                v = tl.where(tl.abs(v) > _thresholds(thr, thr_ptr, rows, rm, True)[None, :], v, 0.0)
-            else:
-                v = tl.where(tl.abs(v) > thr, v, 0.0)
+        v = _given_coefs(v.to(tl.float32), thr, thr_ptr, rows, rm, GIVEN_T, THR_VEC)
         union = tl.max((v != 0.0).to(tl.int32), axis=0) > 0
         w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * H + hs[None, :], mask=union[:, None] & hm[None, :],
                     other=0.0, eviction_policy="evict_first")
-        if IEEE:
-            acc = _dot(v, w, acc, True)
-        else:
-            v_hi = v.to(w.dtype)
-            v_lo = (v - v_hi.to(tl.float32)).to(w.dtype)
-            acc = tl.dot(v_hi, w, acc)
-            acc = tl.dot(v_lo, w, acc)
+        acc = _down_dot(v, w, acc, IEEE)
+    _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, H, pid_h, H_TILE)
 
-    # the sum over the neuron splits: fp32 atomics, then the last program of this column tile casts
-    offs = rb[:, None] * H + hs[None, :]
-    om = bm[:, None] & hm[None, :]
-    tl.atomic_add(ws_ptr + offs, acc, mask=om, sem="relaxed")
-    tl.debug_barrier()  # every thread's adds precede this program's ticket
-    ticket = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
-        zero = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
-        tot = tl.atomic_add(ws_ptr + offs, zero, mask=om, sem="relaxed")  # read where the adds landed (L2)
-        tot = tl.where(om, tot, 0.0)  # masked lanes hold undefined values (fp16 cast overflow in the interpreter)
-        tl.store(ws_ptr + offs, zero, mask=om)
-        tl.store(cnt_ptr + pid_h, 0)
-        tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=om)
+
+@triton.jit
+def _down_compact_kernel(
+    vec_ptr,    # [B, I]  coefficients, as in _down_kernel
+    wd_ptr,     # [I, H]  w_down_t
+    thr_ptr,    # [1] or [I] fp32 thresholds, as in _down_kernel
+    idx_ptr,    # [NH * NS * NPP] int32 scratch (no initial value): program (p, j) packs the indices of
+                #         its union neurons at [(j NS + p) NPP, (j NS + p) NPP + count), ascending
+    ws_ptr,     # [B, H]  fp32 workspace, zero on entry and on exit
+    cnt_ptr,    # [NH]    int32 tickets, one per column tile, zero on entry and on exit
+    out_ptr,    # [B, H]  output
+    thr_value, B, H, I, NPP,
+    GIVEN_T: tl.constexpr, THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+    B_SCAN: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
+):
+    """``_down_kernel`` over the union rows only, packed first: every step loads BLOCK_N union rows.
+
+    Grid (NS, NH) as in ``_down_kernel``: program (p, j) owns neurons [p NPP, (p+1) NPP) and output
+    columns [j H_TILE, (j+1) H_TILE). Prologue: the coefficients [B_SCAN, CHUNK] of CHUNK neurons a
+    step (B_SCAN = the batch padded to a power of two), the union flag of each neuron (a non-zero
+    coefficient for some token), its packed position (running count + cumsum of the flags), and the
+    index of every union neuron stored there in ``idx_ptr``. A CTA barrier makes those stores visible
+    to all its threads (the region is this program's own: no other program reads or writes it). Main
+    loop: for packed positions [c, c + BLOCK_N) < count, the indices, the gathered coefficients
+    [B_PAD, BLOCK_N] (re-thresholded with GIVEN_T: a union neuron is not kept by every token) and the
+    rows w_down_t[idx, columns], all full except the last step. Neurons are summed in ascending order
+    within a program; the split-K epilogue is ``_split_k_sum``.
+    """
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    if GIVEN_T and THR_PTR:
+        thr = tl.load(thr_ptr).to(tl.float32)
+    else:
+        thr = thr_value
+    lo = pid_n * NPP
+    hi = tl.minimum(lo + NPP, I)
+    packed = idx_ptr + (pid_h * tl.num_programs(0) + pid_n).to(tl.int64) * NPP
+
+    # prologue: pack the union neurons of [lo, hi)
+    sb = tl.arange(0, B_SCAN)
+    sbm = sb < B
+    count = 0
+    for c in tl.range(lo, hi, CHUNK):
+        rows = c + tl.arange(0, CHUNK)
+        rm = rows < hi
+        v = tl.load(vec_ptr + sb[:, None] * I + rows[None, :], mask=sbm[:, None] & rm[None, :], other=0.0)
+        v = _given_coefs(v.to(tl.float32), thr, thr_ptr, rows, rm, GIVEN_T, THR_VEC)
+        flag = (tl.max((v != 0.0).to(tl.int32), axis=0) > 0) & rm
+        fi = flag.to(tl.int32)
+        pos = count + tl.cumsum(fi, axis=0) - 1
+        tl.store(packed + pos, rows, mask=flag)
+        count += tl.sum(fi, axis=0)
+    tl.debug_barrier()  # the packed indices, stored by other threads of this CTA
+
+    rb = tl.arange(0, B_PAD)
+    bm = rb < B
+    hs = pid_h * H_TILE + tl.arange(0, H_TILE)
+    hm = hs < H
+    acc = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
+    for c in tl.range(0, count, BLOCK_N, num_stages=STAGES):
+        k = c + tl.arange(0, BLOCK_N)
+        km = k < count
+        rows = tl.load(packed + k, mask=km, other=0)
+        v = tl.load(vec_ptr + rb[:, None] * I + rows[None, :], mask=bm[:, None] & km[None, :], other=0.0)
+        v = _given_coefs(v.to(tl.float32), thr, thr_ptr, rows, km, GIVEN_T, THR_VEC)
+        w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * H + hs[None, :], mask=km[:, None] & hm[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        acc = _down_dot(v, w, acc, IEEE)
+    _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, H, pid_h, H_TILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,9 +337,13 @@ class BatchConfig:
     """Launch parameters of the two batched kernels (see the module docstring).
 
     block_i, block_k: neurons per program and columns per step of ``_coef_kernel``.
-    h_tile, block_n: output columns per program and neurons per step of ``_down_kernel``.
-    down_programs: target number of ``_down_kernel`` programs (neuron splits x column tiles).
-    stages: software-pipelining depth of both inner loops.
+    h_tile, block_n: output columns per program and neurons per step of the down kernel.
+    down_programs: target number of down-kernel programs (neuron splits x column tiles).
+    stages: software-pipelining depth of the inner loops.
+    compact: the down kernel packs each program's union neurons first (``_down_compact_kernel``),
+        so that every step loads block_n union rows, instead of masking the rows of block_n neurons.
+    scan_elems: (compact) coefficients [batch padded to a power of two, chunk] loaded per step of the
+        packing prologue; the chunk is scan_elems / that batch, at most the program's neurons.
     """
 
     block_i: int = 64
@@ -250,14 +354,26 @@ class BatchConfig:
     down_programs: int = 264
     down_warps: int = 4
     stages: int = 3
+    compact: bool = False
+    scan_elems: int = 4096
 
 
 GPU_CONFIG = BatchConfig()
+# The compacting down kernel's configuration, and the largest batch that uses it (0: none, every
+# batch runs GPU_CONFIG). Few tokens keep few union rows (1 - s^B), where the masked walk of
+# ``_down_kernel`` is latency-bound; bench/batch_kernels.py --down-variants measures both.
+GPU_COMPACT_CONFIG = BatchConfig(compact=True)
+COMPACT_MAX_BATCH = 0
 _INTERPRET_CONFIG = BatchConfig(block_i=16, block_k=16, h_tile=32, block_n=16, down_programs=6, stages=1)
+_INTERPRET_COMPACT_CONFIG = dataclasses.replace(_INTERPRET_CONFIG, compact=True, scan_elems=64)
 
 
-def pick_config(device: torch.device) -> BatchConfig:
-    return GPU_CONFIG if device.type == "cuda" else _INTERPRET_CONFIG
+def pick_config(device: torch.device, batch: int = MAX_BATCH) -> BatchConfig:
+    """The configuration the public ops use for a batch of ``batch`` tokens on ``device``."""
+    compact = batch <= COMPACT_MAX_BATCH
+    if device.type != "cuda":
+        return _INTERPRET_COMPACT_CONFIG if compact else _INTERPRET_CONFIG
+    return GPU_COMPACT_CONFIG if compact else GPU_CONFIG
 
 
 def _down_grid(hidden: int, inter: int, cfg: BatchConfig) -> tuple[int, int, int]:
@@ -266,6 +382,18 @@ def _down_grid(hidden: int, inter: int, cfg: BatchConfig) -> tuple[int, int, int
     splits = max(1, min(cfg.down_programs // nh, triton.cdiv(inter, cfg.block_n)))
     npp = triton.cdiv(triton.cdiv(inter, splits), cfg.block_n) * cfg.block_n
     return triton.cdiv(inter, npp), nh, npp
+
+
+# The compact down kernel's index scratch, one per (device, size); like the workspace it is shared by
+# the kernels of one stream, which run one after another. It needs no initial value.
+_INDEX_SCRATCH: dict[tuple[str, int | None, int], torch.Tensor] = {}
+
+
+def _index_scratch(device: torch.device, size: int) -> torch.Tensor:
+    key = (device.type, device.index, size)
+    if key not in _INDEX_SCRATCH:
+        _INDEX_SCRATCH[key] = torch.empty(size, dtype=torch.int32, device=device)
+    return _INDEX_SCRATCH[key]
 
 
 def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor | None,
@@ -284,7 +412,7 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
     inter, hidden = w_down_t.shape
     device, dtype = w_down_t.device, w_down_t.dtype
     batch = (x if x is not None else vec).shape[0]
-    cfg = config or pick_config(device)
+    cfg = config or pick_config(device, batch)
     # fp32 weights get IEEE dots; so does Triton's interpreter, whose bf16 tl.dot is wrong (3.9)
     ieee = dtype == torch.float32 or _core.interpret_mode()
     thr_arg = threshold if threshold is not None else w_down_t  # any pointer; not read
@@ -308,10 +436,19 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
     counters = ws[pad * hidden:]
     if out is None:
         out = torch.empty(batch, hidden, dtype=dtype, device=device)
-    _down_kernel[(splits, nh)](
-        coef, w_down_t, thr_arg, acc_ws, counters, out, float(threshold_value), batch, hidden, inter, npp,
-        GIVEN_T=given_t, THR_PTR=thr_ptr, THR_VEC=thr_vec and given_t, H_TILE=cfg.h_tile, BLOCK_N=cfg.block_n, IEEE=ieee,
-        STAGES=cfg.stages, num_warps=cfg.down_warps)
+    common = dict(GIVEN_T=given_t, THR_PTR=thr_ptr, THR_VEC=thr_vec and given_t, H_TILE=cfg.h_tile,
+                  BLOCK_N=cfg.block_n, IEEE=ieee, STAGES=cfg.stages, num_warps=cfg.down_warps)
+    if cfg.compact:
+        b_scan = max(2, triton.next_power_of_2(batch))
+        chunk = min(triton.next_power_of_2(npp), max(16, cfg.scan_elems // b_scan))
+        idx = _index_scratch(device, splits * nh * npp)
+        _down_compact_kernel[(splits, nh)](
+            coef, w_down_t, thr_arg, idx, acc_ws, counters, out, float(threshold_value), batch, hidden, inter, npp,
+            B_SCAN=b_scan, CHUNK=chunk, **common)
+    else:
+        _down_kernel[(splits, nh)](
+            coef, w_down_t, thr_arg, acc_ws, counters, out, float(threshold_value), batch, hidden, inter, npp,
+            **common)
     return out
 
 
@@ -345,5 +482,5 @@ def batch_sparse_ffn(kind: int, compute: bool, x: torch.Tensor | None, vec: torc
     return run(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed)
 
 
-__all__ = ["BatchConfig", "GPU_CONFIG", "KIND_GATE", "KIND_SCORE", "KIND_T", "KIND_UP", "batch_sparse_ffn",
-           "launch", "pick_config"]
+__all__ = ["COMPACT_MAX_BATCH", "BatchConfig", "GPU_COMPACT_CONFIG", "GPU_CONFIG", "KIND_GATE", "KIND_SCORE", "KIND_T",
+           "KIND_UP", "batch_sparse_ffn", "launch", "pick_config"]
