@@ -361,9 +361,13 @@ class BatchConfig:
 GPU_CONFIG = BatchConfig()
 # The compacting down kernel's configuration, and the largest batch that uses it (0: none, every
 # batch runs GPU_CONFIG). Few tokens keep few union rows (1 - s^B), where the masked walk of
-# ``_down_kernel`` is latency-bound; bench/batch_kernels.py --down-variants measures both.
-GPU_COMPACT_CONFIG = BatchConfig(compact=True)
-COMPACT_MAX_BATCH = 0
+# ``_down_kernel`` is latency-bound. Measured on the H100 (bench/batch_kernels.py --down-variants,
+# docs/BENCHMARKS.md, 2026-11-23; "c32_dp396"): M-COUNTDOWN fused at s = 0.9 1.19x faster at B = 2 and
+# 1.10x at B = 4, D-COUNTDOWN practical 1.33x / 1.14x; at s = 0.7 1.02x at B = 2 and 1-2% slower at
+# B = 4; slower from B = 8 on (the prologue and the gathered tiles cost more than the walk saves once
+# the union holds most rows). Chosen by batch size, as the kernel cannot see the union before launch.
+GPU_COMPACT_CONFIG = BatchConfig(compact=True, block_n=32, down_programs=396)
+COMPACT_MAX_BATCH = 4
 _INTERPRET_CONFIG = BatchConfig(block_i=16, block_k=16, h_tile=32, block_n=16, down_programs=6, stages=1)
 _INTERPRET_COMPACT_CONFIG = dataclasses.replace(_INTERPRET_CONFIG, compact=True, scan_elems=64)
 
