@@ -32,8 +32,10 @@ def compact_ops(monkeypatch):
 
 
 def test_pick_config_by_batch(monkeypatch):
-    assert not batch_ffn.pick_config(DEVICE, 2).compact  # off by default
+    assert batch_ffn.COMPACT_MAX_BATCH == 4  # the H100 A/B's choice: compact for 2-4 tokens
     assert not batch_ffn.GPU_CONFIG.compact and batch_ffn.GPU_COMPACT_CONFIG.compact
+    monkeypatch.setattr(batch_ffn, "COMPACT_MAX_BATCH", 0)
+    assert not batch_ffn.pick_config(DEVICE, 2).compact
     monkeypatch.setattr(batch_ffn, "COMPACT_MAX_BATCH", 4)
     assert batch_ffn.pick_config(DEVICE, 4).compact
     assert not batch_ffn.pick_config(DEVICE, 5).compact
