@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 tokenizer and model (loaded once per session)."""
+"""Shared fixtures: the real SmolLM2 tokenizer and model (loaded once per session), and a counter of
+input-sparse kernel launches."""
 
 from __future__ import annotations
 
@@ -30,3 +31,15 @@ def smollm2(smollm2_tokenizer):
 
     model, _ = load("smollm2", device="cpu", dtype="float32")
     return model, smollm2_tokenizer
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The number of weights of every input-sparse prefetch-kernel launch (3: one fused q/k/v), counted
+    at run time inside the op."""
+    from countdown.kernels import input_sparse_prefetch
+
+    seen: list[int] = []
+    real = input_sparse_prefetch.launch
+    monkeypatch.setattr(input_sparse_prefetch, "launch", lambda *a, **kw: seen.append(len(a[1])) or real(*a, **kw))
+    return seen

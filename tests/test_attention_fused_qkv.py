@@ -23,15 +23,6 @@ from countdown.kernels import input_sparse, input_sparse_prefetch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The number of weights of every prefetch-kernel launch (3: one fused q/k/v)."""
-    seen: list[int] = []
-    real = input_sparse_prefetch.launch
-    monkeypatch.setattr(input_sparse_prefetch, "launch", lambda *a, **kw: seen.append(len(a[1])) or real(*a, **kw))
-    return seen
-
-
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in model.model.layers]
 

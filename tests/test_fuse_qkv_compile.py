@@ -18,19 +18,9 @@ from countdown.decode import Decoder
 from tiny_models import tiny_model, tokens
 
 pytest.importorskip("triton")
-from countdown.kernels import input_sparse_prefetch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """The number of weights of every prefetch-kernel launch, counted at run time inside the op."""
-    seen: list[int] = []
-    real = input_sparse_prefetch.launch
-    monkeypatch.setattr(input_sparse_prefetch, "launch", lambda *a, **kw: seen.append(len(a[1])) or real(*a, **kw))
-    return seen
 
 
 @pytest.fixture

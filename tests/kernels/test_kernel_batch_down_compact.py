@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernel_cases import DEVICE, kernels, reference, rel_err, threshold_for, tol
-from test_kernel_batch_ops import HIDDEN, INTER, _proj, batch_weights, run_op
+from test_kernel_batch_ops import HIDDEN, INTER, _proj, batch_weights, check_launch_poisoned, run_op
 from test_kernel_thresholds import vector_threshold
 
 from countdown.kernels import _core, batch_ffn
@@ -78,26 +78,8 @@ CONFIGS = {
 @pytest.mark.parametrize("kind,compute", [(_core.KIND_UP, True), (_core.KIND_SCORE, False), (_core.KIND_T, False)],
                          ids=["up_computed", "score", "t"])
 def test_compact_launch_configs_poisoned(kind, compute, config):
-    cfg = dataclasses.replace(COMPACT, **CONFIGS[config])
-    batch = 5
-    x, p = batch_weights(batch, torch.bfloat16, seed=len(config) + kind)
-    if kind == _core.KIND_UP:
-        vec, thr = None, threshold_for(_proj(x, p.w_up).abs(), 0.8)
-        ref = reference.fused_gather_ffn(x, p.w_up, p.w_gate, p.w_down_t, thr, dense="up")
-    elif kind == _core.KIND_SCORE:
-        vec = torch.randn(batch, INTER, device=DEVICE)
-        thr = threshold_for(vec, 0.8)
-        ref = reference.predicted_sparse_ffn(x, vec, p.w_gate, p.w_up, p.w_down_t, thr)
-    else:
-        vec = reference.activation(_proj(x, p.w_gate), "silu") * _proj(x, p.w_up)
-        thr = threshold_for(vec.abs(), 0.8)
-        ref = reference.sparse_down(vec, p.w_down_t, thr)
-    for _ in range(2):
-        out = torch.full((batch, HIDDEN), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        y = batch_ffn.launch(kind, compute, None if kind == _core.KIND_T else x, vec, p.w_gate, p.w_up, p.w_down_t,
-                             None, thr, "silu", False, config=cfg, out=out)
-        assert y.data_ptr() == out.data_ptr()
-        assert rel_err(y, ref) <= 1e-2
+    check_launch_poisoned(dataclasses.replace(COMPACT, **CONFIGS[config]), kind, compute, 0.8,
+                          seed=len(config) + kind)
 
 
 @pytest.mark.parametrize("op", ["sparse_down", "dejavu_fused", "chess_predicted"])

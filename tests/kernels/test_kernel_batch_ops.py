@@ -142,20 +142,24 @@ CONFIGS = {
 @pytest.mark.parametrize("kind,compute", [(_core.KIND_UP, True), (_core.KIND_SCORE, False), (_core.KIND_T, False)],
                          ids=["up_computed", "score", "t"])
 def test_batch_launch_configs_poisoned(kind, compute, config):
-    cfg = dataclasses.replace(BASE, **CONFIGS[config])
+    check_launch_poisoned(dataclasses.replace(BASE, **CONFIGS[config]), kind, compute, 0.6, seed=len(config) + kind)
+
+
+def check_launch_poisoned(cfg: batch_ffn.BatchConfig, kind: int, compute: bool, s: float, seed: int) -> None:
+    """``batch_ffn.launch`` with ``cfg`` on 5 tokens, twice into a NaN-filled ``out``, against the reference
+    (kind UP computed: M-COUNTDOWN fused; SCORE: a given predictor score; T: a given coefficient)."""
     batch = 5
-    x, p = batch_weights(batch, torch.bfloat16, seed=len(config) + kind)
-    g, u = _proj(x, p.w_gate), _proj(x, p.w_up)
+    x, p = batch_weights(batch, torch.bfloat16, seed=seed)
     if kind == _core.KIND_UP:
-        vec, thr = None, threshold_for(u.abs(), 0.6)
+        vec, thr = None, threshold_for(_proj(x, p.w_up).abs(), s)
         ref = reference.fused_gather_ffn(x, p.w_up, p.w_gate, p.w_down_t, thr, dense="up")
     elif kind == _core.KIND_SCORE:
         vec = torch.randn(batch, INTER, device=DEVICE)
-        thr = threshold_for(vec, 0.6)
+        thr = threshold_for(vec, s)
         ref = reference.predicted_sparse_ffn(x, vec, p.w_gate, p.w_up, p.w_down_t, thr)
     else:
-        vec = reference.activation(g, "silu") * u
-        thr = threshold_for(vec.abs(), 0.6)
+        vec = reference.activation(_proj(x, p.w_gate), "silu") * _proj(x, p.w_up)
+        thr = threshold_for(vec.abs(), s)
         ref = reference.sparse_down(vec, p.w_down_t, thr)
     for _ in range(2):
         out = torch.full((batch, HIDDEN), float("nan"), dtype=torch.bfloat16, device=DEVICE)
