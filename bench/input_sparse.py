@@ -23,8 +23,10 @@ Writes $OUT/input_sparse.json (everything) and prints the table last.
 ``--variants`` (issue 13 follow-up) times, in one process, the shipped walk kernel against the prefetch
 kernel (``countdown/kernels/input_sparse_prefetch.py``) in the configurations of ``VARIANTS``, at the
 shapes above: every batch at s=0.5, B=1 and 16 at s=0 too; then q, k, v of Llama-3-8B (4096->4096,
-1024, 1024) as three launches (walk, prefetch) and as one ``input_sparse_multi`` launch per prefetch
-configuration. Every variant is first checked against the reference at every shape and batch (TEAL
+1024, 1024) and TEAL's gate + up (4096->14336 twice) as one launch per weight (walk, prefetch) and as one
+``input_sparse_multi`` launch per prefetch configuration; and each shape with half its channels, dense
+(s=0, B=1): the bytes a 50% call keeps with no mask, so a sparse call's gap to its floor splits into
+what the mask costs and what the smaller size costs. ``BENCH_VARIANTS=walk,pf`` times only those. Every variant is first checked against the reference at every shape and batch (TEAL
 s=0.5 and WINA s=0.7, outputs poisoned with NaN); a wrong one is not timed. Cells run by priority (B=1
 s=0.5 first) and no new cell starts after BENCH_BUDGET_S seconds (default 200). Same timing and floor
 as the table above. Writes $OUT/input_sparse_variants.json and prints its table last.
@@ -285,8 +287,18 @@ VARIANTS = {  # name: ("walk" | "pf", config); "-s1": no channel split (no atomi
     "pf-n128": ("pf", P_(block_n=128, min_kpp=256)),  # narrower tiles, fewer splits
     "pf-n32-s1": ("pf", P_(block_n=32, block_k=64, num_stages=8, max_split=1)),
     "pf-n64-s1": ("pf", P_(block_n=64, block_k=64, num_stages=6, max_split=1)),
+    "pf-w8-n512": ("pf", P_(block_n=512, num_warps=8)),  # wider tiles, 8 warps
+    "pf-p4": ("pf", P_(programs_per_sm=4, min_kpp=64)),  # more, shorter programs
+    "pf-k64-s3": ("pf", P_(block_k=64, num_stages=3)),  # longer steps, fewer of them
 }
+if os.environ.get("BENCH_VARIANTS"):  # e.g. "walk,pf,pf-p4": time only these
+    VARIANTS = {n: VARIANTS[n] for n in os.environ["BENCH_VARIANTS"].split(",")}
 QKV = (4096, (4096, 1024, 1024))  # Llama-3-8B q, k, v (8 KV heads)
+GATE_UP = (4096, (14336, 14336))  # TEAL's gate and up: one x, one threshold (input_sparse_linears)
+# Half the channels of each shape, read densely (s = 0, batch 1): the bytes a 50%-sparse call keeps, with no
+# mask at all. Against these the sparse call's gap splits into what sparsity costs and what the size costs.
+HALF = {f"{name}/2": (k // 2, (n,)) for name, (k, n) in SHAPES.items()}
+HALF.update({"q,k,v/2": (QKV[0] // 2, QKV[1]), "gate+up/2": (GATE_UP[0] // 2, GATE_UP[1])})
 V_BATCHES = (1, 2, 4, 8, 16)
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "200"))
 if SMOKE:
@@ -294,6 +306,8 @@ if SMOKE:
                 "pf-manual": ("pf", P_(block_n=16, block_k=16, num_stages=1, programs_per_sm=4, min_kpp=16,
                                        pipe="manual"))}
     QKV = (48, (48, 16, 16))
+    GATE_UP = (48, (40, 40))
+    HALF = {"o_proj/2": (32, (48,))}
     V_BATCHES = (1, 2)
 VRESULTS: dict = {"check": [], "table": [], "qkv": [], "info": {}}
 
@@ -335,7 +349,7 @@ def _vcompile_job(job):
 def vprecompile():
     t0 = time.time()
     jobs = [(name, k, (n,)) for name in VARIANTS for k, n in SHAPES.values()]
-    jobs += [(name, QKV[0], QKV[1]) for name in VARIANTS if VARIANTS[name][0] == "pf"]
+    jobs += [(name, k, ns) for name in VARIANTS if VARIANTS[name][0] == "pf" for k, ns in (QKV, GATE_UP)]
     with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as ex:
         res = list(ex.map(_vcompile_job, jobs))
     bad = set()
@@ -349,7 +363,7 @@ def vprecompile():
 
 def vcheck(bad):
     """Every variant against the reference at every shape and batch; returns the variants that failed."""
-    shapes = [(name, k, (n,)) for name, (k, n) in SHAPES.items()] + [("q,k,v", QKV[0], QKV[1])]
+    shapes = [(name, k, (n,)) for name, (k, n) in SHAPES.items()] + [("q,k,v", *QKV), ("gate+up", *GATE_UP)]
     for sname, k, ns in shapes:
         ws = [(torch.randn(k, n, device=DEV) / k**0.5).to(DT) for n in ns]
         scales = [torch.rand(k, device=DEV) + 0.25 for _ in ns]
@@ -404,9 +418,10 @@ class WeightSet:
 
 def vtime(sets, bad, t_start):
     # (weight set, B, s) by priority: the batch-1 target first, then s=0, then B=16, then the rest
-    cells = [(sn, 1, 0.5) for sn in sets] + [(sn, 1, 0.0) for sn in sets] + \
-            [(sn, 16, s) for s in (0.5, 0.0) for sn in sets] + \
-            [(sn, b, 0.5) for b in V_BATCHES if b not in (1, 16) for sn in sets]
+    full = [sn for sn in sets if sn not in HALF]
+    cells = [(sn, 1, 0.5) for sn in full] + [(sn, 1, 0.0) for sn in HALF if sn in sets] + \
+            [(sn, 1, 0.0) for sn in full] + [(sn, 16, s) for s in (0.5, 0.0) for sn in full] + \
+            [(sn, b, 0.5) for b in V_BATCHES if b not in (1, 16) for sn in full]
     dense = {}
     names = [n for n in VARIANTS if n not in bad]
     for sn, batch, s in cells:
@@ -448,7 +463,7 @@ def vprint(rows):
         grp = [r for r in rows if r in VRESULTS[group]]
         if not grp:
             continue
-        keys = list(grp[0]["us"])
+        keys = list(dict.fromkeys(k for r in grp for k in r["us"]))  # "walk x3" (q,k,v), "walk x2" (gate+up)
         log(f"{'shape':8} {'B':>2} {'s':>4} {'floor':>5} {'dense':>6} | " + " | ".join(f"{k:>14}" for k in keys)
             + " | best GB/s")
         for r in sorted(grp, key=lambda r: (r["shape"], r["B"], r["s"])):
@@ -473,6 +488,9 @@ def variants_main():
     t0 = time.time()
     sets = {name: WeightSet(k, (n,), seed=i) for i, (name, (k, n)) in enumerate(SHAPES.items())}
     sets["q,k,v"] = WeightSet(QKV[0], QKV[1], seed=99)
+    sets["gate+up"] = WeightSet(GATE_UP[0], GATE_UP[1], seed=98)
+    for i, (name, (k, ns)) in enumerate(HALF.items()):
+        sets[name] = WeightSet(k, ns, seed=200 + i)
     log(f"checked in {t0 - t_start:.1f}s; weights ready in {time.time() - t0:.1f}s")
     rows = vtime(sets, bad, t_start)
     VRESULTS["info"]["seconds"] = time.time() - t_start

@@ -321,8 +321,7 @@ class Teal(Method):
 
     def kernel_forward(self, parts, x):
         # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
-        thr_in = parts.threshold("input")
-        projections = [kernels.input_sparse_linear(x, w_t, thr_in) for w_t in parts.input_major()]
+        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"))
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
         return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"))
@@ -527,8 +526,7 @@ class Wina(Method):
 
     def kernel_forward(self, parts, x):
         thr_in, norms_in = parts.threshold("input"), parts.column_norms("gate")
-        projections = [kernels.input_sparse_linear(x, w_t, thr_in, channel_scale=norms_in)
-                       for w_t in parts.input_major()]
+        projections = kernels.input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in)
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
         return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),

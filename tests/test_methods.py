@@ -282,7 +282,7 @@ def test_chess_calibration_does_not_depend_on_the_methods_calibrated_beside_it()
 
 # -- kernel paths (Triton interpreter without a GPU) -------------------------------------------------
 
-KERNELLED = ("dejavu", "s-countdown", "chess", "wina")
+KERNELLED = ("dejavu", "s-countdown", "chess", "wina", "teal")
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ODD_H, ODD_I = 36, 75  # neither a power of two nor a multiple of 16
 

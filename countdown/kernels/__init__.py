@@ -14,6 +14,7 @@ W_down transposed to ``w_down_t`` [I, H], all contiguous, so a skipped neuron is
     predicted_sparse_ffn(x, score, w_gate, w_up, w_down_t, thr, act=)
                                                              D-COUNTDOWN prac. kept rows of all 3
     input_sparse_linear(x, w_t, thr, channel_scale=)         TEAL / WINA      rows of kept input channels
+    input_sparse_linears(x, [w_gate_t, w_up_t], thr, ...)    TEAL / WINA      the same, one launch (B = 1)
 
 Every FFN op takes ``thr`` as a float, a 1-element tensor, or an [I] float32 tensor of per-neuron
 thresholds (CHESS: τ / E|u_i|; S-COUNTDOWN: sqrt(2τ) / ‖W_down[:, i]‖); the gather ops also take
@@ -38,7 +39,7 @@ from .pack import (HAS_TRITON, MAX_BATCH, MAX_HIDDEN, PackedFFN, interpret_mode,
 
 if HAS_TRITON:
     from .gather_ffn import fused_gather_ffn, gather_ffn
-    from .input_sparse import input_sparse_linear, input_sparse_unavailable_reason
+    from .input_sparse import input_sparse_linear, input_sparse_linears, input_sparse_unavailable_reason
     from .predicted_ffn import predicted_sparse_ffn
     from .sparse_down import coefficient_ffn, sparse_down
 else:
@@ -47,7 +48,7 @@ else:
                            "use countdown.kernels.reference instead")
 
     sparse_down = coefficient_ffn = gather_ffn = fused_gather_ffn = predicted_sparse_ffn = _no_triton
-    input_sparse_linear = _no_triton
+    input_sparse_linear = input_sparse_linears = _no_triton
 
     def input_sparse_unavailable_reason(*args, **kwargs) -> str:
         return "Triton is not installed"
@@ -62,6 +63,7 @@ __all__ = [
     "fused_gather_ffn",
     "gather_ffn",
     "input_sparse_linear",
+    "input_sparse_linears",
     "input_sparse_unavailable_reason",
     "interpret_mode",
     "kernel_unavailable_reason",

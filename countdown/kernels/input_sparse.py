@@ -52,7 +52,8 @@ from . import input_sparse_prefetch
 from .input_sparse_checks import MAX_BATCH, problem as _problem
 from .pack import check_threshold
 
-__all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_unavailable_reason", "MAX_BATCH"]
+__all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_linears", "input_sparse_unavailable_reason",
+           "MAX_BATCH"]
 
 
 # Which kernel ``input_sparse_linear`` runs: "walk" (``_input_sparse_kernel`` below), "prefetch"
@@ -64,6 +65,9 @@ __all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_unavailable
 # can A/B them; the environment gives the initial values.
 VARIANT = os.environ.get("COUNTDOWN_INPUT_SPARSE", "auto")
 FUSE_QKV = os.environ.get("COUNTDOWN_FUSE_QKV", "1") == "1"
+# FUSE_GATE_UP: ``input_sparse_linears`` runs an FFN's gate and up (one x, one threshold) as one launch at
+# batch 1 (at 2-16 tokens the walk kernel's one launch per weight is measured faster on these wide weights).
+FUSE_GATE_UP = os.environ.get("COUNTDOWN_FUSE_GATE_UP", "1") == "1"  # with the prefetch kernel's wide tiles
 VARIANTS = ("auto", "walk", "prefetch")
 
 
@@ -322,3 +326,18 @@ def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | t
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     _core.op_or_impl(_op_out, _impl_out)(x2, w_t, channel_scale, thr_t, thr_v, out.view(x2.shape[0], n))
     return out
+
+
+def input_sparse_linears(x: torch.Tensor, w_ts: list[torch.Tensor], threshold: float | torch.Tensor, *,
+                         channel_scale: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """[input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]: weights that
+    share x, its mask and its threshold (an FFN's gate and up). One token with ``FUSE_GATE_UP`` (and a
+    VARIANT other than "walk"): one launch of the prefetch kernel for all of them (at most
+    ``input_sparse_prefetch.MAX_WEIGHTS``); otherwise one launch each. Same shapes and errors as
+    ``input_sparse_linear``; returns one output per weight."""
+    w_ts = list(w_ts)
+    single = x.dim() == 1 or x.numel() == x.shape[-1]
+    if (FUSE_GATE_UP and VARIANT != "walk" and single and 1 < len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS):
+        return input_sparse_prefetch.input_sparse_multi(x, w_ts, [threshold] * len(w_ts),
+                                                        channel_scales=[channel_scale] * len(w_ts))
+    return [input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]

@@ -255,13 +255,21 @@ class PrefetchConfig:
 
 
 # bench/input_sparse.py --variants times these against the walk kernel on the H100 (docs/BENCHMARKS.md):
-# the default config is the "pf" column, used for one token (input_sparse.VARIANT "auto") and for q/k/v.
+# the default config is the "pf" column, used for one token (input_sparse.VARIANT "auto") and for q/k/v;
+# the wide one ("pf-k64-s3") for a total width past WIDE_N (TEAL's gate + up in one launch: 49.0 µs
+# against 58.8 with the default tiles and 54.5 as two launches, batch 1, s = 0.5; a single gate/up or
+# down within 1% either way).
 _GPU_CONFIG = PrefetchConfig()
+_WIDE_CONFIG = PrefetchConfig(block_k=64, num_stages=3)
+WIDE_N = 8192
 _INTERPRET_CONFIG = PrefetchConfig(block_n=16, block_k=16, num_stages=1, programs_per_sm=4, min_kpp=16)
 
 
-def pick_config(batch: int, k: int, n: int, device: torch.device) -> PrefetchConfig:
-    return _INTERPRET_CONFIG if device.type != "cuda" else _GPU_CONFIG
+def pick_config(batch: int, k: int, n_total: int, device: torch.device) -> PrefetchConfig:
+    """The launch configuration for B = ``batch`` tokens, K = ``k`` and the weights' summed width."""
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    return _WIDE_CONFIG if n_total > WIDE_N else _GPU_CONFIG
 
 
 def _prologue_steps(batch: int, block_k: int) -> int:
@@ -298,7 +306,7 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
     batch, k = x.shape
     ns = [w.shape[1] for w in w_ts]
     device = x.device
-    cfg = config or pick_config(batch, k, max(ns), device)
+    cfg = config or pick_config(batch, k, sum(ns), device)
     n_tiles, split, kpp = grid(cfg, k, ns, device, batch)
     nstep = triton.next_power_of_2(kpp // cfg.block_k)
     bp = 1 if batch == 1 else MAX_BATCH

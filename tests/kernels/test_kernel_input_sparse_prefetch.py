@@ -26,6 +26,7 @@ CONFIGS = {
     "auto-whole-k": pf.PrefetchConfig(block_n=16, block_k=16, num_stages=1, min_kpp=16, max_split=1),
     "manual-whole-k": pf.PrefetchConfig(block_n=64, block_k=16, num_stages=1, min_kpp=16, max_split=1,
                                         pipe="manual"),
+    "wide-k64": pf.PrefetchConfig(block_n=16, block_k=64, num_stages=3, programs_per_sm=4, min_kpp=64),
 }
 if ON_GPU:  # larger shapes there: wider tiles, about as many programs per SM as the shipped config
     CONFIGS = {name: pf.PrefetchConfig(**{**vars(c), "block_n": 4 * c.block_n, "min_kpp": 128,
@@ -78,6 +79,15 @@ def test_long_range_prologue_in_chunks(name):
     thr = threshold(x, scale, "half")
     y = pf.input_sparse_linear_prefetch(x, w_t, thr, channel_scale=scale, config=cfg)
     assert rel_err(y, reference.input_sparse_linear(x, w_t, thr, channel_scale=scale)) <= 1e-4
+
+
+def test_wide_weights_get_the_wide_config():
+    """The summed width picks the tiles (gate + up in one launch: 64-channel steps)."""
+    cuda = torch.device("cuda")
+    assert pf.pick_config(1, 4096, 2 * 14336, cuda) == pf._WIDE_CONFIG
+    assert pf.pick_config(1, 4096, 4096 + 2 * 1024, cuda) == pf._GPU_CONFIG
+    assert pf._WIDE_CONFIG.block_k == 64 and pf.WIDE_N < 2 * 14336
+    assert pf.pick_config(1, 4096, 2 * 14336, torch.device("cpu")) == pf._INTERPRET_CONFIG
 
 
 def test_grid_sizes_the_split_from_n():
@@ -156,6 +166,26 @@ def test_variant_switch_routes_the_public_op(monkeypatch):
     monkeypatch.setattr(isp, "VARIANT", "fast")
     with pytest.raises(ValueError, match="VARIANT must be one of"):
         isp.input_sparse_linear(x, w_t, thr)
+
+
+@pytest.mark.parametrize("wina", [False, True], ids=["teal", "wina"])
+def test_linears_run_gate_and_up_as_one_launch_for_one_token(launches, monkeypatch, wina):
+    """input_sparse_linears (TEAL/WINA's gate and up): one 2-weight launch for one token, one launch per
+    weight for more tokens or with FUSE_GATE_UP off; the same outputs either way."""
+    k, *ns = KV
+    for batch, fused in ((1, True), (3, False)):
+        x, ws, scales = make(batch, k, tuple(ns[:2]), torch.bfloat16, seed=70 + batch)
+        scale = scales[0] if wina else None
+        thr = torch.tensor([threshold(x, scale, "half")], device=DEVICE)
+        for on in (True, False):
+            monkeypatch.setattr(isp, "FUSE_GATE_UP", on)
+            launches.clear()
+            ys = isp.input_sparse_linears(x.unsqueeze(1), ws, thr, channel_scale=scale)
+            for y, w_t in zip(ys, ws):
+                assert y.shape == (batch, 1, w_t.shape[1])
+                ref = reference.input_sparse_linear(x, w_t, thr, channel_scale=scale)
+                assert rel_err(y.squeeze(1), ref) <= tol(x.dtype)
+            assert launches == ([2] if fused and on else [1, 1] if batch == 1 else [])
 
 
 def test_bad_inputs():
