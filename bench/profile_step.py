@@ -3,6 +3,10 @@
     PYTHONPATH=. python bench/profile_step.py                       # Llama-3-8B shape, dense, M-70%, D-90%
     PYTHONPATH=. python bench/profile_step.py --shape llama-2-7b --no-compile
     PYTHONPATH=. python bench/profile_step.py --batch 2 --configs dense,m-countdown:0.9
+    PYTHONPATH=. python bench/profile_step.py --fuse-qkv --configs dense,teal:0.5:0.5,m-countdown:0.7:0.5
+
+A config is ``method:sparsity[:attention-input sparsity]``. ``--fuse-qkv``: q, k and v in one launch in
+every configuration (`countdown.fuse_qkv` for dense q/k/v; sparse ones are fused by default).
 
 Builds the random-weight model of the shape (bf16), captures the decode step as `bench/e2e.py` does
 (compiled by default), replays it under torch.profiler and sums each kernel's GPU time per step. The
@@ -65,7 +69,8 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--configs", default="dense,m-countdown:0.7,d-countdown:0.9",
-                    help="comma-separated method:sparsity (dense alone for the baseline)")
+                    help="comma-separated method:sparsity[:attention] (dense alone for the baseline)")
+    ap.add_argument("--fuse-qkv", action="store_true", help="q, k and v in one launch everywhere")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     model = random_model(args.shape, "cuda", "bfloat16")
@@ -75,25 +80,34 @@ def main() -> None:
     results = {}
     configs = []
     for item in args.configs.split(","):
-        method, _, s = item.partition(":")
-        configs.append(("dense", None, 0.0) if method == "dense" else (f"{method} {float(s):.0%}", method, float(s)))
-    for name, method, s in configs:
+        method, *rest = item.split(":")
+        if method == "dense":
+            configs.append(("dense", None, 0.0, None))
+            continue
+        att = float(rest[1]) if len(rest) > 1 else None
+        name = f"{method} {float(rest[0]):.0%}" + (f" + attention {att:.0%}" if att is not None else "")
+        configs.append((name, method, float(rest[0]), att))
+    for name, method, s, att in configs:
         if method:
             preds = random_predictors(model) if method == "d-countdown" else None
-            countdown.sparsify(model, method, s, calibration=calib, predictors=preds, progress=False)
+            countdown.sparsify(model, method, s, calibration=calib, predictors=preds, attention=att, progress=False)
+        if args.fuse_qkv and att is None:
+            countdown.fuse_qkv(model)
         results[name] = profile_config(model, prompt, args.steps, args.compile)
+        if args.fuse_qkv and att is None:
+            countdown.unfuse_qkv(model)
         if method:
             countdown.unsparsify(model)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, f"profile-b{args.batch}.json"), "w") as f:
-            json.dump({"shape": args.shape, "batch": args.batch, "compile": args.compile, "dense_floor_ms": floor_ms, "results": results}, f, indent=1)
+            json.dump({"shape": args.shape, "batch": args.batch, "compile": args.compile, "fuse_qkv": args.fuse_qkv, "dense_floor_ms": floor_ms, "results": results}, f, indent=1)
     print(f"\n{args.shape}, bf16, batch {args.batch}, {'compiled + ' if args.compile else ''}CUDA graph; dense bytes floor at 3.0 TB/s: {floor_ms:.2f} ms")
     for name, r in results.items():
         print(f"\n{name}: wall {r['wall_ms']:.3f} ms/step, kernels {r['kernel_ms']:.3f} ms, "
               f"{r['launches']} launches/step, idle {r['wall_ms'] - r['kernel_ms']:.3f} ms ({r['source']})")
         print("| ms/step | launches | kernel |\n|---|---|---|")
-        for kname, ms, n in r["kernels"][:16]:
+        for kname, ms, n in r["kernels"][:12]:
             print(f"| {ms:.3f} | {n} | {kname[:90]} |")
 
 
