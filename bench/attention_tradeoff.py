@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/attention_tradeoff.py bench/results/attention-quality-*-cpu-*.json \
         --speed bench/results/attention-speed-h100-2026-11-23.json --plot docs/attention_tradeoff.png
+    (--speed also takes bench/fused_qkv.py's JSON: its configurations against that run's best dense)
 
 Quality: `bench/attention_quality.py` on real models (Δppl against dense, every position sparse).
 Speed: the byte ceiling of each combination on the Llama-3-8B shape (bf16, batch 1, 128 prompt + 128
@@ -52,8 +53,18 @@ def main() -> None:
     dense = nb.per_token(CONTEXT)
     measured = {}
     if args.speed:
-        for r in json.loads(args.speed.read_text())["rows"]:
-            measured[(r["method"], round(r["target"], 2), round(r["attention"] or 0.0, 2))] = r["speedup"]
+        data = json.loads(args.speed.read_text())
+        if "points" in data:  # bench/fused_qkv.py: config names, speed-up against the run's best dense
+            from fused_qkv import CONFIGS
+
+            for p in data["points"]:
+                method, target, attention = CONFIGS[p["config"]][:3]
+                key = (method, round(target, 2), round(attention or 0.0, 2))
+                if method != "dense" and p.get("vs_best_dense"):
+                    measured[key] = max(measured.get(key, 0.0), p["vs_best_dense"])
+        else:  # bench/attention_speed.py
+            for r in data["rows"]:
+                measured[(r["method"], round(r["target"], 2), round(r["attention"] or 0.0, 2))] = r["speedup"]
 
     import matplotlib
 
