@@ -84,6 +84,16 @@ assert B_PAD.value >= MAX_BATCH
 
 
 @triton.jit
+def _scalar_threshold(thr_ptr, thr_value, THR_PTR: tl.constexpr):
+    """The one threshold of every neuron: read from the 1-element tensor (THR_PTR) or the float argument."""
+    if THR_PTR:
+        thr = tl.load(thr_ptr).to(tl.float32)
+    else:
+        thr = thr_value
+    return thr
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b: tensor-core dot in the operands' dtype, or (IEEE) an fp32 dot of fp32 copies."""
     if IEEE:
@@ -130,10 +140,7 @@ def _coef_kernel(
     THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     STAGES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    if THR_PTR:
-        thr = tl.load(thr_ptr).to(tl.float32)
-    else:
-        thr = thr_value
+    thr = _scalar_threshold(thr_ptr, thr_value, THR_PTR)
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     im = rows < I
     rb = tl.arange(0, B_PAD)
@@ -235,10 +242,7 @@ def _down_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
-    if GIVEN_T and THR_PTR:
-        thr = tl.load(thr_ptr).to(tl.float32)
-    else:
-        thr = thr_value
+    thr = _scalar_threshold(thr_ptr, thr_value, GIVEN_T and THR_PTR)
     rb = tl.arange(0, B_PAD)
     bm = rb < B
     hs = pid_h * H_TILE + tl.arange(0, H_TILE)
@@ -287,10 +291,7 @@ def _down_compact_kernel(
     """
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
-    if GIVEN_T and THR_PTR:
-        thr = tl.load(thr_ptr).to(tl.float32)
-    else:
-        thr = thr_value
+    thr = _scalar_threshold(thr_ptr, thr_value, GIVEN_T and THR_PTR)
     lo = pid_n * NPP
     hi = tl.minimum(lo + NPP, I)
     packed = idx_ptr + (pid_h * tl.num_programs(0) + pid_n).to(tl.int64) * NPP
