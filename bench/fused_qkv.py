@@ -20,6 +20,8 @@ a point on an H100, hence one batch size per run by default). ``--configs`` (def
     mcd70-attn50+fuse  M-COUNTDOWN 70% + attention inputs 50%, q/k/v fused (issue 13's combined target)
     dense+fuse+nocdt   dense+fuse compiled without Inductor's coordinate-descent tuning (Decoder's default
                        since 2026-11-23: every other point has it)
+    <any>+pdl          the same with programmatic dependent launch: Inductor's kernels (``triton.enable_pdl``)
+                       and ours (``countdown.kernels.set_pdl``), so a kernel starts while the one before drains
 
 "vs best dense" divides by the fastest dense configuration of the run at that batch.
 
@@ -48,6 +50,7 @@ from countdown import attention
 from countdown import decode
 from countdown.decode import Decoder
 from countdown.kernels import input_sparse, input_sparse_prefetch
+from countdown.kernels._core import set_pdl
 from countdown.loading import RANDOM_SHAPES, random_inputs, random_model
 
 T0 = time.time()
@@ -121,11 +124,26 @@ def check(model, fuse_on, tol: float) -> dict:
     return out
 
 
+def pdl_check(model, prompt_1: torch.Tensor, new_tokens: int = 48) -> float:
+    """Fraction of greedy tokens that agree between our kernels launched without and with programmatic
+    dependent launch, through the CUDA graph without torch.compile (the same kernels and configs both
+    times, so anything but 1.0 is a race)."""
+    runs = []
+    for on in (False, True):
+        set_pdl(on)
+        runs.append(Decoder(model, max_len=PROMPT + new_tokens, compile=False).generate(prompt_1, new_tokens).tokens)
+    set_pdl(False)
+    return float((runs[0] == runs[1]).float().mean())
+
+
 def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool, extras=()) -> dict:
     prompt = prompt_1.expand(b, -1).contiguous()
     t = time.time()
     input_sparse.FUSE_GATE_UP = "gu2" not in extras  # read when the step is traced / captured
     decode.COMPILE_OPTIONS = {} if "nocdt" in extras else {"coordinate_descent_tuning": True}
+    if "pdl" in extras:
+        decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "triton.enable_pdl": True}
+    set_pdl("pdl" in extras)
     decoder = Decoder(model, max_len=PROMPT + max(new_tokens, 16), batch_size=b, compile=compile)
     decoder.generate(prompt, 16)  # compile, capture, autotune
     results = [decoder.generate(prompt, new_tokens) for _ in range(3)]
@@ -136,6 +154,7 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
         torch._dynamo.reset()  # one compiled graph per point; keeps dynamo under its recompile limit
     input_sparse.FUSE_GATE_UP = True
     decode.COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+    set_pdl(False)
     return row
 
 
@@ -152,7 +171,31 @@ CONFIGS = {
     "teal50-wide+fuse": ("teal", 0.5, 0.5, True, ()),
     "teal50-wide+fuse+gu2": ("teal", 0.5, 0.5, True, ("gu2",)),
 }
+# the quality/speed trade-off grid of bench/attention_quality.py (M-COUNTDOWN 50/70% with attention inputs
+# 0/25/40/50%, TEAL model-wide 25/40/50%): every point fused, as the dense baseline is
+for _s in (0.5, 0.7):
+    for _a in (None, 0.25, 0.4, 0.5):
+        CONFIGS[f"mcd{round(_s * 100)}{'' if _a is None else f'-attn{round(_a * 100)}'}+fuse"] = \
+            ("m-countdown", _s, _a, True, ())
+for _s in (0.25, 0.4):
+    CONFIGS[f"teal{round(_s * 100)}-wide+fuse"] = ("teal", _s, _s, True, ())
+CONFIGS.update({f"{name}+pdl": (*c[:4], (*c[4], "pdl")) for name, c in list(CONFIGS.items())})
 DEFAULT = "dense,dense+fuse,mcd70,mcd70+fuse,teal50-wide+fuse"
+
+
+def dump_inductor_code(path: str) -> None:
+    """The Python files Inductor generated in this process (its kernels, by name) into a tar.gz."""
+    import glob
+    import tarfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    files = [f for f in glob.glob(os.path.join(cache_dir(), "**", "*.py"), recursive=True)
+             if "triton" in open(f, errors="ignore").read()]
+    with tarfile.open(path, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=os.path.relpath(f, cache_dir()))
+    log(f"{len(files)} generated files -> {path}")
 
 
 def main() -> None:
@@ -166,6 +209,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton's interpreter; use --layers 2)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape has")
+    ap.add_argument("--dump-code", action="store_true", help="also write Inductor's generated code to $OUT")
     ap.add_argument("--deadline", type=float, default=390.0,
                     help="seconds: skip points that would end past it (the table still prints)")
     args = ap.parse_args()
@@ -219,7 +263,11 @@ def main() -> None:
                     skipped.append(f"{n} batch {b}")
                     log("deadline: skipping", n, "batch", b)
                     continue
+                pdl_same = pdl_check(model, prompt) if "pdl" in CONFIGS[n][4] and b == batches[0] else None
+                if pdl_same is not None:
+                    log(n, f"PDL on/off greedy tokens agree: {pdl_same:.0%}")
                 r = speed(model, prompt, b, args.new_tokens, compile, CONFIGS[n][4])
+                r["pdl_same_tokens"] = pdl_same
                 longest = max(longest, r["seconds"])
                 points.append({"config": n, "fused": CONFIGS[n][3], "batch": b, **r,
                                "match": match if CONFIGS[n][3] else None})
@@ -248,6 +296,8 @@ def main() -> None:
             json.dump({"shape": args.shape, "gpu": device, "route": route, "new_tokens": args.new_tokens,
                        "torch": torch.__version__, "memory": memory, "skipped": skipped,
                        "points": [{k: v for k, v in p.items() if k != "tokens"} for p in points]}, f, indent=1)
+    if out and args.dump_code:
+        dump_inductor_code(os.path.join(out, "inductor_code.tar.gz"))
     layers = f" ({args.layers} layers)" if args.layers else ""
     print(f"\n{args.shape}{layers}, {args.dtype}, {route}, prompt {PROMPT} + {args.new_tokens} new tokens, median of 3, {device}, "
           f"torch {torch.__version__}, {time.time() - T0:.0f}s")

@@ -50,6 +50,7 @@ import triton
 from countdown.kernels import input_sparse as isp
 from countdown.kernels import input_sparse_prefetch as ispf
 from countdown.kernels import reference
+from countdown.kernels._core import set_pdl
 
 SHAPES = {"o_proj": (4096, 4096), "k/v": (4096, 1024), "qkv": (4096, 6144), "gate/up": (4096, 14336),
           "down": (14336, 4096)}
@@ -290,6 +291,9 @@ VARIANTS = {  # name: ("walk" | "pf", config); "-s1": no channel split (no atomi
     "pf-w8-n512": ("pf", P_(block_n=512, num_warps=8)),  # wider tiles, 8 warps
     "pf-p4": ("pf", P_(programs_per_sm=4, min_kpp=64)),  # more, shorter programs
     "pf-k64-s3": ("pf", P_(block_k=64, num_stages=3)),  # longer steps, fewer of them
+    # programmatic dependent launch: each call may start while the one before it drains
+    "pf-pdl": ("pf-pdl", ispf._GPU_CONFIG),
+    "pf-k64-s3-pdl": ("pf-pdl", P_(block_k=64, num_stages=3)),
 }
 if os.environ.get("BENCH_VARIANTS"):  # e.g. "walk,pf,pf-p4": time only these
     VARIANTS = {n: VARIANTS[n] for n in os.environ["BENCH_VARIANTS"].split(",")}
@@ -320,14 +324,18 @@ def vsave():
 def run_variant(name, x, w_ts, scales, thr, outs, fused=True):
     """One call of variant ``name`` on weights w_ts sharing x (several weights: fused or one launch each)."""
     kind, cfg = VARIANTS[name]
-    if kind == "walk" or not fused:
-        for w, sc, o in zip(w_ts, scales, outs):
-            if kind == "walk":
-                isp._launch(x, w, sc, thr, 0.0, o, cfg)
-            else:
-                ispf.launch(x, [w], [sc], [thr], [0.0], [o], cfg)
-    else:
-        ispf.launch(x, w_ts, scales, [thr] * len(w_ts), [0.0] * len(w_ts), outs, cfg)
+    set_pdl(kind == "pf-pdl")  # read at launch, so a captured graph keeps it
+    try:
+        if kind == "walk" or not fused:
+            for w, sc, o in zip(w_ts, scales, outs):
+                if kind == "walk":
+                    isp._launch(x, w, sc, thr, 0.0, o, cfg)
+                else:
+                    ispf.launch(x, [w], [sc], [thr], [0.0], [o], cfg)
+        else:
+            ispf.launch(x, w_ts, scales, [thr] * len(w_ts), [0.0] * len(w_ts), outs, cfg)
+    finally:
+        set_pdl(False)
 
 
 def _vcompile_job(job):
@@ -349,7 +357,7 @@ def _vcompile_job(job):
 def vprecompile():
     t0 = time.time()
     jobs = [(name, k, (n,)) for name in VARIANTS for k, n in SHAPES.values()]
-    jobs += [(name, k, ns) for name in VARIANTS if VARIANTS[name][0] == "pf" for k, ns in (QKV, GATE_UP)]
+    jobs += [(name, k, ns) for name in VARIANTS if VARIANTS[name][0] != "walk" for k, ns in (QKV, GATE_UP)]
     with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as ex:
         res = list(ex.map(_vcompile_job, jobs))
     bad = set()
@@ -446,7 +454,7 @@ def vtime(sets, bad, t_start):
             timed = [(n, n, True) for n in names]
         else:  # several weights: walk and pf one launch per weight, then every prefetch config fused
             timed = [(f"{n} x{len(ws.ns)}", n, False) for n in ("walk", "pf") if n in names]
-            timed += [(n, n, True) for n in names if VARIANTS[n][0] == "pf"]
+            timed += [(n, n, True) for n in names if VARIANTS[n][0] != "walk"]
         for key, name, fused in timed:
             row["us"][key] = bench_graph(ws.fn(name, x, thr, fused), ws.copies)
         row["pct_floor"] = {k: 100 * row["floor_us"] / v for k, v in row["us"].items()}

@@ -1,6 +1,7 @@
-"""The per-model tables of docs/STUDY.md from the study's sweep folders (issue 12).
+"""The tables of docs/STUDY.md from the study's sweep folders (issue 12).
 
     PYTHONPATH=. python bench/study_tables.py runs/study        # Markdown to stdout, plots to docs/study/
+    PYTHONPATH=. python bench/study_tables.py runs/study --tasks runs/study-tasks   # + task accuracy
 
 Each folder runs/study/<model>/<mode>-<positions>/ is one `countdown sweep` (see docs/STUDY.md for the
 commands). A row is (method, target); the columns are the four protocols side by side: top-k or
@@ -56,14 +57,82 @@ def model_table(folder: Path) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", {"runs": runs, "recall": recall, "present": present}
 
 
+def headline_table(infos: dict[str, dict], targets=(0.5, 0.7, 0.9)) -> str:
+    """Every method on every model under the paper's protocol (top-k, official positions): the change
+    in perplexity against dense, one column per (model, target)."""
+    models = [m for m, info in infos.items() if ("topk", "decode") in info["runs"]]
+    by_model = {}
+    for m in models:
+        pts = infos[m]["runs"][("topk", "decode")]
+        by_model[m] = ({(p.method, round(p.target, 3)): p for p in pts if p.method != "dense"},
+                       next(p.ppl for p in pts if p.method == "dense"))
+    head = "| method | " + " | ".join(f"{m} {t:.0%}" for m in models for t in targets) + " |"
+    lines = [head, "|" + "---|" * (1 + len(models) * len(targets))]
+    methods = [m for m in ORDER if any((m, t) in by_model[x][0] for x in models for t in targets)]
+    for method in methods:
+        cells = []
+        for m in models:
+            points, dense = by_model[m]
+            for t in targets:
+                p = points.get((method, t))
+                cells.append("—" if p is None else f"{p.ppl / dense - 1:+.0%}" if p.ppl < 1e3 else f"{p.ppl:.1e}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recall_table(infos: dict[str, dict]) -> str:
+    """D-COUNTDOWN practical: each model's predictor recall per target (from the top-k decode run)."""
+    rows = []
+    for model, info in infos.items():
+        folder = info["folder"] / "topk-decode"
+        recall = {}
+        for f in sorted(folder.glob("predictors_*.json")):
+            recall[int(f.stem.split("_")[1])] = json.loads(f.read_text())["summary"]
+        if recall:
+            rows.append((model, recall))
+    if not rows:
+        return ""
+    targets = sorted({t for _, r in rows for t in r})
+    lines = ["| model | rank (FFN share) | " + " | ".join(f"recall {t}% (min layer)" for t in targets) + " |",
+             "|" + "---|" * (2 + len(targets))]
+    for model, recall in rows:
+        any_s = next(iter(recall.values()))
+        cells = [f"{recall[t]['recall_mean']:.3f} ({recall[t]['recall_min']:.3f})" if t in recall else "—"
+                 for t in targets]
+        lines.append(f"| {model} | {any_s['rank']} ({any_s['predictor_fraction']:.1%}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def task_table(root: Path) -> str:
+    """Task accuracy per model and method from runs/study-tasks/<model>/results.jsonl."""
+    lines = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        points = load_points(folder / "results.jsonl")
+        if not points:
+            continue
+        tasks = list(dict.fromkeys(t for p in points for t in p.extra))
+        dense = next(p for p in points if p.method == "dense")
+        lines += [f"\n{folder.name} (dense ppl {dense.ppl:.2f}, {dense.n_tokens} tokens)\n",
+                  "| method | target | ppl | " + " | ".join(t.replace("countdown_bigbench_", "") for t in tasks) + " |",
+                  "|" + "---|" * (3 + len(tasks))]
+        for p in sorted(points, key=lambda p: ORDER.index(p.method) if p.method in ORDER else -1):
+            accs = [f"{p.extra[t]['acc']:.2f} ± {p.extra[t]['acc_stderr']:.2f}" if t in p.extra else "—" for t in tasks]
+            rel = "" if p.method == "dense" else f" ({p.ppl / dense.ppl - 1:+.0%})"
+            lines.append(f"| {p.method} | {p.target:.0%} | {p.ppl:.3g}{rel} | " + " | ".join(accs) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root", type=Path, nargs="?", default=Path("runs/study"))
     ap.add_argument("--plots", type=Path, default=Path("docs/study"))
+    ap.add_argument("--tasks", type=Path, default=None, help="runs/study-tasks: task accuracy per model")
     args = ap.parse_args()
     args.plots.mkdir(parents=True, exist_ok=True)
+    infos = {}
     for folder in sorted(p for p in args.root.iterdir() if p.is_dir()):
         table, info = model_table(folder)
+        infos[folder.name] = {**info, "folder": folder}
         print(f"\n### {folder.name}\n")
         print("Cells: perplexity (change against dense of the same protocol); threshold cells add the measured "
               "sparsity. Protocol: floor count, strict ties, mean-of-per-token-k-th thresholds (the official "
@@ -79,6 +148,13 @@ def main() -> None:
                                  title=f"{folder.name}: perplexity vs sparsity (top-k, official positions)")
             plot_ppl_vs_bytes(points, args.plots / f"{folder.name}_topk_decode_bytes.png",
                               title=f"{folder.name}: perplexity vs FFN weight bytes read (top-k, official positions)")
+    print("\n### Every model, top-k, official positions: perplexity change against dense\n")
+    print(headline_table(infos))
+    print("\n### D-COUNTDOWN practical predictor recall\n")
+    print(recall_table(infos))
+    if args.tasks is not None and args.tasks.is_dir():
+        print("\n### Task accuracy (official protocol)\n")
+        print(task_table(args.tasks))
 
 
 def plot_ppl_vs_bytes(points, path: Path, title: str) -> None:

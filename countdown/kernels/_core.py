@@ -57,6 +57,32 @@ from .pack import ACTIVATIONS, interpret_mode
 
 KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
 
+# Programmatic dependent launch (Hopper and newer): a kernel launched with it may start while the
+# kernel before it drains, and waits (``gdc_wait``) only where it first reads what that kernel wrote.
+# Off by default; `set_pdl` turns it on for the batch-1 decode kernels (measured in docs/BENCHMARKS.md).
+PDL = False
+
+
+def set_pdl(on: bool) -> None:
+    """Launch the batch-1 decode kernels with programmatic dependent launch (where the GPU has it).
+    Read when a kernel is launched, so a CUDA graph keeps the setting it was captured with."""
+    global PDL
+    PDL = bool(on)
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch now."""
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _pdl_prologue(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel's writes are visible, then let the next kernel launch.
+    Every program runs it before its first load of anything a previous kernel wrote, and every
+    program waits before it signals, so a kernel after this one never overtakes the one before."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 
@@ -257,8 +283,10 @@ def _sparse_ffn_kernel(
     THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_PAD: tl.constexpr, I_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_I: tl.constexpr, CHUNK: tl.constexpr, BALANCE: tl.constexpr, INTERLEAVE: tl.constexpr,
     PREFETCH: tl.constexpr, FINALIZE: tl.constexpr, NCOPY: tl.constexpr, PIPE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
+    _pdl_prologue(PDL)
     if THR_PTR:
         thr = tl.load(thr_ptr).to(tl.float32)
     else:
@@ -441,6 +469,7 @@ def launch(
     thr_vec = is_threshold_vector(threshold)
     programs, npp, meta = _grid_and_meta(kind, compute, hidden, inter, act, score_act, threshold is not None,
                                          cfg, device, thr_vec=thr_vec, signed=signed)
+    meta.update(pdl_meta(device))
     if compute:
         vec = torch.empty(inter, dtype=torch.float32, device=device)
     size = cfg.ncopy * hidden + 1  # fp32 copies of y, then the int32 ticket counter
@@ -461,6 +490,12 @@ def launch(
     if cfg.finalize == 0:
         return out.copy_(acc_ws.view(cfg.ncopy, hidden).sum(0))
     return out
+
+
+def pdl_meta(device: torch.device) -> dict:
+    """The launch arguments that turn programmatic dependent launch on for a kernel with a PDL
+    constexpr (none when it is off, so the interpreter never sees them)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_launch(device) else {}
 
 
 def is_threshold_vector(threshold: torch.Tensor | None) -> bool:

@@ -137,9 +137,11 @@ def _prefetch_kernel(
     NSEG: tl.constexpr, WINA: tl.constexpr, THR_PTR: tl.constexpr, BP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NCH: tl.constexpr, XS: tl.constexpr,
     SPLIT: tl.constexpr, PIPE: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    _core._pdl_prologue(PDL)
     # which weight this N tile belongs to (runtime branch on the program id; all pointers one type)
     w_ptr, sc_ptr, o_ptr, t_ptr, thr_v = w0_ptr, s0_ptr, o0_ptr, t0_ptr, tv0
     N = pid * 0 + N0  # a tensor in every branch, whatever Triton specialised N0 to
@@ -332,7 +334,7 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
         NSEG=nseg, WINA=wina, THR_PTR=thr_ptr, BP=bp, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NCH=nstep // xs, XS=xs, SPLIT=split > 1, PIPE=0 if cfg.pipe == "auto" else 1, NUM_STAGES=cfg.num_stages,
         F32=x.dtype == torch.float32 or device.type != "cuda",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_core.pdl_meta(device),
     )
 
 

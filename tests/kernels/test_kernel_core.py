@@ -83,3 +83,16 @@ def test_all_neurons_dropped_gives_zeros():
     y = _core.launch(_core.KIND_SCORE, False, x, score, p.w_gate, p.w_up, p.w_down_t, None, 1e9, "silu", False,
                      torch.float32, out=out)
     assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_pdl_is_off_by_default_and_never_reaches_the_interpreter():
+    # programmatic dependent launch is a CUDA launch attribute: off unless asked for, and even when
+    # asked for, a CPU launch (Triton's interpreter) gets no PDL arguments
+    assert _core.PDL is False
+    assert _core.pdl_meta(torch.device("cpu")) == {}
+    _core.set_pdl(True)
+    try:
+        assert _core.pdl_meta(torch.device("cpu")) == {}
+        assert not _core.pdl_launch(torch.device("cpu"))
+    finally:
+        _core.set_pdl(False)
