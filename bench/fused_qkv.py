@@ -209,6 +209,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton's interpreter; use --layers 2)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape has")
+    ap.add_argument("--no-pdl-check", action="store_true", help="skip the PDL on/off token comparison "
+                    "(bench/pdl_check.py checks the kernels themselves)")
     ap.add_argument("--dump-code", action="store_true", help="also write Inductor's generated code to $OUT")
     ap.add_argument("--deadline", type=float, default=390.0,
                     help="seconds: skip points that would end past it (the table still prints)")
@@ -263,7 +265,8 @@ def main() -> None:
                     skipped.append(f"{n} batch {b}")
                     log("deadline: skipping", n, "batch", b)
                     continue
-                pdl_same = pdl_check(model, prompt) if "pdl" in CONFIGS[n][4] and b == batches[0] else None
+                pdl_same = (pdl_check(model, prompt) if "pdl" in CONFIGS[n][4] and b == batches[0]
+                            and not args.no_pdl_check else None)
                 if pdl_same is not None:
                     log(n, f"PDL on/off greedy tokens agree: {pdl_same:.0%}")
                 r = speed(model, prompt, b, args.new_tokens, compile, CONFIGS[n][4])
