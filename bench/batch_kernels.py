@@ -47,7 +47,7 @@ import triton
 
 from countdown import kernels
 from countdown.kernels import _core, batch_ffn, reference
-from kernels import time_layers  # bench/kernels.py (this folder), not countdown.kernels
+from ffn_kernels import time_layers  # bench/ffn_kernels.py (this folder)
 
 H, I = 4096, 14336
 DEV = "cuda"

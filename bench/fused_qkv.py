@@ -50,6 +50,7 @@ from countdown import attention
 from countdown import decode
 from countdown.decode import Decoder
 from countdown.kernels import input_sparse, input_sparse_prefetch
+from countdown.kernels import _core
 from countdown.kernels._core import set_pdl
 from countdown.loading import RANDOM_SHAPES, random_inputs, random_model
 
@@ -128,11 +129,11 @@ def pdl_check(model, prompt_1: torch.Tensor, new_tokens: int = 48) -> float:
     """Fraction of greedy tokens that agree between our kernels launched without and with programmatic
     dependent launch, through the CUDA graph without torch.compile (the same kernels and configs both
     times, so anything but 1.0 is a race)."""
-    runs = []
+    runs, default = [], _core.PDL
     for on in (False, True):
         set_pdl(on)
         runs.append(Decoder(model, max_len=PROMPT + new_tokens, compile=False).generate(prompt_1, new_tokens).tokens)
-    set_pdl(False)
+    set_pdl(default)
     return float((runs[0] == runs[1]).float().mean())
 
 
@@ -143,7 +144,8 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
     decode.COMPILE_OPTIONS = {} if "nocdt" in extras else {"coordinate_descent_tuning": True}
     if "pdl" in extras:
         decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "triton.enable_pdl": True}
-    set_pdl("pdl" in extras)
+    default_pdl = _core.PDL
+    set_pdl("pdl" in extras)  # every point says whether it has PDL: "+pdl" on, the rest off
     decoder = Decoder(model, max_len=PROMPT + max(new_tokens, 16), batch_size=b, compile=compile)
     decoder.generate(prompt, 16)  # compile, capture, autotune
     results = [decoder.generate(prompt, new_tokens) for _ in range(3)]
@@ -153,8 +155,8 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
     if compile:
         torch._dynamo.reset()  # one compiled graph per point; keeps dynamo under its recompile limit
     input_sparse.FUSE_GATE_UP = True
-    decode.COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-    set_pdl(False)
+    decode.COMPILE_OPTIONS = decode._compile_options()
+    set_pdl(default_pdl)
     return row
 
 

@@ -50,6 +50,7 @@ import triton
 from countdown.kernels import input_sparse as isp
 from countdown.kernels import input_sparse_prefetch as ispf
 from countdown.kernels import reference
+from countdown.kernels import _core
 from countdown.kernels._core import set_pdl
 
 SHAPES = {"o_proj": (4096, 4096), "k/v": (4096, 1024), "qkv": (4096, 6144), "gate/up": (4096, 14336),
@@ -324,6 +325,7 @@ def vsave():
 def run_variant(name, x, w_ts, scales, thr, outs, fused=True):
     """One call of variant ``name`` on weights w_ts sharing x (several weights: fused or one launch each)."""
     kind, cfg = VARIANTS[name]
+    default = _core.PDL
     set_pdl(kind == "pf-pdl")  # read at launch, so a captured graph keeps it
     try:
         if kind == "walk" or not fused:
@@ -335,7 +337,7 @@ def run_variant(name, x, w_ts, scales, thr, outs, fused=True):
         else:
             ispf.launch(x, w_ts, scales, [thr] * len(w_ts), [0.0] * len(w_ts), outs, cfg)
     finally:
-        set_pdl(False)
+        set_pdl(default)
 
 
 def _vcompile_job(job):

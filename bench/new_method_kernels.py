@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/new_method_kernels.py --dry   # CPU smoke run, tiny shapes
 
 Llama-3-8B FFN (H=4096, I=14336), bf16, 8 rotating layer copies (beyond L2), one CUDA graph over the
-layers, median of do_bench (bench/kernels.time_layers). Each new method runs an existing op with a
+layers, median of do_bench (bench/ffn_kernels.time_layers). Each new method runs an existing op with a
 per-neuron threshold vector (CHESS, S-COUNTDOWN), a signed score (DejaVu) or a channel scale (WINA);
 its twin is the same op as shipped before (CATS fused, D-COUNTDOWN ideal fused, TEAL):
 
@@ -32,7 +32,7 @@ import triton
 
 from countdown import kernels
 from countdown.kernels import reference
-from kernels import time_layers  # bench/kernels.py (this folder), not countdown.kernels
+from ffn_kernels import time_layers  # bench/ffn_kernels.py (this folder)
 
 H, I = 4096, 14336
 DEV = "cuda"

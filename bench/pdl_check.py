@@ -38,6 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def chain(step, x0: torch.Tensor, pdl: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(inputs, outputs) of STEPS chained calls of ``step`` replayed from one CUDA graph."""
+    default = _core.PDL
     _core.set_pdl(pdl)
     try:
         bufs = [x0.clone()]
@@ -49,7 +50,7 @@ def chain(step, x0: torch.Tensor, pdl: bool) -> tuple[list[torch.Tensor], list[t
             for _ in range(STEPS):
                 bufs.append(step(bufs[-1]))
     finally:
-        _core.set_pdl(False)
+        _core.set_pdl(default)
     for b in bufs[1:]:
         b.fill_(float("nan"))
     bufs[0].copy_(x0)

@@ -1,8 +1,8 @@
 """Sparse-FFN kernel benchmark at batch-1 decode: build, check on the device, sweep, time, table.
 
-    PYTHONPATH=. python bench/kernels.py                 # full run (sweep + table), about 1 min on an H100
-    PYTHONPATH=. python bench/kernels.py --no-sweep      # the shipped configurations only
-    PYTHONPATH=. python bench/kernels.py --quick         # one shape, two sparsities (smoke run)
+    PYTHONPATH=. python bench/ffn_kernels.py                 # full run (sweep + table), about 1 min on an H100
+    PYTHONPATH=. python bench/ffn_kernels.py --no-sweep      # the shipped configurations only
+    PYTHONPATH=. python bench/ffn_kernels.py --quick         # one shape, two sparsities (smoke run)
 
 For the Llama-3-8B (H=4096, I=14336) and Llama-2-7B (H=4096, I=11008) FFNs in bf16 it times, per
 sparsity s in {0, 0.5, 0.7, 0.9}:
