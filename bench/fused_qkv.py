@@ -143,6 +143,7 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
     prompt = prompt_1.expand(b, -1).contiguous()
     t = time.time()
     input_sparse.FUSE_GATE_UP = "gu2" not in extras  # read when the step is traced / captured
+    saved_options = decode.COMPILE_OPTIONS
     decode.COMPILE_OPTIONS = {} if "nocdt" in extras else {"coordinate_descent_tuning": True}
     if "pdl" in extras:
         decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "triton.enable_pdl": True}
@@ -159,7 +160,7 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
     if compile:
         torch._dynamo.reset()  # one compiled graph per point; keeps dynamo under its recompile limit
     input_sparse.FUSE_GATE_UP = True
-    decode.COMPILE_OPTIONS = decode._compile_options()
+    decode.COMPILE_OPTIONS = saved_options
     set_pdl(default_pdl)
     return row
 

@@ -68,6 +68,19 @@ def _token_ids(value: int | Sequence[int] | torch.Tensor | None, name: str) -> l
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
+def _compile_options() -> dict:
+    """COMPILE_OPTIONS, plus programmatic dependent launch of Inductor's kernels while ours have it on
+    (`countdown.kernels.set_pdl`) and this torch knows the option (Inductor applies it on Hopper+ only)."""
+    import torch._inductor.config as inductor_config
+
+    from . import kernels
+
+    pdl = getattr(getattr(kernels, "_core", None), "PDL", False)
+    if pdl and hasattr(inductor_config.triton, "enable_pdl"):
+        return {**COMPILE_OPTIONS, "triton.enable_pdl": True}
+    return dict(COMPILE_OPTIONS)
+
+
 class Decoder:
     """Generation for one model, ``batch_size`` rows and a static cache of ``max_len`` positions.
 
@@ -123,7 +136,7 @@ class Decoder:
         self._rng = torch.Generator(device=dev)
         self._forward = model.forward
         if compile:
-            self._forward = torch.compile(model.forward, dynamic=False, fullgraph=False, options=COMPILE_OPTIONS)
+            self._forward = torch.compile(model.forward, dynamic=False, fullgraph=False, options=_compile_options())
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     # -- one step ---------------------------------------------------------------------------------

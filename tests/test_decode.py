@@ -296,3 +296,20 @@ def test_cuda_graph_batches_padding_eos_and_sampling_on_gpu():
     assert torch.equal(same[0], same[1])  # the capture call and a replay-only call draw the same
     ref = eager.generate(ids, 24, attention_mask=mask, generator=torch.Generator("cuda").manual_seed(5), **kw).tokens
     assert torch.equal(same[0], ref)  # replays draw the numbers eager steps draw
+
+
+def test_compile_options_follow_the_pdl_switch():
+    # Decoder(compile=True) asks Inductor for programmatic dependent launch exactly while our kernels use it
+    import torch._inductor.config as inductor_config
+
+    from countdown import decode, kernels
+
+    assert "triton.enable_pdl" not in decode._compile_options()
+    kernels.set_pdl(True)
+    try:
+        options = decode._compile_options()
+        assert options.get("triton.enable_pdl", False) == hasattr(inductor_config.triton, "enable_pdl")
+        assert options["coordinate_descent_tuning"] is True
+    finally:
+        kernels.set_pdl(False)
+    assert decode._compile_options() == decode.COMPILE_OPTIONS

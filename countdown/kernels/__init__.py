@@ -38,6 +38,7 @@ from .pack import (HAS_TRITON, MAX_BATCH, MAX_HIDDEN, PackedFFN, interpret_mode,
                    pack_ffn_weights)
 
 if HAS_TRITON:
+    from ._core import set_pdl
     from .gather_ffn import fused_gather_ffn, gather_ffn
     from .input_sparse import input_sparse_linear, input_sparse_linears, input_sparse_unavailable_reason
     from .predicted_ffn import predicted_sparse_ffn
@@ -49,6 +50,9 @@ else:
 
     sparse_down = coefficient_ffn = gather_ffn = fused_gather_ffn = predicted_sparse_ffn = _no_triton
     input_sparse_linear = input_sparse_linears = _no_triton
+
+    def set_pdl(on: bool) -> None:  # nothing is launched without Triton
+        pass
 
     def input_sparse_unavailable_reason(*args, **kwargs) -> str:
         return "Triton is not installed"
@@ -70,5 +74,6 @@ __all__ = [
     "pack_ffn_weights",
     "predicted_sparse_ffn",
     "reference",
+    "set_pdl",
     "sparse_down",
 ]

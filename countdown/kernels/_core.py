@@ -58,21 +58,26 @@ from .pack import ACTIVATIONS, interpret_mode
 KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
 
 # Programmatic dependent launch (Hopper and newer): a kernel launched with it may start while the
-# kernel before it drains, and waits (``gdc_wait``) only where it first reads what that kernel wrote.
-# Off by default; `set_pdl` turns it on for the batch-1 decode kernels (measured in docs/BENCHMARKS.md).
+# kernel before it drains, and waits (``gdc_wait``) before it first touches memory. Opt-in
+# (`countdown.kernels.set_pdl`): +2% dense, +2.4% M-COUNTDOWN 70% + attention 50%, +5.5% TEAL 50% on the
+# H100's compiled decode step (docs/BENCHMARKS.md), but bench/pdl_check.py, the check that chained
+# kernels read finished inputs, has not run on a GPU yet.
 PDL = False
+_TRITON_HAS_PDL = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
 def set_pdl(on: bool) -> None:
-    """Launch the batch-1 decode kernels with programmatic dependent launch (where the GPU has it).
-    Read when a kernel is launched, so a CUDA graph keeps the setting it was captured with."""
+    """Launch the batch-1 decode kernels with programmatic dependent launch where the GPU and Triton have
+    it (and, through `countdown.decode.Decoder(compile=True)`, Inductor's kernels too). Read when a
+    kernel is launched or a decoder compiled, so a CUDA graph keeps the setting it was captured with."""
     global PDL
     PDL = bool(on)
 
 
 def pdl_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with programmatic dependent launch now."""
-    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return (PDL and _TRITON_HAS_PDL and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit
@@ -388,7 +393,7 @@ class KernelConfig:
     ncopy: int = 1
 
 
-# Chosen from the sweeps of bench/kernels.py on an H100, Llama-3-8B shape (docs/KERNELS.md has the
+# Chosen from the sweeps of bench/ffn_kernels.py on an H100, Llama-3-8B shape (docs/KERNELS.md has the
 # numbers). Keyed by (kind, compute): one configuration per path, whatever the sparsity, so that a
 # kernel captured in a CUDA graph is right for every token.
 _GPU_CONFIGS: dict[tuple[int, bool], KernelConfig] = {

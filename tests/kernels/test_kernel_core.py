@@ -96,3 +96,4 @@ def test_pdl_is_off_by_default_and_never_reaches_the_interpreter():
         assert not _core.pdl_launch(torch.device("cpu"))
     finally:
         _core.set_pdl(False)
+
