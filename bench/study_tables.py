@@ -59,7 +59,7 @@ def model_table(folder: Path) -> tuple[str, dict]:
 
 def headline_table(infos: dict[str, dict], targets=(0.5, 0.7, 0.9)) -> str:
     """Every method on every model under the paper's protocol (top-k, official positions): the change
-    in perplexity against dense, one column per (model, target)."""
+    in perplexity against dense, one column per (model, target); perplexities past 1000 as they are."""
     models = [m for m, info in infos.items() if ("topk", "decode") in info["runs"]]
     by_model = {}
     for m in models:
@@ -75,7 +75,7 @@ def headline_table(infos: dict[str, dict], targets=(0.5, 0.7, 0.9)) -> str:
             points, dense = by_model[m]
             for t in targets:
                 p = points.get((method, t))
-                cells.append("—" if p is None else f"{p.ppl / dense - 1:+.0%}" if p.ppl < 1e3 else f"{p.ppl:.1e}")
+                cells.append("—" if p is None else f"{p.ppl / dense - 1:+.0%}" if p.ppl < 1e3 else f"ppl {p.ppl:.0e}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
