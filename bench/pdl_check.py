@@ -36,8 +36,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def chain(step, x0: torch.Tensor, pdl: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(inputs, outputs) of STEPS chained calls of ``step`` replayed from one CUDA graph."""
+def chain(step, x0: torch.Tensor, pdl: bool, steps: int = STEPS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(inputs, outputs) of ``steps`` chained calls of ``step`` replayed from one CUDA graph."""
     default = _core.PDL
     _core.set_pdl(pdl)
     try:
@@ -47,7 +47,7 @@ def chain(step, x0: torch.Tensor, pdl: bool) -> tuple[list[torch.Tensor], list[t
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(STEPS):
+            for _ in range(steps):
                 bufs.append(step(bufs[-1]))
     finally:
         _core.set_pdl(default)
@@ -59,16 +59,16 @@ def chain(step, x0: torch.Tensor, pdl: bool) -> tuple[list[torch.Tensor], list[t
     return bufs[:-1], bufs[1:]
 
 
-def check(name: str, step, reference_step, x0: torch.Tensor) -> bool:
+def check(name: str, step, reference_step, x0: torch.Tensor, steps: int = STEPS) -> bool:
     worst = {}
     for pdl in (False, True):
-        ins, outs = chain(step, x0, pdl)
+        ins, outs = chain(step, x0, pdl, steps)
         errs = [rel(o, reference_step(i)) for i, o in zip(ins, outs)]
-        worst[pdl] = max(errs)
+        worst[pdl] = float("nan") if any(e != e for e in errs) else max(errs)
         bad = [k for k, e in enumerate(errs) if not e <= TOL]
         if bad:
             print(f"  {name}, PDL {'on' if pdl else 'off'}: steps {bad[:8]} off (rel err {max(errs):.2e})")
-    ok = all(v <= TOL for v in worst.values())
+    ok = all(v <= TOL for v in worst.values())  # NaN fails
     print(f"{name:44s} worst rel err: PDL off {worst[False]:.1e}, PDL on {worst[True]:.1e}  {'ok' if ok else 'WRONG'}")
     return ok
 
@@ -100,13 +100,14 @@ def main() -> None:
     # M-COUNTDOWN: up dense, gate and down rows of the kept neurons (|W_up x| > thr)
     w_up = (torch.randn(I_FFN, H, device=dev) / H**0.5).to(dt)
     w_gate = (torch.randn(I_FFN, H, device=dev) / H**0.5).to(dt)
-    w_down_t = (torch.randn(I_FFN, H, device=dev) / I_FFN**0.5 * 4).to(dt)
+    w_down_t = (torch.randn(I_FFN, H, device=dev) / I_FFN**0.5 * 2).to(dt)  # |y| ~ |x| at 70% dropped
     u = (x0.float() @ w_up.float().t()).abs()
     thr_m = torch.tensor([float(u.quantile(0.7))], device=dev)
     ok &= check("M-COUNTDOWN fused FFN 4096->14336->4096, s~0.7",
                 lambda x: fused_gather_ffn(x, w_up, w_gate, w_down_t, thr_m, act="silu", dense="up"),
                 lambda x: reference.fused_gather_ffn(x.float(), w_up.float(), w_gate.float(), w_down_t.float(),
-                                                     float(thr_m), act="silu", dense="up"), x0)
+                                                     float(thr_m), act="silu", dense="up"), x0,
+                steps=6)  # the FFN is quadratic in x: a longer chain overflows bf16 (PDL on and off alike)
     print("PDL chains:", "all steps right" if ok else "SOME STEPS WRONG")
     sys.exit(0 if ok else 1)
 

@@ -304,12 +304,12 @@ def test_compile_options_follow_the_pdl_switch():
 
     from countdown import decode, kernels
 
-    assert "triton.enable_pdl" not in decode._compile_options()
-    kernels.set_pdl(True)
+    has_option = hasattr(inductor_config.triton, "enable_pdl")
+    assert decode._compile_options().get("triton.enable_pdl", False) == has_option  # on by default
+    kernels.set_pdl(False)
     try:
-        options = decode._compile_options()
-        assert options.get("triton.enable_pdl", False) == hasattr(inductor_config.triton, "enable_pdl")
-        assert options["coordinate_descent_tuning"] is True
+        assert decode._compile_options() == decode.COMPILE_OPTIONS
+        assert "triton.enable_pdl" not in decode._compile_options()
     finally:
-        kernels.set_pdl(False)
-    assert decode._compile_options() == decode.COMPILE_OPTIONS
+        kernels.set_pdl(True)
+    assert decode._compile_options()["coordinate_descent_tuning"] is True

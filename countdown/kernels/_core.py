@@ -58,11 +58,11 @@ from .pack import ACTIVATIONS, interpret_mode
 KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
 
 # Programmatic dependent launch (Hopper and newer): a kernel launched with it may start while the
-# kernel before it drains, and waits (``gdc_wait``) before it first touches memory. Opt-in
-# (`countdown.kernels.set_pdl`): +2% dense, +2.4% M-COUNTDOWN 70% + attention 50%, +5.5% TEAL 50% on the
-# H100's compiled decode step (docs/BENCHMARKS.md), but bench/pdl_check.py, the check that chained
-# kernels read finished inputs, has not run on a GPU yet.
-PDL = False
+# kernel before it drains, and waits (``gdc_wait``) before it first touches memory. On by default where
+# the GPU and Triton have it (H100, compiled decode step with Inductor's kernels on it too: +2% dense,
+# +2.4% M-COUNTDOWN 70% + attention 50%, +5.5% TEAL 50%; bench/pdl_check.py: chained calls of every
+# batch-1 kernel match the reference step by step; docs/BENCHMARKS.md). `set_pdl(False)` turns it off.
+PDL = True
 _TRITON_HAS_PDL = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 

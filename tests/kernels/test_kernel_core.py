@@ -85,15 +85,14 @@ def test_all_neurons_dropped_gives_zeros():
     assert torch.equal(y, torch.zeros_like(y))
 
 
-def test_pdl_is_off_by_default_and_never_reaches_the_interpreter():
-    # programmatic dependent launch is a CUDA launch attribute: off unless asked for, and even when
-    # asked for, a CPU launch (Triton's interpreter) gets no PDL arguments
-    assert _core.PDL is False
-    assert _core.pdl_meta(torch.device("cpu")) == {}
-    _core.set_pdl(True)
+def test_pdl_never_reaches_the_interpreter():
+    # programmatic dependent launch is a CUDA launch attribute (on by default where the GPU has it): a
+    # CPU launch (Triton's interpreter) gets no PDL arguments, whatever the switch says
+    assert _core.PDL is True
     try:
-        assert _core.pdl_meta(torch.device("cpu")) == {}
-        assert not _core.pdl_launch(torch.device("cpu"))
+        for on in (True, False):
+            _core.set_pdl(on)
+            assert _core.pdl_meta(torch.device("cpu")) == {}
+            assert not _core.pdl_launch(torch.device("cpu"))
     finally:
-        _core.set_pdl(False)
-
+        _core.set_pdl(True)
