@@ -134,9 +134,11 @@ def main() -> None:
         table, info = model_table(folder)
         infos[folder.name] = {**info, "folder": folder}
         print(f"\n### {folder.name}\n")
+        scored = {f"{m} {pos}": next(x.n_tokens for x in info["runs"][(m, pos)] if x.method == "dense")
+                  for m, pos in info["present"]}
         print("Cells: perplexity (change against dense of the same protocol); threshold cells add the measured "
               "sparsity. Protocol: floor count, strict ties, mean-of-per-token-k-th thresholds (the official "
-              "code's), 2048 evaluation tokens in windows of 512.\n")
+              "code's), windows of 512; tokens scored: " + ", ".join(f"{k} {v}" for k, v in scored.items()) + ".\n")
         print(table)
         if info["recall"]:
             print("D-COUNTDOWN practical predictors: " + "; ".join(
