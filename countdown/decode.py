@@ -66,6 +66,8 @@ def _token_ids(value: int | Sequence[int] | torch.Tensor | None, name: str) -> l
 
 # torch.compile options of ``Decoder(compile=True)``: tuned block sizes for the small fused kernels
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# Persistent (one-pass) reductions for the step's RMSNorm rows: `countdown.decode_heuristics`
+PERSISTENT_ROW_REDUCTIONS = True
 
 
 def _compile_options() -> dict:
@@ -79,6 +81,30 @@ def _compile_options() -> dict:
     if pdl and hasattr(inductor_config.triton, "enable_pdl"):
         return {**COMPILE_OPTIONS, "triton.enable_pdl": True}
     return dict(COMPILE_OPTIONS)
+
+
+def _compiled(forward):
+    """``torch.compile(forward)`` with `_compile_options`. With PERSISTENT_ROW_REDUCTIONS the compiles
+    (which happen inside a call) use `decode_heuristics.DecodeChoices`; Inductor reads its heuristics
+    from a per-thread handler, so it is set around each call and nothing else in the process sees it."""
+    import torch._inductor.config as inductor_config
+
+    options = _compile_options()
+    if not PERSISTENT_ROW_REDUCTIONS or not hasattr(inductor_config, "inductor_choices_class"):
+        return torch.compile(forward, dynamic=False, fullgraph=False, options=options)
+    from torch._inductor.virtualized import V
+
+    from .decode_heuristics import DecodeChoices
+
+    compiled = torch.compile(forward, dynamic=False, fullgraph=False,
+                             options={**options, "inductor_choices_class": DecodeChoices})
+    choices = DecodeChoices()
+
+    def call(*args, **kwargs):
+        with V.set_choices_handler(choices):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 class Decoder:
@@ -137,7 +163,7 @@ class Decoder:
         self._rng = torch.Generator(device=dev)
         self._forward = model.forward
         if compile:
-            self._forward = torch.compile(model.forward, dynamic=False, fullgraph=False, options=_compile_options())
+            self._forward = _compiled(model.forward)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     # -- one step ---------------------------------------------------------------------------------

@@ -313,3 +313,23 @@ def test_compile_options_follow_the_pdl_switch():
     finally:
         kernels.set_pdl(True)
     assert decode._compile_options()["coordinate_descent_tuning"] is True
+
+
+def test_compiled_step_sets_the_decode_heuristics_only_inside_its_calls():
+    # the persistent-row heuristic applies to the Decoder's compiles and to nothing else in the process
+    from torch._inductor.virtualized import V
+
+    from countdown import decode
+    from countdown.decode_heuristics import DecodeChoices
+
+    seen = []
+
+    def step(x):
+        seen.append(type(V.choices))  # runs while dynamo traces, inside the compiled call
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],)) * 2
+
+    x = torch.randn(1, 96)
+    out = decode._compiled(step)(x)
+    assert torch.allclose(out, torch.nn.functional.rms_norm(x, (96,)) * 2, atol=1e-5)
+    assert seen and seen[0] is DecodeChoices
+    assert type(V.choices) is not DecodeChoices
