@@ -42,12 +42,14 @@ tasks qwen2.5-coder-0.5b $TASKS2
 sweep gemma3-270m threshold decode "$ALL" 0.5,0.7,0.8,0.9 2048
 sweep qwen2.5-coder-0.5b threshold decode "$ALL" 0.5,0.7,0.8,0.9 2048
 sweep $Q15 threshold decode cats,teal,m-countdown,d-countdown-ideal,s-countdown,chess,wina,r-sparse 0.5,0.7,0.9 1024
-# 4. every position sparse (the strict protocol)
-sweep gemma3-270m topk all "$ALL" 0.5,0.7,0.8,0.9 2048
-sweep qwen2.5-coder-0.5b topk all "$ALL" 0.5,0.7,0.8,0.9 2048
-sweep $Q15 topk all cats,teal,m-countdown,d-countdown-ideal,s-countdown,chess 0.5,0.7,0.9 1024
-sweep gemma3-270m threshold all "$ALL" 0.5,0.7,0.8,0.9 2048
-sweep qwen2.5-coder-0.5b threshold all "$ALL" 0.5,0.7,0.8,0.9 2048
+# 4. every position sparse (the strict protocol): every method at 50/70/90% in top-k, the headline six in threshold
+HEAD=cats,teal,m-countdown,d-countdown-ideal,s-countdown,chess
+sweep gemma3-270m topk all "$ALL" 0.5,0.7,0.9 2048
+sweep qwen2.5-coder-0.5b topk all "$ALL" 0.5,0.7,0.9 2048
+sweep $Q15 topk all "$HEAD" 0.5,0.7,0.9 1024
+sweep gemma3-270m threshold all "$HEAD" 0.5,0.7,0.9 2048
+sweep qwen2.5-coder-0.5b threshold all "$HEAD" 0.5,0.7,0.9 2048
+sweep smollm2 topk all "$ALL" 0.5,0.7,0.9 2048
 # 5. the 80% column on the largest model; all four shipped tasks on SmolLM2
 sweep $Q15 topk decode "$ALL" 0.8 1024
 tasks smollm2 $TASKS2,countdown_bigbench_riddle_sense_cloze,countdown_bigbench_timedial_cloze

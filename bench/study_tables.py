@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python bench/study_tables.py runs/study        # Markdown to stdout, plots to docs/study/
     PYTHONPATH=. python bench/study_tables.py runs/study --tasks runs/study-tasks   # + task accuracy
+    PYTHONPATH=. python bench/study_tables.py runs/study --tasks runs/study-tasks --write docs/STUDY.md
+
+``--write`` replaces what lies between the ``<!-- study_tables:begin -->`` and ``<!-- study_tables:end -->``
+lines of that file, so the prose around the tables stays where it is.
 
 Each folder runs/study/<model>/<mode>-<positions>/ is one `countdown sweep` (see docs/STUDY.md for the
 commands). A row is (method, target); the columns are the four protocols side by side: top-k or
@@ -20,6 +24,13 @@ from countdown.report import plot_ppl_vs_sparsity
 from countdown.sweep import load_points
 
 PROTOCOLS = (("topk", "decode"), ("topk", "all"), ("threshold", "decode"), ("threshold", "all"))
+TITLES = {
+    "gemma3-270m": "Gemma-3-270M (Q4_K_M GGUF; GeGLU, gelu-tanh)",
+    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF; SwiGLU)",
+    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF; SwiGLU; 1024 evaluation tokens)",
+    "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF; SwiGLU)",
+}
+BEGIN, END = "<!-- study_tables:begin -->", "<!-- study_tables:end -->"
 ORDER = ("cats", "teal", "m-countdown", "d-countdown-ideal", "d-countdown", "dejavu", "s-countdown", "dhar",
          "chess", "wina", "r-sparse")
 
@@ -122,41 +133,79 @@ def task_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_table(root: Path, tasks: Path | None) -> str:
+    """What was run: one row per sweep folder, with its methods, targets, points and summed wall time."""
+    lines = ["| model | protocol | methods | targets | points | wall (min) |", "|---|---|---|---|---|---|"]
+    folders = [(m.name, f"{mode}-{pos}", m / f"{mode}-{pos}") for m in sorted(p for p in root.iterdir() if p.is_dir())
+               for mode, pos in PROTOCOLS]
+    if tasks is not None and tasks.is_dir():
+        folders += [(m.name, "tasks (top-k decode)", m) for m in sorted(p for p in tasks.iterdir() if p.is_dir())]
+    for model, protocol, folder in folders:
+        points = [p for p in load_points(folder / "results.jsonl") if p.method != "dense"]
+        if not points:
+            continue
+        methods = [m for m in ORDER if any(p.method == m for p in points)]
+        names = "all 11" if len(methods) == len(ORDER) else ", ".join(methods)
+        targets = "/".join(f"{t:.0%}".rstrip("%") for t in sorted({round(p.target, 3) for p in points})) + "%"
+        minutes = sum(p.seconds for p in load_points(folder / "results.jsonl")) / 60
+        lines.append(f"| {model} | {protocol} | {names} | {targets} | {len(points)} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(root: Path, tasks: Path | None, plots: Path) -> str:
+    """The whole generated part of docs/STUDY.md (and the plots, written to ``plots``)."""
+    plots.mkdir(parents=True, exist_ok=True)
+    out, infos = [], {}
+    out += ["### What was run\n", "Summed over each folder's points (model loading not counted).\n",
+            grid_table(root, tasks)]
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        table, info = model_table(folder)
+        infos[folder.name] = {**info, "folder": folder}
+        scored = {f"{m} {pos}": next(x.n_tokens for x in info["runs"][(m, pos)] if x.method == "dense")
+                  for m, pos in info["present"]}
+        out.append(f"\n### {TITLES.get(folder.name, folder.name)}\n")
+        if ("topk", "decode") in info["runs"]:
+            points = info["runs"][("topk", "decode")]
+            rel = plots.name
+            out.append(f"![{folder.name}]({rel}/{folder.name}_topk_decode.png) "
+                       f"![{folder.name} bytes]({rel}/{folder.name}_topk_decode_bytes.png)\n")
+            plot_ppl_vs_sparsity(points, plots / f"{folder.name}_topk_decode.png",
+                                 title=f"{folder.name}: perplexity vs sparsity (top-k, official positions)")
+            plot_ppl_vs_bytes(points, plots / f"{folder.name}_topk_decode_bytes.png",
+                              title=f"{folder.name}: perplexity vs FFN weight bytes read (top-k, official positions)")
+        out.append("Tokens scored: " + ", ".join(f"{k} {v}" for k, v in scored.items()) + ".\n")
+        out.append(table)
+        if info["recall"]:
+            out.append("D-COUNTDOWN practical predictors: " + "; ".join(
+                f"{s}%: recall mean {r[0]:.3f} (min {r[1]:.3f}), rank {r[2]}, {r[3]:.1%} of FFN weights"
+                for s, r in sorted(info["recall"].items())) + "\n")
+    out += ["\n### Every model, top-k, official positions: perplexity change against dense\n", headline_table(infos),
+            "\n### D-COUNTDOWN practical predictor recall\n", recall_table(infos)]
+    if tasks is not None and tasks.is_dir():
+        out += ["\n### Task accuracy (official protocol: top-k, context dense, continuation sparse)\n", task_table(tasks)]
+    return "\n".join(out)
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text.strip("\n") + "\n" + END + rest.split(END, 1)[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root", type=Path, nargs="?", default=Path("runs/study"))
     ap.add_argument("--plots", type=Path, default=Path("docs/study"))
     ap.add_argument("--tasks", type=Path, default=None, help="runs/study-tasks: task accuracy per model")
+    ap.add_argument("--write", type=Path, default=None, help="replace the generated block of this Markdown file")
     args = ap.parse_args()
-    args.plots.mkdir(parents=True, exist_ok=True)
-    infos = {}
-    for folder in sorted(p for p in args.root.iterdir() if p.is_dir()):
-        table, info = model_table(folder)
-        infos[folder.name] = {**info, "folder": folder}
-        print(f"\n### {folder.name}\n")
-        scored = {f"{m} {pos}": next(x.n_tokens for x in info["runs"][(m, pos)] if x.method == "dense")
-                  for m, pos in info["present"]}
-        print("Cells: perplexity (change against dense of the same protocol); threshold cells add the measured "
-              "sparsity. Protocol: floor count, strict ties, mean-of-per-token-k-th thresholds (the official "
-              "code's), windows of 512; tokens scored: " + ", ".join(f"{k} {v}" for k, v in scored.items()) + ".\n")
-        print(table)
-        if info["recall"]:
-            print("D-COUNTDOWN practical predictors: " + "; ".join(
-                f"{s}%: recall mean {r[0]:.3f} (min {r[1]:.3f}), rank {r[2]}, {r[3]:.1%} of FFN weights"
-                for s, r in sorted(info["recall"].items())) + "\n")
-        if ("topk", "decode") in info["runs"]:
-            points = info["runs"][("topk", "decode")]
-            plot_ppl_vs_sparsity(points, args.plots / f"{folder.name}_topk_decode.png",
-                                 title=f"{folder.name}: perplexity vs sparsity (top-k, official positions)")
-            plot_ppl_vs_bytes(points, args.plots / f"{folder.name}_topk_decode_bytes.png",
-                              title=f"{folder.name}: perplexity vs FFN weight bytes read (top-k, official positions)")
-    print("\n### Every model, top-k, official positions: perplexity change against dense\n")
-    print(headline_table(infos))
-    print("\n### D-COUNTDOWN practical predictor recall\n")
-    print(recall_table(infos))
-    if args.tasks is not None and args.tasks.is_dir():
-        print("\n### Task accuracy (official protocol)\n")
-        print(task_table(args.tasks))
+    text = render(args.root, args.tasks, args.plots)
+    if args.write is None:
+        print(text)
+    else:
+        write_between_markers(args.write, text)
 
 
 def plot_ppl_vs_bytes(points, path: Path, title: str) -> None:
