@@ -22,8 +22,8 @@ a point on an H100, hence one batch size per run by default). ``--configs`` (def
                        since 2026-11-23: every other point has it)
     <any>+pdl          the same with programmatic dependent launch: Inductor's kernels (``triton.enable_pdl``)
                        and ours (``countdown.kernels.set_pdl``), so a kernel starts while the one before drains
-    <any>+nopr         the same without `decode.PERSISTENT_ROW_REDUCTIONS` (RMSNorm rows as Inductor's default
-                       looped two-pass reductions; the default before 2026-12-07)
+    <any>+pr           the same with `decode.PERSISTENT_ROW_REDUCTIONS`: the step's RMSNorm rows compiled as
+                       persistent (one-pass) reductions instead of Inductor's looped two-pass ones
     <any>+mk           the same with Inductor's ``triton.multi_kernel``: the add + RMSNorm reductions of one
                        4096-wide row also get a one-pass (persistent) variant, and the faster one is kept
 
@@ -151,7 +151,8 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
         decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "triton.enable_pdl": True}
     if "mk" in extras:  # persistent (one-pass) variants of reductions up to 16x longer, picked by timing
         decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "triton.multi_kernel": 1}
-    decode.PERSISTENT_ROW_REDUCTIONS = "nopr" not in extras
+    default_pr = decode.PERSISTENT_ROW_REDUCTIONS
+    decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
     default_pdl = _core.PDL
     set_pdl("pdl" in extras)  # every point says whether it has PDL: "+pdl" on, the rest off
     decoder = Decoder(model, max_len=PROMPT + max(new_tokens, 16), batch_size=b, compile=compile)
@@ -164,7 +165,7 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
         torch._dynamo.reset()  # one compiled graph per point; keeps dynamo under its recompile limit
     input_sparse.FUSE_GATE_UP = True
     decode.COMPILE_OPTIONS = saved_options
-    decode.PERSISTENT_ROW_REDUCTIONS = True
+    decode.PERSISTENT_ROW_REDUCTIONS = default_pr
     set_pdl(default_pdl)
     return row
 
@@ -191,7 +192,7 @@ for _s in (0.5, 0.7):
 for _s in (0.25, 0.4):
     CONFIGS[f"teal{round(_s * 100)}-wide+fuse"] = ("teal", _s, _s, True, ())
 CONFIGS.update({f"{name}+pdl": (*c[:4], (*c[4], "pdl")) for name, c in list(CONFIGS.items())})
-CONFIGS.update({f"{name}+nopr": (*c[:4], (*c[4], "nopr")) for name, c in list(CONFIGS.items())})
+CONFIGS.update({f"{name}+pr": (*c[:4], (*c[4], "pr")) for name, c in list(CONFIGS.items())})
 CONFIGS.update({f"{name}+mk": (*c[:4], (*c[4], "mk")) for name, c in list(CONFIGS.items())})
 DEFAULT = "dense,dense+fuse,mcd70,mcd70+fuse,teal50-wide+fuse"
 

@@ -66,8 +66,9 @@ def _token_ids(value: int | Sequence[int] | torch.Tensor | None, name: str) -> l
 
 # torch.compile options of ``Decoder(compile=True)``: tuned block sizes for the small fused kernels
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-# Persistent (one-pass) reductions for the step's RMSNorm rows: `countdown.decode_heuristics`
-PERSISTENT_ROW_REDUCTIONS = True
+# Persistent (one-pass) reductions for the step's RMSNorm rows (`countdown.decode_heuristics`). Off until
+# timed on a GPU: bench/fused_qkv.py's "+pr" configurations measure it against the default.
+PERSISTENT_ROW_REDUCTIONS = False
 
 
 def _compile_options() -> dict:

@@ -329,7 +329,11 @@ def test_compiled_step_sets_the_decode_heuristics_only_inside_its_calls():
         return torch.nn.functional.rms_norm(x, (x.shape[-1],)) * 2
 
     x = torch.randn(1, 96)
-    out = decode._compiled(step)(x)
+    saved, decode.PERSISTENT_ROW_REDUCTIONS = decode.PERSISTENT_ROW_REDUCTIONS, True
+    try:
+        out = decode._compiled(step)(x)
+    finally:
+        decode.PERSISTENT_ROW_REDUCTIONS = saved
     assert torch.allclose(out, torch.nn.functional.rms_norm(x, (96,)) * 2, atol=1e-5)
     assert seen and seen[0] is DecodeChoices
     assert type(V.choices) is not DecodeChoices
