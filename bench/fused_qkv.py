@@ -159,6 +159,7 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
     decoder.generate(prompt, 16)  # compile, capture, autotune
     results = [decoder.generate(prompt, new_tokens) for _ in range(3)]
     row = {"tokens_per_s": statistics.median(r.tokens_per_second for r in results),
+           "calls_tokens_per_s": [r.tokens_per_second for r in results],
            "tokens": results[0].tokens[0, PROMPT:].tolist(), "seconds": time.time() - t}
     del decoder
     if compile:
