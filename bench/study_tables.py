@@ -136,7 +136,7 @@ def task_table(root: Path) -> str:
 def grid_table(root: Path, tasks: Path | None) -> str:
     """What was run: one row per sweep folder, with its methods, targets, points and summed wall time."""
     lines = ["| model | protocol | methods | targets | points | wall (min) |", "|---|---|---|---|---|---|"]
-    folders = [(m.name, f"{mode}-{pos}", m / f"{mode}-{pos}") for m in sorted(p for p in root.iterdir() if p.is_dir())
+    folders = [(m.name, f"{mode} {pos}", m / f"{mode}-{pos}") for m in sorted(p for p in root.iterdir() if p.is_dir())
                for mode, pos in PROTOCOLS]
     if tasks is not None and tasks.is_dir():
         folders += [(m.name, "tasks (top-k decode)", m) for m in sorted(p for p in tasks.iterdir() if p.is_dir())]
