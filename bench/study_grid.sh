@@ -53,4 +53,7 @@ sweep smollm2 topk all "$ALL" 0.5,0.7,0.9 2048
 # 5. the 80% column on the largest model; all four shipped tasks on SmolLM2
 sweep $Q15 topk decode "$ALL" 0.8 1024
 tasks smollm2 $TASKS2,countdown_bigbench_riddle_sense_cloze,countdown_bigbench_timedial_cloze
+# 6. filling in: the headline six in threshold-all on SmolLM2; the predictor and DejaVu in threshold mode on Qwen 1.5B
+sweep smollm2 threshold all s-countdown,chess 0.5,0.7,0.9 2048
+sweep $Q15 threshold decode d-countdown,dejavu 0.5,0.7,0.9 1024
 log "grid finished"
