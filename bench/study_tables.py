@@ -141,13 +141,14 @@ def grid_table(root: Path, tasks: Path | None) -> str:
     if tasks is not None and tasks.is_dir():
         folders += [(m.name, "tasks (top-k decode)", m) for m in sorted(p for p in tasks.iterdir() if p.is_dir())]
     for model, protocol, folder in folders:
-        points = [p for p in load_points(folder / "results.jsonl") if p.method != "dense"]
+        every = load_points(folder / "results.jsonl")
+        points = [p for p in every if p.method != "dense"]
         if not points:
             continue
         methods = [m for m in ORDER if any(p.method == m for p in points)]
         names = "all 11" if len(methods) == len(ORDER) else ", ".join(methods)
         targets = "/".join(f"{t:.0%}".rstrip("%") for t in sorted({round(p.target, 3) for p in points})) + "%"
-        minutes = sum(p.seconds for p in load_points(folder / "results.jsonl")) / 60
+        minutes = sum(p.seconds for p in every) / 60
         lines.append(f"| {model} | {protocol} | {names} | {targets} | {len(points)} | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -116,8 +116,9 @@ class Decoder:
     kernels of norms and rotary embeddings) before capture, with Inductor's coordinate-descent tuning
     of those kernels on (as gpt-fast does: the compile takes ~20 s longer; on the Llama-3-8B shape it
     made the dense step 7% faster at batch 1, docs/BENCHMARKS.md) and, while our kernels use it
-    (`countdown.kernels.set_pdl`, on by default), programmatic dependent launch of Inductor's kernels. The first `generate` call of each kind
-    (greedy, plain sampling, filtered sampling) pays for warm-up and capture; later calls replay
+    (`countdown.kernels.set_pdl`, on by default), programmatic dependent launch of Inductor's kernels.
+    The first `generate` call of each kind (greedy, plain sampling, filtered sampling) pays for warm-up
+    and capture; later calls replay
     (the prompt length and the sampling values may change; the batch size and ``max_len`` may not).
     A captured graph keeps the model's modules and tensors it saw: after changing the model
     (`countdown.sparsify`, ``.to()``) make a new Decoder."""
