@@ -20,6 +20,11 @@ ROWS, LENGTH = 16, 16384
 
 
 class DecodeChoices(InductorChoices):
+    def uuid(self) -> str:
+        """Identifies these heuristics in Inductor's cache keys (newer torch refuses a choices class
+        without one; the key changes whenever the limits do)."""
+        return f"countdown.decode_heuristics.DecodeChoices(rows={ROWS},length={LENGTH})"
+
     @staticmethod
     def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
         sizes = V.graph.sizevars

@@ -50,3 +50,9 @@ def test_other_reductions_keep_inductor_rule(rows, length):
 def test_off_when_inductor_persistent_reductions_are_off():
     with config.patch({"triton.persistent_reductions": False}):
         assert not persistent(DecodeChoices(), 1, 4096)
+
+
+def test_choices_have_a_cache_key_that_names_the_limits():
+    # torch >= 2.12 puts the choices class in the FX-graph cache key and refuses one without uuid()
+    key = DecodeChoices().uuid()
+    assert "16384" in key and key == DecodeChoices().uuid()
