@@ -71,6 +71,18 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 PERSISTENT_ROW_REDUCTIONS = False
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in transformers >= 5.25 (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _compile_options() -> dict:
     """COMPILE_OPTIONS, plus programmatic dependent launch of Inductor's kernels while ours have it on
     (`countdown.kernels.set_pdl`) and this torch knows the option (Inductor applies it on Hopper+ only)."""
@@ -148,6 +160,7 @@ class Decoder:
             raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {self.device}")
         self.use_graph = bool(cuda_graph)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self._cache_arg = _cache_argument(model)
         # the step's inputs, outputs and settings live in fixed buffers, so a captured graph can replay it
         b, dev = batch_size, self.device
         self._tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)  # the token each row feeds next
@@ -190,7 +203,7 @@ class Decoder:
         mask = self._visible & (self._slots <= self._pos)
         forward = self.model.forward if eager else self._forward
         out = forward(input_ids=self._tokens, attention_mask=mask, position_ids=self._row_pos.view(-1, 1),
-                      past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                      use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
         nxt = self._choose(out.logits[:, -1], kind)
         self._pos.add_(1)
         self._row_pos.add_(1)
@@ -333,7 +346,7 @@ class Decoder:
         t0 = time.perf_counter()
         # prefill runs eagerly: its shape changes with the prompt
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
         self._rng.manual_seed(seed)
         first = self._choose(out.logits[:, -1], kind)
         self._pos.fill_(n_prompt)
