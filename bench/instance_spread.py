@@ -5,8 +5,8 @@
     PYTHONPATH=. python bench/instance_spread.py --configs teal:0.5:0.5,teal:0.5:0.5+pr --profile
 
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
-sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`) or ``+mk``
-(Inductor's ``triton.multi_kernel``).
+sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
+(Inductor's ``triton.multi_kernel``) or ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -125,7 +125,8 @@ def parse_config(item: str) -> tuple[str | None, float, float | None, tuple[str,
 
 
 EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass persistent reductions)",
-          "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)"}
+          "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)",
+          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies the cache every step)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -159,6 +160,7 @@ def main() -> None:
     for name in args.configs.split(","):
         method, s, att, extras = parse_config(name)
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
+        decode.GQA_DECODE_ATTENTION = "nogqa" not in extras
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
@@ -200,7 +202,7 @@ def main() -> None:
             countdown.unsparsify(model)
         else:
             countdown.unfuse_qkv(model)
-    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS = False, DEFAULT_OPTIONS
+    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, True
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "instance_spread.json"), "w") as f:

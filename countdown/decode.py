@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import sampling
+from . import gqa_decode, sampling
 
 MAX_BATCH = 16
 MAX_EOS = 16  # end-of-sequence ids one call may name (a fixed-size buffer, so no recapture)
@@ -69,6 +70,10 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 # Persistent (one-pass) reductions for the step's RMSNorm rows (`countdown.decode_heuristics`). Off until
 # timed on a GPU: bench/fused_qkv.py's "+pr" configurations measure it against the default.
 PERSISTENT_ROW_REDUCTIONS = False
+# Grouped-query models on transformers' sdpa attention decode through `countdown.gqa_decode`, which
+# reads the KV cache as it is instead of a per-step copy with every key/value head repeated. Read when
+# a generate call captures the step (a captured graph keeps what it was captured with).
+GQA_DECODE_ATTENTION = True
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -306,6 +311,13 @@ class Decoder:
         ``attention_mask`` [B, P]: 0 at (left) padding. ``eos_token_id`` (None: never stop early):
         a row that produced one gets ``pad_token_id`` (default: the first EOS id) from then on, and
         generation stops once every row has. Sampling arguments as in ``model.generate``."""
+        attention = gqa_decode.decode_attention(self.model) if GQA_DECODE_ATTENTION else nullcontext()
+        with attention:
+            return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                                  eos_token_id, pad_token_id, generator)
+
+    def _generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                  eos_token_id, pad_token_id, generator) -> DecodeResult:
         input_ids, attention_mask = self._check(input_ids, attention_mask, max_new_tokens)
         sampling.check_sampling(do_sample, temperature, top_k, top_p)
         eos = _token_ids(eos_token_id, "eos_token_id")
