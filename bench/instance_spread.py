@@ -111,6 +111,14 @@ def profile_kernels(decoder: Decoder, prompt: torch.Tensor, steps: int) -> dict[
     return dict(per_kernel)
 
 
+def save(args, calls: list, profiles: dict) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "instance_spread.json"), "w") as f:
+            json.dump({"shape": args.shape, "gpu": device_name(), "torch": torch.__version__,
+                       "new_tokens": args.new_tokens, "calls": calls, "profiles": profiles}, f, indent=1)
+
+
 def parse_config(item: str) -> tuple[str | None, float, float | None, tuple[str, ...]]:
     """``method:s[:attention][+extra...]`` -> (method or None for dense, s, attention, extras)."""
     spec, *extras = item.split("+")
@@ -196,6 +204,7 @@ def main() -> None:
                     seen[key] = measured_sparsity(model, torch.cat([prompt[0], torch.tensor(key)]).unsqueeze(0))
                 q["skipped"] = seen[key]
                 q["sequence"] = list(seen).index(key)
+        save(args, calls, profiles)  # after every configuration: a run cut short keeps what it measured
         del decoders
         torch._dynamo.reset()
         if method:
@@ -203,11 +212,7 @@ def main() -> None:
         else:
             countdown.unfuse_qkv(model)
     decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, True
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "instance_spread.json"), "w") as f:
-            json.dump({"shape": args.shape, "gpu": device_name(), "torch": torch.__version__,
-                       "new_tokens": args.new_tokens, "calls": calls, "profiles": profiles}, f, indent=1)
+    save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")
     print("| config | instance | round | tok/s (3 calls) | sequence | skipped per site | SM MHz | W |")
