@@ -152,6 +152,14 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
     return _down(t, keep, w_down_t).to(w_down_t.dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama, Mistral and Qwen2/3 norms compute it: x [..., K], weight [K]
+    (x's dtype). fp32 statistic, normalized x rounded to x's dtype, then multiplied by the weight."""
+    x32 = x.float()
+    h = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
                         channel_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = sum over input channels j with score_j > threshold of x_j * w_t[j, :]  (TEAL / WINA).

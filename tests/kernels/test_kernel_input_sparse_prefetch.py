@@ -207,3 +207,44 @@ def test_bad_inputs():
         pf.PrefetchConfig(block_k=8)
     with pytest.raises(ValueError, match="pipe must be"):
         pf.PrefetchConfig(pipe="deep")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+# bf16 on the GPU only: Triton's interpreter casts fp32 to bf16 by truncation, torch rounds to nearest,
+# and the norm rounds twice (fp16 rounds the same way in both)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else []),
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("k", [KV[0], 4096 if ON_GPU else 300], ids=["k", "k-long"])
+def test_norm_in_the_kernel_equals_norm_then_kernel(batch, dtype, k):
+    """x is an RMSNorm's input: the kernel normalizes it on the fly (every program reads the whole rows
+    for the statistic; at batch 16 and the long K, in several chunks)."""
+    ns = KV[1:]
+    x, ws, scales = make(batch, k, ns, dtype, seed=70 + batch)
+    x = x * 3.0 + 0.5  # far from unit RMS, so a missing or wrong statistic shows
+    g = torch.Generator().manual_seed(71)
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEVICE, dtype)
+    eps = 1e-5
+    xn = reference.rms_norm(x, nw, eps)
+    thrs = [threshold(xn, None, "half") * f for f in (1.0, 0.7, 0.0)]  # the last keeps every channel
+    for name in ("auto-split", "manual-whole-k"):
+        got = pf.input_sparse_multi(x, ws, thrs, config=CONFIGS[name], norm=(nw, eps),
+                                    outs=[torch.full((batch, n), float("nan"), dtype=dtype, device=DEVICE) for n in ns])
+        for y, w_t, t in zip(got, ws, thrs):
+            assert rel_err(y, reference.input_sparse_linear(xn, w_t, t)) <= tol(dtype), name
+    ys = pf.input_sparse_multi(x, ws, thrs, norm=(nw, eps))  # the registered op, shipped config
+    for y, w_t, t in zip(ys, ws, thrs):
+        assert rel_err(y, reference.input_sparse_linear(xn, w_t, t)) <= tol(dtype)
+
+
+def test_norm_bad_inputs():
+    k, *ns = KV
+    x, ws, _ = make(1, k, tuple(ns), torch.float32, seed=80)
+    nw = torch.ones(k, device=DEVICE)
+    with pytest.raises(TypeError, match="x's dtype"):
+        pf.input_sparse_multi(x, ws, [0.0] * 3, norm=(nw.half(), 1e-5))
+    with pytest.raises(ValueError, match=r"contiguous \[%d\]" % k):
+        pf.input_sparse_multi(x, ws, [0.0] * 3, norm=(nw[:-1], 1e-5))
+    with pytest.raises(ValueError, match="eps"):
+        pf.input_sparse_multi(x, ws, [0.0] * 3, norm=(nw, -1.0))
+    with pytest.raises(TypeError, match="pair"):
+        pf.input_sparse_multi(x, ws, [0.0] * 3, norm=nw)
