@@ -6,7 +6,8 @@
 
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
 sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
-(Inductor's ``triton.multi_kernel``) or ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off).
+(Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off) or ``+fold``
+(`decode.FOLD_NORMS` on).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -134,7 +135,8 @@ def parse_config(item: str) -> tuple[str | None, float, float | None, tuple[str,
 
 EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass persistent reductions)",
           "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)",
-          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies the cache every step)"}
+          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies the cache every step)",
+          "fold": "decode.FOLD_NORMS (the RMSNorms before our q/k/v and TEAL gate/up launches applied inside them)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -169,6 +171,7 @@ def main() -> None:
         method, s, att, extras = parse_config(name)
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
         decode.GQA_DECODE_ATTENTION = "nogqa" not in extras
+        decode.FOLD_NORMS = "fold" in extras
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
@@ -212,6 +215,7 @@ def main() -> None:
         else:
             countdown.unfuse_qkv(model)
     decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, True
+    decode.FOLD_NORMS = False
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import gqa_decode, sampling
+from . import gqa_decode, norm_fold, sampling
 
 MAX_BATCH = 16
 MAX_EOS = 16  # end-of-sequence ids one call may name (a fixed-size buffer, so no recapture)
@@ -74,6 +74,9 @@ PERSISTENT_ROW_REDUCTIONS = False
 # reads the KV cache as it is instead of a per-step copy with every key/value head repeated. Read when
 # a generate call captures the step (a captured graph keeps what it was captured with).
 GQA_DECODE_ATTENTION = True
+# RMSNorms in front of our q/k/v and TEAL gate/up launches applied inside those launches
+# (`countdown.norm_fold`) while a generate call runs. Read at capture, as above. Off until timed.
+FOLD_NORMS = False
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -312,7 +315,8 @@ class Decoder:
         a row that produced one gets ``pad_token_id`` (default: the first EOS id) from then on, and
         generation stops once every row has. Sampling arguments as in ``model.generate``."""
         attention = gqa_decode.decode_attention(self.model) if GQA_DECODE_ATTENTION else nullcontext()
-        with attention:
+        norms = norm_fold.folded_norms(self.model) if FOLD_NORMS else nullcontext()
+        with attention, norms:
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
                                   eos_token_id, pad_token_id, generator)
 

@@ -454,6 +454,18 @@ class SparseFFN(_SparseModule):
             return parallel.all_reduce(self.method.kernel_forward(self, x), self.shard)
         return self.method.forward(self, x, self.keep)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # with `countdown.norm_fold`, x is the FFN input norm's *input*: the method's kernel applies the
+        # norm where it can (decode tokens, all sparse), every other path applies it here first
+        norm = self.__dict__.get("_input_norm")
+        if norm is None:
+            return super().forward(x)
+        n_dense = self._dense_positions(x)
+        if (self.method.folds_input_norm and isinstance(n_dense, int) and n_dense == 0
+                and self.kernel_skip_reason(x) is None):
+            return parallel.all_reduce(self.method.kernel_forward(self, x, norm=norm.kernel_norm()), self.shard)
+        return super().forward(norm.normalize(x))
+
 
 def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with W_r = (A B)ᵀ for W [out, in]. W_r is W projected on its top-r singular subspace, found

@@ -159,6 +159,9 @@ class Method:
     # row); the rest stay nn.Linear's [out, in] rows. Either way the model keeps one copy of each weight.
     kernel_layout: ClassVar[tuple[str, ...]] = ("down",)
     gated_only: ClassVar[bool] = False
+    # whether ``kernel_forward(parts, x, norm=(weight, eps))`` can take the FFN input norm's *input* and
+    # apply the norm in its kernel (`countdown.norm_fold`)
+    folds_input_norm: ClassVar[bool] = False
     # names of per-neuron statistics measured on calibration text before scoring (see calibration_stats)
     stats: ClassVar[tuple[str, ...]] = ()
 
@@ -306,6 +309,7 @@ class Teal(Method):
 
     has_kernel = True
     kernel_layout = ("gate", "up", "down")
+    folds_input_norm = True  # gate and up are one launch of the input-sparse kernel, which can apply it
 
     def scores(self, parts, x):
         return {"input": parts.ffn_input(x).abs(), "coef": coefficient(parts, x).abs()}
@@ -319,9 +323,10 @@ class Teal(Method):
         s_in, s_coef = skipped["input"], skipped["coef"]
         return (2 * (1 - s_in) + (1 - s_coef)) / 3 if kind == "gated" else ((1 - s_in) + (1 - s_coef)) / 2
 
-    def kernel_forward(self, parts, x):
-        # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
-        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"))
+    def kernel_forward(self, parts, x, norm=None):
+        # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t;
+        # with norm = (weight, eps), x is the FFN input norm's input and the kernel applies the norm
+        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"), norm=norm)
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
         return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"))

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from . import _core
 from . import input_sparse_prefetch
+from . import reference
 from .input_sparse_checks import MAX_BATCH, problem as _problem
 from .pack import check_threshold
 
@@ -329,15 +330,24 @@ def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | t
 
 
 def input_sparse_linears(x: torch.Tensor, w_ts: list[torch.Tensor], threshold: float | torch.Tensor, *,
-                         channel_scale: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                         channel_scale: Optional[torch.Tensor] = None,
+                         norm: Optional[tuple[torch.Tensor, float]] = None) -> list[torch.Tensor]:
     """[input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]: weights that
     share x, its mask and its threshold (an FFN's gate and up). One token with ``FUSE_GATE_UP`` (and a
     VARIANT other than "walk"): one launch of the prefetch kernel for all of them (at most
-    ``input_sparse_prefetch.MAX_WEIGHTS``); otherwise one launch each. Same shapes and errors as
+    ``input_sparse_prefetch.MAX_WEIGHTS``); otherwise one launch each. ``norm`` = (weight, eps): x is
+    an RMSNorm's input (``input_sparse_multi``'s norm): applied in the prefetch kernel for one token,
+    by ``reference.rms_norm`` before the launches otherwise. Same shapes and errors as
     ``input_sparse_linear``; returns one output per weight."""
     w_ts = list(w_ts)
     single = x.dim() == 1 or x.numel() == x.shape[-1]
-    if (FUSE_GATE_UP and VARIANT != "walk" and single and 1 < len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS):
-        return input_sparse_prefetch.input_sparse_multi(x, w_ts, [threshold] * len(w_ts),
-                                                        channel_scales=[channel_scale] * len(w_ts))
+    multi = VARIANT != "walk" and single and len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS
+    if multi and (FUSE_GATE_UP and len(w_ts) > 1 or norm is not None):
+        if FUSE_GATE_UP or len(w_ts) == 1:
+            return input_sparse_prefetch.input_sparse_multi(x, w_ts, [threshold] * len(w_ts),
+                                                            channel_scales=[channel_scale] * len(w_ts), norm=norm)
+        return [input_sparse_prefetch.input_sparse_multi(x, [w_t], [threshold], channel_scales=[channel_scale],
+                                                         norm=norm)[0] for w_t in w_ts]
+    if norm is not None:
+        x = reference.rms_norm(x, norm[0], norm[1])
     return [input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]
