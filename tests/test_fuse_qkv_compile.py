@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import countdown
-from countdown import attention
+from countdown import attention, decode
 from countdown.decode import Decoder
 from tiny_models import tiny_model, tokens
 
@@ -69,5 +69,20 @@ def test_the_op_has_a_fake_implementation_and_a_schema():
     x = torch.randn(3, 29, generator=g).to(DEVICE)
     ws = [torch.randn(29, n, generator=g).to(DEVICE) for n in (16, 8, 8)]
     thr = [torch.tensor([0.5], device=DEVICE)] * 3
-    opcheck(torch.ops.countdown.input_sparse_multi.default, (x, ws, [None] * 3, thr, [0.0] * 3),
+    opcheck(torch.ops.countdown.input_sparse_multi.default, (x, ws, [None] * 3, thr, [0.0] * 3, None, 0.0),
             test_utils=("test_schema", "test_faketensor"))
+    norm_weight = torch.rand(29, generator=g).to(DEVICE) + 0.5  # x is an RMSNorm's input (norm_fold)
+    opcheck(torch.ops.countdown.input_sparse_multi.default, (x, ws, [None] * 3, thr, [0.0] * 3, norm_weight, 1e-6),
+            test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_step_with_folded_norms_is_one_graph_and_keeps_the_tokens(fullgraph, monkeypatch):
+    model = tiny_model("llama").to(DEVICE)
+    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 24), attention=0.5, kernels="always",
+                       progress=False)
+    prompt = tokens(1, 20, seed=7).to(DEVICE)
+    reference = Decoder(model, 32).generate(prompt, 5).tokens
+    monkeypatch.setattr(decode, "FOLD_NORMS", True)
+    got = Decoder(model, 32, compile=True).generate(prompt, 5).tokens
+    assert torch.equal(got, reference)
+    assert not torch._dynamo.utils.counters["graph_break"]
