@@ -6,7 +6,7 @@
 
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
 sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
-(Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off) or ``+fold``
+(Inductor's ``triton.multi_kernel``), ``+gqa`` (`decode.GQA_DECODE_ATTENTION` on) or ``+fold``
 (`decode.FOLD_NORMS` on).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
@@ -135,7 +135,7 @@ def parse_config(item: str) -> tuple[str | None, float, float | None, tuple[str,
 
 EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass persistent reductions)",
           "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)",
-          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies the cache every step)",
+          "gqa": "decode.GQA_DECODE_ATTENTION (one-token attention reads the KV cache as it is, no repeat_kv copy)",
           "fold": "decode.FOLD_NORMS (the RMSNorms before our q/k/v and TEAL gate/up launches applied inside them)"}
 
 
@@ -173,7 +173,7 @@ def main() -> None:
             log("deadline: skipping", name)
             continue
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
-        decode.GQA_DECODE_ATTENTION = "nogqa" not in extras
+        decode.GQA_DECODE_ATTENTION = "gqa" in extras
         decode.FOLD_NORMS = "fold" in extras
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
@@ -217,7 +217,7 @@ def main() -> None:
             countdown.unsparsify(model)
         else:
             countdown.unfuse_qkv(model)
-    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, True
+    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, False
     decode.FOLD_NORMS = False
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "

@@ -72,8 +72,8 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 PERSISTENT_ROW_REDUCTIONS = False
 # Grouped-query models on transformers' sdpa attention decode through `countdown.gqa_decode`, which
 # reads the KV cache as it is instead of a per-step copy with every key/value head repeated. Read when
-# a generate call captures the step (a captured graph keeps what it was captured with).
-GQA_DECODE_ATTENTION = True
+# a generate call captures the step (a captured graph keeps what it was captured with). Off until timed.
+GQA_DECODE_ATTENTION = False
 # RMSNorms in front of our q/k/v and TEAL gate/up launches applied inside those launches
 # (`countdown.norm_fold`) while a generate call runs. Read at capture, as above. Off until timed.
 FOLD_NORMS = False

@@ -16,7 +16,8 @@ where `countdown.Decoder` runs the step.
 ``gqa_decode_sdpa`` is registered with transformers' ``AttentionInterface`` (and the ``sdpa`` mask
 with ``AttentionMaskInterface``) under `NAME`; everything but a one-token step of a grouped-query
 layer with a head-shared mask goes to transformers' own ``sdpa_attention_forward`` unchanged.
-`decode_attention(model)` switches a model that uses ``sdpa`` to it for the duration of a block.
+`decode_attention(model)` switches a model that uses ``sdpa`` to it for the duration of a block
+(`countdown.Decoder` does while it generates, when ``decode.GQA_DECODE_ATTENTION`` is on).
 """
 
 from __future__ import annotations

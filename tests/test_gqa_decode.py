@@ -56,6 +56,7 @@ def test_other_calls_are_transformers_own(case):
 # model.generate's with this module switched off (noted in docs/BENCHMARKS.md, session 9)
 @pytest.mark.parametrize("arch, batch", [("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma3", 1)])
 def test_decoder_steps_use_it_and_keep_generate_tokens(arch, batch, monkeypatch):
+    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
     model = tiny_model(arch)
     packed = []
     real = gqa_decode._packable
