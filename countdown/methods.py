@@ -208,6 +208,7 @@ class Cats(Method):
     """CATS: threshold |act(W_gate x)|; gate dense, up rows and down columns of kept neurons."""
 
     has_kernel = True
+    folds_input_norm = True  # its one fused launch holds the whole row x
 
     def scores(self, parts, x):
         return {"coef": parts.act(parts.gate(x)).abs()}
@@ -220,10 +221,10 @@ class Cats(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x):
+    def kernel_forward(self, parts, x, norm=None):
         threshold = parts.threshold("coef")
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
-                                        act=parts.kernel_act, dense="gate")
+                                        act=parts.kernel_act, dense="gate", norm=norm)
 
 
 class MCountdown(Method):
@@ -232,6 +233,7 @@ class MCountdown(Method):
     is W_in x itself (the pre-activation) and only W_out is sparse."""
 
     has_kernel = True
+    folds_input_norm = True  # its one fused launch holds the whole row x
 
     def scores(self, parts, x):
         return {"coef": self._indirect(parts, x).abs()}
@@ -250,11 +252,11 @@ class MCountdown(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x):
+    def kernel_forward(self, parts, x, norm=None):
         threshold = parts.threshold("coef")
         # the op's dense projection is W_up here, its sparse one W_gate
         return kernels.fused_gather_ffn(x, parts.up_weight(), parts.gate_weight(), parts.down_t(), threshold,
-                                        act=parts.kernel_act, dense="up")
+                                        act=parts.kernel_act, dense="up", norm=norm)
 
 
 class DCountdownIdeal(Method):
@@ -348,6 +350,7 @@ class DejaVu(Method):
     """
 
     has_kernel = True
+    folds_input_norm = True  # its one fused launch holds the whole row x
 
     def scores(self, parts, x):
         return {"coef": parts.gate(x)}
@@ -360,10 +363,10 @@ class DejaVu(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x):
+    def kernel_forward(self, parts, x, norm=None):
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(),
                                         parts.threshold("coef"), act=parts.kernel_act, dense="gate",
-                                        score_act=False, signed=True)
+                                        score_act=False, signed=True, norm=norm)
 
 
 class SCountdown(Method):
@@ -463,6 +466,7 @@ class Chess(Method):
 
     gated_only = True
     has_kernel = True
+    folds_input_norm = True  # its one fused launch holds the whole row x
     stats = ("up_abs_mean",)
 
     def calibration_stats(self, parts, x):
@@ -482,11 +486,11 @@ class Chess(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x):
+    def kernel_forward(self, parts, x, norm=None):
         thr = per_neuron_threshold(parts, "chess:coef", (parts.threshold("coef"), parts.stat("up_abs_mean")),
                                    _rescaled_threshold)
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
-                                        act=parts.kernel_act, dense="gate", score_act=True)
+                                        act=parts.kernel_act, dense="gate", score_act=True, norm=norm)
 
 
 class Wina(Method):

@@ -13,7 +13,9 @@ A norm is folded only where that is exact by construction: a decoder layer of a 
 ``post_attention_layernorm`` output goes to ``mlp`` alone, with a norm class that computes
 ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` (`FOLDABLE_NORMS`, `reference.rms_norm`); the
 input norm when the attention runs q/k/v in one launch (`countdown.fuse_qkv`, or input-sparse
-projections), the FFN norm when the FFN's method can apply it (``Method.folds_input_norm``: TEAL).
+projections), the FFN norm when the FFN's method can apply it (``Method.folds_input_norm``: TEAL's
+gate/up launch; CATS, M-COUNTDOWN, DejaVu and CHESS, whose one fused launch holds the whole row; at 2-16
+tokens these normalize before the batch kernel).
 
 `folded_norms(model)` folds for the duration of a block (`countdown.Decoder` uses it while it
 generates, so the model outside is unchanged); `fold_norms` / `unfold_norms` do it for good. The norm

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from . import _core
 from .input_sparse_checks import MAX_BATCH, problem as _problem
-from .pack import check_threshold
+from .pack import check_threshold, norm_problem
 
 __all__ = ["PrefetchConfig", "input_sparse_linear_prefetch", "input_sparse_multi", "MAX_WEIGHTS"]
 
@@ -396,22 +396,6 @@ def input_sparse_linear_prefetch(x: torch.Tensor, w_t: torch.Tensor, threshold: 
                               outs=None if out is None else [out], config=config)[0]
 
 
-def _norm_problem(x, w_ts, norm) -> tuple[type[Exception], str] | None:
-    if norm is None:
-        return None
-    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
-        return TypeError, "norm must be None or a (weight, eps) pair"
-    weight, eps = norm
-    k = w_ts[0].shape[0]
-    if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype:
-        return TypeError, f"the norm weight must be a tensor of x's dtype {x.dtype}"
-    if weight.dim() != 1 or weight.numel() != k or weight.device != x.device or not weight.is_contiguous():
-        return ValueError, f"the norm weight must be a contiguous [{k}] tensor on {x.device}, got {tuple(weight.shape)}"
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        return ValueError, f"the norm eps must be a float >= 0, got {eps!r}"
-    return None
-
-
 def _multi_problem(x, w_ts, thresholds, channel_scales) -> tuple[type[Exception], str] | None:
     if not isinstance(w_ts, (list, tuple)) or not 1 <= len(w_ts) <= MAX_WEIGHTS:
         return ValueError, f"w_ts must be a list of 1 to {MAX_WEIGHTS} weights"
@@ -449,7 +433,7 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
     w_ts = list(w_ts)
     thresholds = list(thresholds)
     channel_scales = [None] * len(w_ts) if channel_scales is None else list(channel_scales)
-    p = _multi_problem(x, w_ts, thresholds, channel_scales) or _norm_problem(x, w_ts, norm)
+    p = _multi_problem(x, w_ts, thresholds, channel_scales) or norm_problem(norm, x, w_ts[0].shape[0])
     if p is not None:
         raise p[0](f"input_sparse_multi: {p[1]}")
     norm_weight, norm_eps = (None, 0.0) if norm is None else (norm[0], float(norm[1]))

@@ -133,8 +133,12 @@ def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_
 
 def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-                     score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
-    """``gather_ffn`` with the dense projection a = w_dense x computed too (w_dense = W_gate or W_up)."""
+                     score_act: bool | None = None, signed: bool = False,
+                     norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """``gather_ffn`` with the dense projection a = w_dense x computed too (w_dense = W_gate or W_up);
+    with norm = (weight, eps), x is an RMSNorm's input (`rms_norm` first)."""
+    if norm is not None:
+        x = rms_norm(x, norm[0], norm[1])
     return gather_ffn(x, _proj(x, w_dense), w_sparse, w_down_t, threshold, act=act, dense=dense,
                       score_act=score_act, signed=signed)
 
