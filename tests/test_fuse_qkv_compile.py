@@ -76,13 +76,16 @@ def test_the_op_has_a_fake_implementation_and_a_schema():
             test_utils=("test_schema", "test_faketensor"))
 
 
-def test_compiled_step_with_folded_norms_is_one_graph_and_keeps_the_tokens(fullgraph, monkeypatch):
+@pytest.mark.parametrize("method", ["teal", "m-countdown"])
+def test_compiled_step_with_folded_norms_and_gqa_attention_is_one_graph_and_keeps_the_tokens(method, fullgraph,
+                                                                                             monkeypatch):
     model = tiny_model("llama").to(DEVICE)
-    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 24), attention=0.5, kernels="always",
+    countdown.sparsify(model, method, 0.5, calibration=tokens(4, 24), attention=0.5, kernels="always",
                        progress=False)
     prompt = tokens(1, 20, seed=7).to(DEVICE)
     reference = Decoder(model, 32).generate(prompt, 5).tokens
     monkeypatch.setattr(decode, "FOLD_NORMS", True)
+    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
     got = Decoder(model, 32, compile=True).generate(prompt, 5).tokens
     assert torch.equal(got, reference)
     assert not torch._dynamo.utils.counters["graph_break"]
