@@ -13,7 +13,8 @@ and `decode.FOLD_NORMS` each save per layer (issue 13).
   residual add before it, which folding leaves as its own pointwise kernel.
 
 Each variant runs 32 times (one per layer, each layer its own weights and cache, more bytes than L2)
-inside one CUDA graph, PDL as the Decoder has it; µs per layer = median graph replay / 32. Checks each
+inside one CUDA graph (`bench/input_sparse.py`'s ``bench_graph``: do_bench median of the replays), PDL
+as the Decoder has it; µs per layer = replay / 32. Checks each
 folded result against the unfolded one. Table last; JSON to $OUT/step_parts.json.
 """
 
@@ -21,36 +22,21 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.input_sparse import bench_graph
 from countdown.kernels import input_sparse_prefetch, reference
 
 LAYERS, HQ, HKV, D, SLOTS, H, I = 32, 32, 8, 128, 256, 4096, 14336
 T0 = time.time()
 
 
-def per_layer_us(fn, replays: int = 30) -> float:
+def per_layer_us(fn) -> float:
     """Median µs per layer of ``fn(layer)`` for every layer, captured in one CUDA graph."""
-    for layer in range(LAYERS):  # warm-up: compile, autotune
-        fn(layer)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in range(LAYERS):
-            fn(layer)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-    return statistics.median(times)
+    return bench_graph(fn, LAYERS)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
