@@ -116,3 +116,20 @@ def test_reference_rms_norm_is_each_foldable_norm(arch):
         for dtype in (torch.float32, torch.bfloat16):
             n = norm.to(dtype)
             assert torch.equal(n(x.to(dtype)), reference.rms_norm(x.to(dtype), n.weight, n.variance_epsilon))
+
+
+def test_real_smollm2_keeps_its_tokens_with_both_decode_switches(smollm2, monkeypatch):
+    """The real model, TEAL 50% model-wide (attention inputs too): folded norms and the GQA decode
+    attention (3 key/value heads for 9 query heads) give the Decoder's tokens without them."""
+    model, tok = smollm2
+    prompt = tok("The Python standard library provides", return_tensors="pt").input_ids
+    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 64, seed=3), attention=0.5, progress=False)
+    try:
+        want = Decoder(model, max_len=48).generate(prompt, 16).tokens
+        monkeypatch.setattr(decode, "FOLD_NORMS", True)
+        monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
+        with norm_fold.folded_norms(model) as n:
+            assert n == 2 * model.config.num_hidden_layers
+        assert torch.equal(Decoder(model, max_len=48).generate(prompt, 16).tokens, want)
+    finally:
+        countdown.unsparsify(model)
