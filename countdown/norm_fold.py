@@ -63,7 +63,8 @@ def _folded_class(cls: type) -> type:
 
 def _norm_foldable(norm: nn.Module, dtype: torch.dtype) -> bool:
     weight = getattr(norm, "weight", None)
-    return (type(norm).__name__ in FOLDABLE_NORMS and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    cls = getattr(type(norm), "_fold_original", type(norm))  # a folded norm is judged by its own class
+    return (cls.__name__ in FOLDABLE_NORMS and isinstance(weight, torch.Tensor) and weight.dim() == 1
             and weight.dtype == dtype and hasattr(norm, "variance_epsilon"))
 
 

@@ -95,7 +95,11 @@ def test_state_dict_and_classes_come_back():
     model = setup("qwen2", "teal", 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
-    assert norm_fold.fold_norms(model) > 0
+    n = norm_fold.fold_norms(model)
+    assert n > 0 and norm_fold.fold_norms(model) == n  # folding again changes nothing
+    with norm_fold.folded_norms(model) as inside:  # a block inside a lasting fold leaves it folded
+        assert inside == n
+    assert sum(isinstance(m, norm_fold.FoldedNorm) for m in model.modules()) == n
     assert model.state_dict().keys() == before.keys()
     assert norm_fold.unfold_norms(model) == 2 * model.config.num_hidden_layers
     assert [type(m) for m in model.modules()] == classes
