@@ -119,9 +119,9 @@ def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Ten
     xv, batch, _, thr_t, thr_v, score_act = _common(x, (("w_dense", w_dense), ("w_sparse", w_sparse)), w_down_t,
                                                     threshold, act, dense, score_act, signed)
     norm_weight, norm_eps = check_norm(norm, xv)
-    if norm_weight is not None and batch > 1:
-        xv, norm_weight = reference.rms_norm(xv, norm_weight, norm_eps), None
     if batch > 1:
+        if norm_weight is not None:
+            xv = reference.rms_norm(xv, norm_weight, norm_eps)
         w_gate, w_up = (w_dense, w_sparse) if dense == "gate" else (w_sparse, w_dense)
         y = batch_ffn.batch_sparse_ffn(_kind(dense == "gate"), True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v,
                                        act, score_act, signed)

@@ -343,11 +343,9 @@ def input_sparse_linears(x: torch.Tensor, w_ts: list[torch.Tensor], threshold: f
     single = x.dim() == 1 or x.numel() == x.shape[-1]
     multi = VARIANT != "walk" and single and len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS
     if multi and (FUSE_GATE_UP and len(w_ts) > 1 or norm is not None):
-        if FUSE_GATE_UP or len(w_ts) == 1:
-            return input_sparse_prefetch.input_sparse_multi(x, w_ts, [threshold] * len(w_ts),
-                                                            channel_scales=[channel_scale] * len(w_ts), norm=norm)
-        return [input_sparse_prefetch.input_sparse_multi(x, [w_t], [threshold], channel_scales=[channel_scale],
-                                                         norm=norm)[0] for w_t in w_ts]
+        groups = [w_ts] if FUSE_GATE_UP else [[w_t] for w_t in w_ts]  # one launch, or one per weight
+        return [y for group in groups for y in input_sparse_prefetch.input_sparse_multi(
+            x, group, [threshold] * len(group), channel_scales=[channel_scale] * len(group), norm=norm)]
     if norm is not None:
         x = reference.rms_norm(x, norm[0], norm[1])
     return [input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]

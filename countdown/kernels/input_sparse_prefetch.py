@@ -57,7 +57,7 @@ import triton.language as tl
 
 from . import _core
 from .input_sparse_checks import MAX_BATCH, problem as _problem
-from .pack import check_threshold, norm_problem
+from .pack import check_threshold, norm_args, norm_problem
 
 __all__ = ["PrefetchConfig", "input_sparse_linear_prefetch", "input_sparse_multi", "MAX_WEIGHTS"]
 
@@ -436,7 +436,7 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
     p = _multi_problem(x, w_ts, thresholds, channel_scales) or norm_problem(norm, x, w_ts[0].shape[0])
     if p is not None:
         raise p[0](f"input_sparse_multi: {p[1]}")
-    norm_weight, norm_eps = (None, 0.0) if norm is None else (norm[0], float(norm[1]))
+    norm_weight, norm_eps = norm_args(norm)
     k = w_ts[0].shape[0]
     x2 = x.reshape(-1, k).contiguous()
     batch = x2.shape[0]

@@ -224,6 +224,11 @@ def check_norm(norm, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     p = norm_problem(norm, x, x.shape[-1])
     if p is not None:
         raise p[0](p[1])
+    return norm_args(norm)
+
+
+def norm_args(norm) -> tuple[torch.Tensor | None, float]:
+    """A validated ``norm`` as the kernels take it: (weight, eps), or (None, 0.0) for no norm."""
     return (None, 0.0) if norm is None else (norm[0], float(norm[1]))
 
 
