@@ -26,9 +26,8 @@ a point on an H100, hence one batch size per run by default). ``--configs`` (def
                        persistent (one-pass) reductions instead of Inductor's looped two-pass ones
     <any>+mk           the same with Inductor's ``triton.multi_kernel``: the add + RMSNorm reductions of one
                        4096-wide row also get a one-pass (persistent) variant, and the faster one is kept
-    <any>+gqa          the same with `decode.GQA_DECODE_ATTENTION` (one-token attention on the KV cache as it
-                       is, no repeat_kv copy)
-    <any>+fold         the same with `decode.FOLD_NORMS` (the RMSNorms before our launches applied inside them)
+    <any>+nogqa        the same without `decode.GQA_DECODE_ATTENTION` (on in every other point, as it is by
+                       default since session 10): transformers' sdpa with its repeat_kv copy of the cache
 
 "vs best dense" divides by the fastest dense configuration of the run at that batch.
 
@@ -156,8 +155,8 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
         decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "triton.multi_kernel": 1}
     default_pr = decode.PERSISTENT_ROW_REDUCTIONS
     decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
-    default_gqa, default_fold = decode.GQA_DECODE_ATTENTION, decode.FOLD_NORMS
-    decode.GQA_DECODE_ATTENTION, decode.FOLD_NORMS = "gqa" in extras, "fold" in extras
+    default_gqa = decode.GQA_DECODE_ATTENTION
+    decode.GQA_DECODE_ATTENTION = "nogqa" not in extras
     default_pdl = _core.PDL
     set_pdl("pdl" in extras)  # every point says whether it has PDL: "+pdl" on, the rest off
     decoder = Decoder(model, max_len=PROMPT + max(new_tokens, 16), batch_size=b, compile=compile)
@@ -172,7 +171,7 @@ def speed(model, prompt_1: torch.Tensor, b: int, new_tokens: int, compile: bool,
     input_sparse.FUSE_GATE_UP = True
     decode.COMPILE_OPTIONS = saved_options
     decode.PERSISTENT_ROW_REDUCTIONS = default_pr
-    decode.GQA_DECODE_ATTENTION, decode.FOLD_NORMS = default_gqa, default_fold
+    decode.GQA_DECODE_ATTENTION = default_gqa
     set_pdl(default_pdl)
     return row
 
@@ -201,10 +200,9 @@ for _s in (0.25, 0.4):
 CONFIGS.update({f"{name}+pdl": (*c[:4], (*c[4], "pdl")) for name, c in list(CONFIGS.items())})
 CONFIGS.update({f"{name}+pr": (*c[:4], (*c[4], "pr")) for name, c in list(CONFIGS.items())})
 CONFIGS.update({f"{name}+mk": (*c[:4], (*c[4], "mk")) for name, c in list(CONFIGS.items())})
-# the decode-step switches of session 9, alone and together, on the points the targets are about
+# the points the targets are about without the GQA decode attention (on by default since session 10)
 for _name in ("dense+fuse+pdl", "teal50-wide+fuse+pdl", "mcd70-attn50+fuse+pdl"):
-    for _extra in ("gqa", "fold", "gqa+fold"):
-        CONFIGS[f"{_name}+{_extra}"] = (*CONFIGS[_name][:4], (*CONFIGS[_name][4], *_extra.split("+")))
+    CONFIGS[f"{_name}+nogqa"] = (*CONFIGS[_name][:4], (*CONFIGS[_name][4], "nogqa"))
 DEFAULT = "dense,dense+fuse,mcd70,mcd70+fuse,teal50-wide+fuse"
 
 

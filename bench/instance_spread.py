@@ -6,8 +6,8 @@
 
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
 sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
-(Inductor's ``triton.multi_kernel``), ``+gqa`` (`decode.GQA_DECODE_ATTENTION` on) or ``+fold``
-(`decode.FOLD_NORMS` on).
+(Inductor's ``triton.multi_kernel``) or ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
+default).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -47,6 +47,7 @@ from countdown.loading import random_inputs, random_model
 T0 = time.time()
 PROMPT = 128
 DEFAULT_OPTIONS = dict(decode.COMPILE_OPTIONS)
+DEFAULT_GQA = decode.GQA_DECODE_ATTENTION
 
 
 def log(*a) -> None:
@@ -135,8 +136,8 @@ def parse_config(item: str) -> tuple[str | None, float, float | None, tuple[str,
 
 EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass persistent reductions)",
           "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)",
-          "gqa": "decode.GQA_DECODE_ATTENTION (one-token attention reads the KV cache as it is, no repeat_kv copy)",
-          "fold": "decode.FOLD_NORMS (the RMSNorms before our q/k/v and TEAL gate/up launches applied inside them)"}
+          "gqa": "decode.GQA_DECODE_ATTENTION on (the default since session 10: one-token attention on the cache as it is)",
+          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies of the cache every step)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -173,8 +174,7 @@ def main() -> None:
             log("deadline: skipping", name)
             continue
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
-        decode.GQA_DECODE_ATTENTION = "gqa" in extras
-        decode.FOLD_NORMS = "fold" in extras
+        decode.GQA_DECODE_ATTENTION = "gqa" in extras or (DEFAULT_GQA and "nogqa" not in extras)
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
@@ -195,7 +195,8 @@ def main() -> None:
                     before = gpu_state()
                     res = decoder.generate(prompt, args.new_tokens)
                     calls.append({"config": name, "instance": i, "round": r, "call": c,
-                                  "tokens_per_s": res.tokens_per_second, "tokens": res.tokens[0, PROMPT:].tolist(),
+                                  "tokens_per_s": res.tokens_per_second, "gib_allocated": gib(),
+                                  "gib_peak": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, "tokens": res.tokens[0, PROMPT:].tolist(),
                                   "gpu_before": before, "gpu_after": gpu_state()})
                 log(name, f"round {r} instance {i}:", " ".join(f"{q['tokens_per_s']:.1f}" for q in calls[-3:]))
         if args.profile:
@@ -217,8 +218,7 @@ def main() -> None:
             countdown.unsparsify(model)
         else:
             countdown.unfuse_qkv(model)
-    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, False
-    decode.FOLD_NORMS = False
+    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, DEFAULT_GQA
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")

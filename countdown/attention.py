@@ -169,20 +169,14 @@ class QKVFusedAttention(nn.Module):
         return None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        # with `countdown.norm_fold`, hidden_states is the layer's input norm's *input*: the one launch
-        # applies the norm, every other path applies it here first
-        norm = self.__dict__.get("_input_norm")
         if self.qkv_skip_reason(hidden_states) is not None:
-            if norm is not None:
-                hidden_states = norm.normalize(hidden_states)
             return super().forward(hidden_states, *args, **kwargs)
         from .kernels import input_sparse_prefetch
 
         projections = self.qkv_projections()
         thresholds = [p.sparse_threshold if isinstance(p, SparseInputLinear) else DENSE_THRESHOLD
                       for p in projections]
-        ys = input_sparse_prefetch.input_sparse_multi(hidden_states, [p.weight.t() for p in projections], thresholds,
-                                                      norm=None if norm is None else norm.kernel_norm())
+        ys = input_sparse_prefetch.input_sparse_multi(hidden_states, [p.weight.t() for p in projections], thresholds)
         for p, y in zip(projections, ys):
             p._qkv_given = (hidden_states, y)
         try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import gqa_decode, norm_fold, sampling
+from . import gqa_decode, sampling
 
 MAX_BATCH = 16
 MAX_EOS = 16  # end-of-sequence ids one call may name (a fixed-size buffer, so no recapture)
@@ -72,11 +72,10 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 PERSISTENT_ROW_REDUCTIONS = False
 # Grouped-query models on transformers' sdpa attention decode through `countdown.gqa_decode`, which
 # reads the KV cache as it is instead of a per-step copy with every key/value head repeated. Read when
-# a generate call captures the step (a captured graph keeps what it was captured with). Off until timed.
-GQA_DECODE_ATTENTION = False
-# RMSNorms in front of our q/k/v and TEAL gate/up launches applied inside those launches
-# (`countdown.norm_fold`) while a generate call runs. Read at capture, as above. Off until timed.
-FOLD_NORMS = False
+# a generate call captures the step (a captured graph keeps what it was captured with). Measured on the
+# H100 (docs/BENCHMARKS.md, session 10): +1.5% TEAL 50% model-wide, +2.4% M-COUNTDOWN 70% + attention
+# 50%, dense unchanged (-0.2%), all in one process.
+GQA_DECODE_ATTENTION = True
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -315,8 +314,7 @@ class Decoder:
         a row that produced one gets ``pad_token_id`` (default: the first EOS id) from then on, and
         generation stops once every row has. Sampling arguments as in ``model.generate``."""
         attention = gqa_decode.decode_attention(self.model) if GQA_DECODE_ATTENTION else nullcontext()
-        norms = norm_fold.folded_norms(self.model) if FOLD_NORMS else nullcontext()
-        with attention, norms:
+        with attention:
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
                                   eos_token_id, pad_token_id, generator)
 

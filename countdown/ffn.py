@@ -448,26 +448,11 @@ class SparseFFN(_SparseModule):
             self.use_kernel_layout(True)  # first eager call after the model moved to the GPU
         return kernels.kernel_unavailable_reason(x, self.down_t())
 
-    def _kernel_forward(self, x: torch.Tensor, **norm) -> torch.Tensor:
-        # under TP the kernel's output is this rank's partial sum, as W_down's own forward is before its all-reduce
-        return parallel.all_reduce(self.method.kernel_forward(self, x, **norm), self.shard)
-
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            return self._kernel_forward(x)
+            # under TP the kernel's output is this rank's partial sum, as W_down's own forward is before its all-reduce
+            return parallel.all_reduce(self.method.kernel_forward(self, x), self.shard)
         return self.method.forward(self, x, self.keep)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # with `countdown.norm_fold`, x is the FFN input norm's *input*: the method's kernel applies the
-        # norm where it can (decode tokens, all sparse), every other path applies it here first
-        norm = self.__dict__.get("_input_norm")
-        if norm is None:
-            return super().forward(x)
-        n_dense = self._dense_positions(x)
-        if (self.method.folds_input_norm and isinstance(n_dense, int) and n_dense == 0
-                and self.kernel_skip_reason(x) is None):
-            return self._kernel_forward(x, norm=norm.kernel_norm())
-        return super().forward(norm.normalize(x))
 
 
 def _truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,9 +159,6 @@ class Method:
     # row); the rest stay nn.Linear's [out, in] rows. Either way the model keeps one copy of each weight.
     kernel_layout: ClassVar[tuple[str, ...]] = ("down",)
     gated_only: ClassVar[bool] = False
-    # whether ``kernel_forward(parts, x, norm=(weight, eps))`` can take the FFN input norm's *input* and
-    # apply the norm in its kernel (`countdown.norm_fold`)
-    folds_input_norm: ClassVar[bool] = False
     # names of per-neuron statistics measured on calibration text before scoring (see calibration_stats)
     stats: ClassVar[tuple[str, ...]] = ()
 
@@ -208,7 +205,6 @@ class Cats(Method):
     """CATS: threshold |act(W_gate x)|; gate dense, up rows and down columns of kept neurons."""
 
     has_kernel = True
-    folds_input_norm = True  # its one fused launch holds the whole row x
 
     def scores(self, parts, x):
         return {"coef": parts.act(parts.gate(x)).abs()}
@@ -221,10 +217,10 @@ class Cats(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x, norm=None):
+    def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
-                                        act=parts.kernel_act, dense="gate", norm=norm)
+                                        act=parts.kernel_act, dense="gate")
 
 
 class MCountdown(Method):
@@ -233,7 +229,6 @@ class MCountdown(Method):
     is W_in x itself (the pre-activation) and only W_out is sparse."""
 
     has_kernel = True
-    folds_input_norm = True  # its one fused launch holds the whole row x
 
     def scores(self, parts, x):
         return {"coef": self._indirect(parts, x).abs()}
@@ -252,11 +247,11 @@ class MCountdown(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x, norm=None):
+    def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
         # the op's dense projection is W_up here, its sparse one W_gate
         return kernels.fused_gather_ffn(x, parts.up_weight(), parts.gate_weight(), parts.down_t(), threshold,
-                                        act=parts.kernel_act, dense="up", norm=norm)
+                                        act=parts.kernel_act, dense="up")
 
 
 class DCountdownIdeal(Method):
@@ -311,7 +306,6 @@ class Teal(Method):
 
     has_kernel = True
     kernel_layout = ("gate", "up", "down")
-    folds_input_norm = True  # gate and up are one launch of the input-sparse kernel, which can apply it
 
     def scores(self, parts, x):
         return {"input": parts.ffn_input(x).abs(), "coef": coefficient(parts, x).abs()}
@@ -325,10 +319,9 @@ class Teal(Method):
         s_in, s_coef = skipped["input"], skipped["coef"]
         return (2 * (1 - s_in) + (1 - s_coef)) / 3 if kind == "gated" else ((1 - s_in) + (1 - s_coef)) / 2
 
-    def kernel_forward(self, parts, x, norm=None):
-        # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t;
-        # with norm = (weight, eps), x is the FFN input norm's input and the kernel applies the norm
-        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"), norm=norm)
+    def kernel_forward(self, parts, x):
+        # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
+        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"))
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
         return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"))
@@ -350,7 +343,6 @@ class DejaVu(Method):
     """
 
     has_kernel = True
-    folds_input_norm = True  # its one fused launch holds the whole row x
 
     def scores(self, parts, x):
         return {"coef": parts.gate(x)}
@@ -363,10 +355,10 @@ class DejaVu(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x, norm=None):
+    def kernel_forward(self, parts, x):
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(),
                                         parts.threshold("coef"), act=parts.kernel_act, dense="gate",
-                                        score_act=False, signed=True, norm=norm)
+                                        score_act=False, signed=True)
 
 
 class SCountdown(Method):
@@ -466,7 +458,6 @@ class Chess(Method):
 
     gated_only = True
     has_kernel = True
-    folds_input_norm = True  # its one fused launch holds the whole row x
     stats = ("up_abs_mean",)
 
     def calibration_stats(self, parts, x):
@@ -486,11 +477,11 @@ class Chess(Method):
     def ffn_bytes_read(self, kind, skipped):
         return _two_of_three(kind, skipped["coef"])
 
-    def kernel_forward(self, parts, x, norm=None):
+    def kernel_forward(self, parts, x):
         thr = per_neuron_threshold(parts, "chess:coef", (parts.threshold("coef"), parts.stat("up_abs_mean")),
                                    _rescaled_threshold)
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
-                                        act=parts.kernel_act, dense="gate", score_act=True, norm=norm)
+                                        act=parts.kernel_act, dense="gate", score_act=True)
 
 
 class Wina(Method):

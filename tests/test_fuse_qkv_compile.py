@@ -69,22 +69,18 @@ def test_the_op_has_a_fake_implementation_and_a_schema():
     x = torch.randn(3, 29, generator=g).to(DEVICE)
     ws = [torch.randn(29, n, generator=g).to(DEVICE) for n in (16, 8, 8)]
     thr = [torch.tensor([0.5], device=DEVICE)] * 3
-    opcheck(torch.ops.countdown.input_sparse_multi.default, (x, ws, [None] * 3, thr, [0.0] * 3, None, 0.0),
-            test_utils=("test_schema", "test_faketensor"))
-    norm_weight = torch.rand(29, generator=g).to(DEVICE) + 0.5  # x is an RMSNorm's input (norm_fold)
-    opcheck(torch.ops.countdown.input_sparse_multi.default, (x, ws, [None] * 3, thr, [0.0] * 3, norm_weight, 1e-6),
+    opcheck(torch.ops.countdown.input_sparse_multi.default, (x, ws, [None] * 3, thr, [0.0] * 3),
             test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("method", ["teal", "m-countdown"])
-def test_compiled_step_with_folded_norms_and_gqa_attention_is_one_graph_and_keeps_the_tokens(method, fullgraph,
-                                                                                             monkeypatch):
+def test_compiled_step_with_gqa_attention_is_one_graph_and_keeps_the_tokens(method, fullgraph, monkeypatch):
     model = tiny_model("llama").to(DEVICE)
     countdown.sparsify(model, method, 0.5, calibration=tokens(4, 24), attention=0.5, kernels="always",
                        progress=False)
     prompt = tokens(1, 20, seed=7).to(DEVICE)
+    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", False)
     reference = Decoder(model, 32).generate(prompt, 5).tokens
-    monkeypatch.setattr(decode, "FOLD_NORMS", True)
     monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
     got = Decoder(model, 32, compile=True).generate(prompt, 5).tokens
     assert torch.equal(got, reference)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import countdown
 from countdown import decode, gqa_decode
 from countdown.decode import Decoder
 from tiny_models import tiny_model, tokens
@@ -93,3 +94,22 @@ def test_model_gets_sdpa_back_when_the_block_raises():
             assert switched and model.config._attn_implementation == gqa_decode.NAME
             raise RuntimeError("inside")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_real_smollm2_with_teal_keeps_its_tokens(smollm2, monkeypatch):
+    """The real model (3 key/value heads for 9 query heads), TEAL 50% model-wide, attention inputs
+    too: the Decoder's tokens are the same with the GQA decode attention as with transformers' sdpa."""
+    model, tok = smollm2
+    prompt = tok("The Python standard library provides", return_tensors="pt").input_ids
+    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 64, seed=3), attention=0.5, progress=False)
+    try:
+        monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", False)
+        want = Decoder(model, max_len=48).generate(prompt, 16).tokens
+        monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
+        packed = []
+        real = gqa_decode._packable
+        monkeypatch.setattr(gqa_decode, "_packable", lambda *a: packed.append(real(*a)) or packed[-1])
+        assert torch.equal(Decoder(model, max_len=48).generate(prompt, 16).tokens, want)
+        assert packed.count(True) == 15 * model.config.num_hidden_layers
+    finally:
+        countdown.unsparsify(model)

@@ -282,15 +282,13 @@ def _sparse_ffn_kernel(
     ws_ptr,     # [NCOPY, H] fp32 accumulation workspace, zero on entry (FINALIZE 2 leaves it zero)
     cnt_ptr,    # [1]  int32 ticket counter, zero on entry (FINALIZE >= 1)
     out_ptr,    # [H]  output, written by the last program (FINALIZE >= 1)
-    nw_ptr,     # [H]  RMSNorm weight, x's dtype (read when NORM: x is the norm's input)
-    eps,        # RMSNorm epsilon (when NORM)
     thr_value,  # float threshold (when not THR_PTR)
     H, I, NPP,  # hidden size, intermediate size, neurons per program (static split)
     KIND: tl.constexpr, COMPUTE: tl.constexpr, SCORE_ACT: tl.constexpr, SIGNED: tl.constexpr, ACT: tl.constexpr,
     THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_PAD: tl.constexpr, I_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_I: tl.constexpr, CHUNK: tl.constexpr, BALANCE: tl.constexpr, INTERLEAVE: tl.constexpr,
     PREFETCH: tl.constexpr, FINALIZE: tl.constexpr, NCOPY: tl.constexpr, PIPE: tl.constexpr,
-    NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     _pdl_prologue(PDL)
@@ -301,11 +299,6 @@ def _sparse_ffn_kernel(
     hoffs = tl.arange(0, H_PAD)
     hm = hoffs < H
     xv = tl.load(x_ptr + hoffs, mask=hm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    if NORM:  # RMSNorm of the whole row (every program holds it), rounded as transformers' Llama norms do
-        xt = x_ptr.dtype.element_ty
-        rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=0) / H + eps)
-        nw = tl.load(nw_ptr + hoffs, mask=hm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        xv = ((xv * rstd).to(xt).to(tl.float32) * nw).to(xt).to(tl.float32)
     acc = tl.zeros([H_PAD], dtype=tl.float32)
 
     if COMPUTE:
@@ -465,8 +458,6 @@ def launch(
     out: torch.Tensor | None = None,
     *,
     signed: bool = False,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """Run the kernel; arguments are assumed validated (see the public ops). Returns y [H].
 
@@ -476,7 +467,6 @@ def launch(
     thresholds (or None, then ``threshold_value`` is used). score_act / signed: the score (table above).
     config: launch parameters (default: ``pick_config``). out: optional [H] output buffer (tests
     poison it to check that every element is written; with finalize=0 it is filled by a copy).
-    norm_weight [H] (x's dtype): x is an RMSNorm's input, normalized in the kernel (`reference.rms_norm`).
     """
     inter, hidden = w_down_t.shape
     device = w_down_t.device
@@ -484,7 +474,7 @@ def launch(
     thr_vec = is_threshold_vector(threshold)
     programs, npp, meta = _grid_and_meta(kind, compute, hidden, inter, act, score_act, threshold is not None,
                                          cfg, device, thr_vec=thr_vec, signed=signed)
-    meta.update(pdl_meta(device), NORM=norm_weight is not None)
+    meta.update(pdl_meta(device))
     if compute:
         vec = torch.empty(inter, dtype=torch.float32, device=device)
     size = cfg.ncopy * hidden + 1  # fp32 copies of y, then the int32 ticket counter
@@ -500,8 +490,7 @@ def launch(
     w_up = w_down_t if w_up is None else w_up
     _sparse_ffn_kernel[(programs,)](
         x, vec, w_gate, w_up, w_down_t, counter if threshold is None else threshold, acc_ws, counter, out,
-        x if norm_weight is None else norm_weight, float(norm_eps), float(threshold_value), hidden, inter, npp,
-        **meta,
+        float(threshold_value), hidden, inter, npp, **meta,
     )
     if cfg.finalize == 0:
         return out.copy_(acc_ws.view(cfg.ncopy, hidden).sum(0))
@@ -557,7 +546,7 @@ def compile_kernel(kind: int, compute: bool, dtype: torch.dtype, vec_dtype: torc
     x_dtype = dtype
     _sparse_ffn_kernel.warmup(
         x_dtype, torch.float32 if compute else vec_dtype, dtype, dtype, dtype,
-        torch.float32 if thr_is_tensor else torch.int32, torch.float32, torch.int32, dtype, dtype, 0.0,
+        torch.float32 if thr_is_tensor else torch.int32, torch.float32, torch.int32, dtype,
         0.0, hidden, inter, npp, grid=(programs,), **meta,
     )
 

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from . import _core, batch_ffn, reference
-from .pack import check_act, check_down, check_input, check_norm, check_threshold, check_vector, check_weight
+from . import _core, batch_ffn
+from .pack import check_act, check_down, check_input, check_threshold, check_vector, check_weight
 
 
 __all__ = ["gather_ffn", "fused_gather_ffn"]
@@ -55,11 +55,10 @@ def _(x, a, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, 
 
 def _fused_gather_ffn_impl(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                            threshold: Optional[torch.Tensor], threshold_value: float, act: str,
-                           dense_is_gate: bool, score_act: bool, signed: bool,
-                           norm_weight: Optional[torch.Tensor], norm_eps: float) -> torch.Tensor:
+                           dense_is_gate: bool, score_act: bool, signed: bool) -> torch.Tensor:
     w_gate, w_up = (w_dense, w_sparse) if dense_is_gate else (w_sparse, w_dense)
     return _core.launch(_kind(dense_is_gate), True, x, None, w_gate, w_up, w_down_t, threshold, threshold_value,
-                        act, score_act, x.dtype, signed=signed, norm_weight=norm_weight, norm_eps=norm_eps)
+                        act, score_act, x.dtype, signed=signed)
 
 
 _fused_gather_ffn_op = torch.library.custom_op("countdown::fused_gather_ffn", _fused_gather_ffn_impl,
@@ -67,8 +66,7 @@ _fused_gather_ffn_op = torch.library.custom_op("countdown::fused_gather_ffn", _f
 
 
 @_fused_gather_ffn_op.register_fake
-def _(x, w_dense, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act, signed,
-      norm_weight, norm_eps):
+def _(x, w_dense, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act, signed):
     return x.new_empty(w_down_t.shape[1])
 
 
@@ -111,22 +109,15 @@ def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_
 
 def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-                     score_act: bool | None = None, signed: bool = False,
-                     norm: Optional[tuple[torch.Tensor, float]] = None) -> torch.Tensor:
-    """``gather_ffn`` with a = w_dense x computed in the same kernel (w_dense = W_gate or W_up).
-    norm = (weight [H], eps): x is an RMSNorm's input (`reference.rms_norm`), applied in the kernel for
-    one token (which holds the whole row anyway) and before the batch kernel for 2-16."""
+                     score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
+    """``gather_ffn`` with a = w_dense x computed in the same kernel (w_dense = W_gate or W_up)."""
     xv, batch, _, thr_t, thr_v, score_act = _common(x, (("w_dense", w_dense), ("w_sparse", w_sparse)), w_down_t,
                                                     threshold, act, dense, score_act, signed)
-    norm_weight, norm_eps = check_norm(norm, xv)
     if batch > 1:
-        if norm_weight is not None:
-            xv = reference.rms_norm(xv, norm_weight, norm_eps)
         w_gate, w_up = (w_dense, w_sparse) if dense == "gate" else (w_sparse, w_dense)
         y = batch_ffn.batch_sparse_ffn(_kind(dense == "gate"), True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v,
                                        act, score_act, signed)
     else:
         run = _core.op_or_impl(_fused_gather_ffn_op, _fused_gather_ffn_impl)
-        y = run(xv.reshape(-1), w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act, signed,
-                norm_weight, norm_eps)
+        y = run(xv.reshape(-1), w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act, signed)
     return y.reshape(x.shape)

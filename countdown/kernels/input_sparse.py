@@ -49,7 +49,6 @@ import triton.language as tl
 
 from . import _core
 from . import input_sparse_prefetch
-from . import reference
 from .input_sparse_checks import MAX_BATCH, problem as _problem
 from .pack import check_threshold
 
@@ -330,22 +329,15 @@ def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | t
 
 
 def input_sparse_linears(x: torch.Tensor, w_ts: list[torch.Tensor], threshold: float | torch.Tensor, *,
-                         channel_scale: Optional[torch.Tensor] = None,
-                         norm: Optional[tuple[torch.Tensor, float]] = None) -> list[torch.Tensor]:
+                         channel_scale: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """[input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]: weights that
     share x, its mask and its threshold (an FFN's gate and up). One token with ``FUSE_GATE_UP`` (and a
     VARIANT other than "walk"): one launch of the prefetch kernel for all of them (at most
-    ``input_sparse_prefetch.MAX_WEIGHTS``); otherwise one launch each. ``norm`` = (weight, eps): x is
-    an RMSNorm's input (``input_sparse_multi``'s norm): applied in the prefetch kernel for one token,
-    by ``reference.rms_norm`` before the launches otherwise. Same shapes and errors as
+    ``input_sparse_prefetch.MAX_WEIGHTS``); otherwise one launch each. Same shapes and errors as
     ``input_sparse_linear``; returns one output per weight."""
     w_ts = list(w_ts)
     single = x.dim() == 1 or x.numel() == x.shape[-1]
-    multi = VARIANT != "walk" and single and len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS
-    if multi and (FUSE_GATE_UP and len(w_ts) > 1 or norm is not None):
-        groups = [w_ts] if FUSE_GATE_UP else [[w_t] for w_t in w_ts]  # one launch, or one per weight
-        return [y for group in groups for y in input_sparse_prefetch.input_sparse_multi(
-            x, group, [threshold] * len(group), channel_scales=[channel_scale] * len(group), norm=norm)]
-    if norm is not None:
-        x = reference.rms_norm(x, norm[0], norm[1])
+    if (FUSE_GATE_UP and VARIANT != "walk" and single and 1 < len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS):
+        return input_sparse_prefetch.input_sparse_multi(x, w_ts, [threshold] * len(w_ts),
+                                                        channel_scales=[channel_scale] * len(w_ts))
     return [input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]

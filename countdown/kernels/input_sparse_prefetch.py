@@ -57,7 +57,7 @@ import triton.language as tl
 
 from . import _core
 from .input_sparse_checks import MAX_BATCH, problem as _problem
-from .pack import check_threshold, norm_args, norm_problem
+from .pack import check_threshold
 
 __all__ = ["PrefetchConfig", "input_sparse_linear_prefetch", "input_sparse_multi", "MAX_WEIGHTS"]
 
@@ -67,42 +67,16 @@ MAX_PROLOGUE_CHUNKS = 16  # chunks are a loop: longer ranges mean more x load la
 
 
 @triton.jit
-def _rms_scale(x_ptr, offs_b, bm, K, eps, BP: tl.constexpr, RCH: tl.constexpr):
-    """[BP] fp32: 1 / sqrt(mean over the K channels of x_b^2 + eps) for the tokens ``offs_b`` (the
-    RMSNorm statistic, read from the whole row: every program reads it, from L2)."""
-    ss = tl.zeros([BP, RCH], dtype=tl.float32)
-    for c in tl.range(0, K, RCH):
-        idx = c + tl.arange(0, RCH)
-        m = bm[:, None] & (idx < K)[None, :]
-        v = tl.load(x_ptr + offs_b[:, None] * K + idx[None, :], mask=m, other=0.0, eviction_policy="evict_last")
-        v = v.to(tl.float32)
-        ss += v * v
-    return 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
-
-
-@triton.jit
-def _normalized(xv, rstd, nw):
-    """RMSNorm as transformers' Llama-family norms round it: weight * (x * rstd) cast to x's dtype,
-    the product rounded to x's dtype again. xv: x's dtype; rstd fp32 and nw (x's dtype) broadcast to it."""
-    h = (xv.to(tl.float32) * rstd).to(xv.dtype)
-    return (h.to(tl.float32) * nw.to(tl.float32)).to(xv.dtype)
-
-
-@triton.jit
-def _kept_words(x_ptr, sc_ptr, thr, offs_b, bm, lo, hi, K, s0, rstd, nw_ptr,
-                WINA: tl.constexpr, XS: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+def _kept_words(x_ptr, sc_ptr, thr, offs_b, bm, lo, hi, K, s0,
+                WINA: tl.constexpr, XS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[XS] int64 bit words for steps s0 .. s0 + XS - 1 of the program's range: bit r of word s is set
-    when some token keeps channel lo + s * BLOCK_K + r (channels at or past ``hi`` are never set).
-    NORM: x is normalized first (rstd [BP] from `_rms_scale`, norm weight at ``nw_ptr``)."""
+    when some token keeps channel lo + s * BLOCK_K + r (channels at or past ``hi`` are never set)."""
     r = tl.arange(0, BLOCK_K)
     ch = lo + (s0 + tl.arange(0, XS))[:, None] * BLOCK_K + r[None, :]  # [XS, BLOCK_K]
     chm = ch < hi
     m3 = bm[:, None, None] & chm[None, :, :]
     xv = tl.load(x_ptr + offs_b[:, None, None] * K + ch[None, :, :], mask=m3, other=0.0,
                  eviction_policy="evict_last")
-    if NORM:
-        nw = tl.load(nw_ptr + ch, mask=chm, other=0.0, eviction_policy="evict_last")
-        xv = _normalized(xv, rstd[:, None, None], nw[None, :, :])
     score = tl.abs(xv.to(tl.float32))
     if WINA:
         sc = tl.load(sc_ptr + ch, mask=chm, other=0.0, eviction_policy="evict_last")
@@ -129,15 +103,11 @@ def _w_tile(w_ptr, rows, keep_row, offs_n, nm, N):
 
 
 @triton.jit
-def _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, rstd, nw_ptr, WINA: tl.constexpr, NORM: tl.constexpr):
-    """[B_PAD, BLOCK_K] tokens at ``rows`` (normalized with NORM), zero where that token does not keep
-    the channel."""
+def _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, WINA: tl.constexpr):
+    """[B_PAD, BLOCK_K] tokens at ``rows``, zero where that token does not keep the channel."""
     rm = rows < hi
     xm2 = bm[:, None] & rm[None, :]
     xv = tl.load(x_ptr + offs_b[:, None] * K + rows[None, :], mask=xm2, other=0.0, eviction_policy="evict_last")
-    if NORM:
-        nw = tl.load(nw_ptr + rows, mask=rm, other=0.0, eviction_policy="evict_last")
-        xv = _normalized(xv, rstd, nw[None, :])
     s = tl.abs(xv.to(tl.float32))
     if WINA:
         sc = tl.load(sc_ptr + rows, mask=rm, other=0.0, eviction_policy="evict_last")
@@ -160,8 +130,6 @@ def _prefetch_kernel(
     t0_ptr, t1_ptr, t2_ptr,  # [1] threshold tensors (read when THR_PTR)
     o0_ptr, o1_ptr, o2_ptr,  # [B, N_s] outputs, x's dtype
     tv0, tv1, tv2,         # float thresholds (when not THR_PTR)
-    nw_ptr,                # [K] RMSNorm weight, x's dtype (read when NORM)
-    eps,                   # RMSNorm epsilon (when NORM)
     ws_ptr,                # fp32 workspace, 16 rows per output column, zero on entry and exit (SPLIT)
     cnt_ptr,               # int32 tickets, one per N tile, zero on entry and exit (SPLIT)
     B, K, N0, N1, N2, KPP,  # tokens, channels, output widths, channels per program
@@ -169,7 +137,7 @@ def _prefetch_kernel(
     NSEG: tl.constexpr, WINA: tl.constexpr, THR_PTR: tl.constexpr, BP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NCH: tl.constexpr, XS: tl.constexpr,
     SPLIT: tl.constexpr, PIPE: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
-    NORM: tl.constexpr = False, RCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -203,35 +171,26 @@ def _prefetch_kernel(
     # prologue: the kept-row bit words of every step, from x loads that nothing waits on later
     offs_bp = tl.arange(0, BP)
     bmp = offs_bp < B
-    # NORM: x is the norm's input; every program computes the tokens' RMS statistic from the whole rows
-    if NORM:
-        rstd = _rms_scale(x_ptr, offs_bp, bmp, K, eps, BP, RCH)
-    else:
-        rstd = tl.zeros([BP], dtype=tl.float32)
     # words [NCH, XS]: chunk c of XS steps in row c; sidx holds each word's step number
     cidx = tl.arange(0, NCH)
     sidx = cidx[:, None] * XS + tl.arange(0, XS)[None, :]
     if NCH == 1:
-        words = _kept_words(x_ptr, sc_ptr, thr, offs_bp, bmp, lo, hi, K, 0, rstd, nw_ptr,
-                            WINA, XS, BLOCK_K, NORM)[None, :]
+        words = _kept_words(x_ptr, sc_ptr, thr, offs_bp, bmp, lo, hi, K, 0, WINA, XS, BLOCK_K)[None, :]
     else:  # a loop, not unrolled (compile time and registers); its x loads may be pipelined
         words = tl.zeros([NCH, XS], dtype=tl.int64)
         for c in tl.range(0, NCH, num_stages=2):
-            cw = _kept_words(x_ptr, sc_ptr, thr, offs_bp, bmp, lo, hi, K, c * XS, rstd, nw_ptr,
-                             WINA, XS, BLOCK_K, NORM)
+            cw = _kept_words(x_ptr, sc_ptr, thr, offs_bp, bmp, lo, hi, K, c * XS, WINA, XS, BLOCK_K)
             words = tl.where(cidx[:, None] == c, cw[None, :], words)
 
     offs_b = tl.arange(0, 16)  # tokens padded to one 16-row MMA tile
     bm = offs_b < B
-    # the statistic per MMA row: [1, 1] for one token (broadcast; padded rows are masked), else [16, 1]
-    rstd_rows = rstd[:, None]
     kr = tl.arange(0, BLOCK_K)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     if PIPE == 0:
         for k in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
             rows = k + kr
             w = _w_tile(w_ptr, rows, _row_mask(words, sidx, (k - lo) // BLOCK_K, kr), offs_n, nm, N)
-            xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, rstd_rows, nw_ptr, WINA, NORM)
+            xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, WINA)
             acc = _mma(acc, xk, w, F32)
     else:
         # two tiles in flight: the next step's rows are requested before this step's are reduced
@@ -242,7 +201,7 @@ def _prefetch_kernel(
             rows = lo + i * BLOCK_K + kr
             # step nsteps has no bits set: an all-masked load, no memory traffic
             nxt = _w_tile(w_ptr, rows + BLOCK_K, _row_mask(words, sidx, i + 1, kr), offs_n, nm, N)
-            xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, rstd_rows, nw_ptr, WINA, NORM)
+            xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, WINA)
             acc = _mma(acc, xk, cur, F32)
 
     om = bm[:, None] & nm[None, :]
@@ -341,12 +300,10 @@ def _workspace(device: torch.device, n_total: int) -> tuple[torch.Tensor, torch.
 
 def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequence[Optional[torch.Tensor]],
            thresholds: Sequence[Optional[torch.Tensor]], threshold_values: Sequence[float],
-           outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig] = None,
-           norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0) -> None:
+           outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig] = None) -> None:
     """Run the kernel on validated arguments: x [B, K] contiguous, 1 to 3 weights [K, N_s] sharing x,
     outs [B, N_s]. Channel scales all None or all tensors; thresholds all None (then the float values
-    are used) or all tensors. norm_weight [K] (x's dtype): x is an RMSNorm's input, normalized in the
-    kernel (see `input_sparse_multi`)."""
+    are used) or all tensors."""
     nseg = len(w_ts)
     batch, k = x.shape
     ns = [w.shape[1] for w in w_ts]
@@ -373,12 +330,10 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
     t0 = triton.cdiv(ns[0], cfg.block_n)
     t1 = triton.cdiv(ns[1], cfg.block_n) if nseg > 1 else 0
     _prefetch_kernel[(n_tiles, split)](
-        x, *ws3, *sc3, *th3, *o3, *tv3, w_ts[0] if norm_weight is None else norm_weight, float(norm_eps),
-        acc_ws, tickets, batch, k, *n3, kpp, t0, t1,
+        x, *ws3, *sc3, *th3, *o3, *tv3, acc_ws, tickets, batch, k, *n3, kpp, t0, t1,
         NSEG=nseg, WINA=wina, THR_PTR=thr_ptr, BP=bp, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NCH=nstep // xs, XS=xs, SPLIT=split > 1, PIPE=0 if cfg.pipe == "auto" else 1, NUM_STAGES=cfg.num_stages,
-        F32=x.dtype == torch.float32 or device.type != "cuda", NORM=norm_weight is not None,
-        RCH=min(triton.next_power_of_2(k), max(16, _PROLOGUE_ELEMENTS // bp)),
+        F32=x.dtype == torch.float32 or device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_core.pdl_meta(device),
     )
 
@@ -418,25 +373,20 @@ def _multi_problem(x, w_ts, thresholds, channel_scales) -> tuple[type[Exception]
 def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds: Sequence[float | torch.Tensor],
                        *, channel_scales: Optional[Sequence[Optional[torch.Tensor]]] = None,
                        outs: Optional[Sequence[torch.Tensor]] = None,
-                       config: Optional[PrefetchConfig] = None,
-                       norm: Optional[tuple[torch.Tensor, float]] = None) -> list[torch.Tensor]:
+                       config: Optional[PrefetchConfig] = None) -> list[torch.Tensor]:
     """[input_sparse_linear(x, w_ts[i], thresholds[i], channel_scale=channel_scales[i]) for each i], in
     one launch (q, k and v of one attention layer: one x, up to three input-major weights).
 
     x [B, K] / [B, 1, K] / [K] (B <= 16); w_ts: 1 to 3 tensors [K, N_i] contiguous in x's dtype;
     thresholds: one per weight, all Python floats or all 1-element float tensors on x's device;
     channel_scales: None, or one per weight, all None or all [K] fp32; outs: None or one contiguous
-    [B, N_i] buffer per weight. norm: None, or (weight [K] in x's dtype, eps): x is the input of an
-    RMSNorm as transformers' Llama-family models compute it (``weight * (x * rsqrt(mean(x^2) + eps))``
-    rounded to x's dtype), which the kernel applies on the fly (`reference.rms_norm`), so the norm
-    needs no kernel of its own. Returns the outputs, each with x's leading shape + [N_i]."""
+    [B, N_i] buffer per weight. Returns the outputs, each with x's leading shape + [N_i]."""
     w_ts = list(w_ts)
     thresholds = list(thresholds)
     channel_scales = [None] * len(w_ts) if channel_scales is None else list(channel_scales)
-    p = _multi_problem(x, w_ts, thresholds, channel_scales) or norm_problem(norm, x, w_ts[0].shape[0])
+    p = _multi_problem(x, w_ts, thresholds, channel_scales)
     if p is not None:
         raise p[0](f"input_sparse_multi: {p[1]}")
-    norm_weight, norm_eps = norm_args(norm)
     k = w_ts[0].shape[0]
     x2 = x.reshape(-1, k).contiguous()
     batch = x2.shape[0]
@@ -444,7 +394,7 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
     if outs is None and config is None:
         # the registered op: one opaque node under torch.compile (attention's fused q/k/v)
         ys = _core.op_or_impl(_multi_op, _multi_impl)(x2, w_ts, channel_scales, [t for t, _ in thr],
-                                                      [v for _, v in thr], norm_weight, norm_eps)
+                                                      [v for _, v in thr])
         return [y.reshape(*x.shape[:-1], y.shape[1]) for y in ys]
     if outs is None:
         outs2 = [torch.empty(batch, w.shape[1], dtype=x.dtype, device=x.device) for w in w_ts]
@@ -457,8 +407,7 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
                 raise ValueError(f"input_sparse_multi: out must be a contiguous {x.dtype} tensor of {batch * n} "
                                  f"elements on {x.device}, got {o.dtype} {tuple(o.shape)} on {o.device}")
         outs2 = [o.view(batch, o.numel() // batch) for o in outs]
-    _launch_all(x2, w_ts, channel_scales, [t for t, _ in thr], [v for _, v in thr], outs2, config,
-                norm_weight, norm_eps)
+    _launch_all(x2, w_ts, channel_scales, [t for t, _ in thr], [v for _, v in thr], outs2, config)
     if outs is not None:
         return list(outs)
     return [o.reshape(*x.shape[:-1], o.shape[1]) for o in outs2]
@@ -466,28 +415,25 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
 
 def _launch_all(x2: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequence[Optional[torch.Tensor]],
                 thresholds: Sequence[Optional[torch.Tensor]], threshold_values: Sequence[float],
-                outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig],
-                norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0) -> None:
+                outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig]) -> None:
     """`launch`, except that a width-1 weight among several runs in its own launch: Triton turns an
     int argument equal to 1 into a constant, and the per-weight branch needs all widths as values of
     one type."""
     if any(w.shape[1] == 1 for w in w_ts) and len(w_ts) > 1:
         for i, w in enumerate(w_ts):
-            launch(x2, [w], [channel_scales[i]], [thresholds[i]], [threshold_values[i]], [outs[i]], config,
-                   norm_weight, norm_eps)
+            launch(x2, [w], [channel_scales[i]], [thresholds[i]], [threshold_values[i]], [outs[i]], config)
     else:
-        launch(x2, w_ts, channel_scales, thresholds, threshold_values, outs, config, norm_weight, norm_eps)
+        launch(x2, w_ts, channel_scales, thresholds, threshold_values, outs, config)
 
 
 def _multi_impl(x: torch.Tensor, w_ts: list[torch.Tensor], channel_scales: list[Optional[torch.Tensor]],
-                thresholds: list[Optional[torch.Tensor]], threshold_values: list[float],
-                norm_weight: Optional[torch.Tensor], norm_eps: float) -> list[torch.Tensor]:
+                thresholds: list[Optional[torch.Tensor]], threshold_values: list[float]) -> list[torch.Tensor]:
     """``countdown::input_sparse_multi`` on validated arguments: x [B, K] contiguous, w_ts 1 to 3
     [K, N_i]; one channel scale per weight, all None (TEAL) or all [K] fp32 (WINA); one threshold per
-    weight, all None (then the float ``threshold_values`` are used) or all [1] float tensors;
-    norm_weight [K] or None (x is an RMSNorm's input). Returns fresh [B, N_i] outputs."""
+    weight, all None (then the float ``threshold_values`` are used) or all [1] float tensors.
+    Returns fresh [B, N_i] outputs."""
     outs = [torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device) for w in w_ts]
-    _launch_all(x, w_ts, channel_scales, thresholds, threshold_values, outs, None, norm_weight, norm_eps)
+    _launch_all(x, w_ts, channel_scales, thresholds, threshold_values, outs, None)
     return outs
 
 
@@ -495,5 +441,5 @@ _multi_op = torch.library.custom_op("countdown::input_sparse_multi", _multi_impl
 
 
 @_multi_op.register_fake
-def _(x, w_ts, channel_scales, thresholds, threshold_values, norm_weight, norm_eps):
+def _(x, w_ts, channel_scales, thresholds, threshold_values):
     return [x.new_empty(x.shape[0], w.shape[1]) for w in w_ts]

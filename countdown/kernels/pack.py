@@ -202,36 +202,6 @@ def check_act(act: str) -> None:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
-def norm_problem(norm, x: torch.Tensor, k: int) -> tuple[type[Exception], str] | None:
-    """(exception type, reason) when ``norm`` is neither None nor a valid (weight [K] in x's dtype, eps)
-    pair for an op whose input x is an RMSNorm's input; else None."""
-    if norm is None:
-        return None
-    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
-        return TypeError, "norm must be None or a (weight, eps) pair"
-    weight, eps = norm
-    if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype:
-        return TypeError, f"the norm weight must be a tensor of x's dtype {x.dtype}"
-    if weight.dim() != 1 or weight.numel() != k or weight.device != x.device or not weight.is_contiguous():
-        return ValueError, f"the norm weight must be a contiguous [{k}] tensor on {x.device}, got {tuple(weight.shape)}"
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        return ValueError, f"the norm eps must be a float >= 0, got {eps!r}"
-    return None
-
-
-def check_norm(norm, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """(weight, eps) of a valid ``norm`` for inputs x [..., K], (None, 0.0) for None; raises otherwise."""
-    p = norm_problem(norm, x, x.shape[-1])
-    if p is not None:
-        raise p[0](p[1])
-    return norm_args(norm)
-
-
-def norm_args(norm) -> tuple[torch.Tensor | None, float]:
-    """A validated ``norm`` as the kernels take it: (weight, eps), or (None, 0.0) for no norm."""
-    return (None, 0.0) if norm is None else (norm[0], float(norm[1]))
-
-
 def check_input(x: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tokens x ([H], [B, H] or [B, 1, H]) as [B, H] contiguous, and B; raises when the kernels
     cannot serve them (see ``kernel_unavailable_reason``)."""

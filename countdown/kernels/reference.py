@@ -133,12 +133,8 @@ def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_
 
 def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-                     score_act: bool | None = None, signed: bool = False,
-                     norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-    """``gather_ffn`` with the dense projection a = w_dense x computed too (w_dense = W_gate or W_up);
-    with norm = (weight, eps), x is an RMSNorm's input (`rms_norm` first)."""
-    if norm is not None:
-        x = rms_norm(x, norm[0], norm[1])
+                     score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
+    """``gather_ffn`` with the dense projection a = w_dense x computed too (w_dense = W_gate or W_up)."""
     return gather_ffn(x, _proj(x, w_dense), w_sparse, w_down_t, threshold, act=act, dense=dense,
                       score_act=score_act, signed=signed)
 
@@ -154,14 +150,6 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
         keep = score.float() > _thr(threshold, score)
     t = activation(_proj(x, w_gate), act) * _proj(x, w_up)
     return _down(t, keep, w_down_t).to(w_down_t.dtype)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Llama, Mistral and Qwen2/3 norms compute it: x [..., K], weight [K]
-    (x's dtype). fp32 statistic, normalized x rounded to x's dtype, then multiplied by the weight."""
-    x32 = x.float()
-    h = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
