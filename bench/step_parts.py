@@ -3,8 +3,8 @@ saves per layer (issue 13).
 
     PYTHONPATH=. python bench/step_parts.py            # under a minute on an H100
 
-One query token over a 256-slot bf16 cache (32 query heads, 8 key/value heads, head dim 128, a boolean
-mask), as transformers' sdpa does it with a mask (``repeat_kv`` of keys and values, then SDPA) against
+One query token a row, at batch 1, 4 and 16, over a 256-slot bf16 cache (32 query heads, 8 key/value
+heads, head dim 128, a boolean mask of a different length for each row), as transformers' sdpa does it with a mask (``repeat_kv`` of keys and values, then SDPA) against
 `countdown.gqa_decode` (the group's heads as rows, SDPA on the cache as it is). Each variant runs 32
 times (one per layer, each layer its own cache) inside one CUDA graph (`bench/input_sparse.py`'s
 ``bench_graph``: do_bench median of the replays), PDL as the Decoder has it; µs per layer = replay / 32.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from bench.input_sparse import bench_graph
 
 LAYERS, HQ, HKV, D, SLOTS = 32, 32, 8, 128, 256
+BATCHES = (1, 4, 16)
 T0 = time.time()
 
 
@@ -39,44 +40,45 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def attention_parts(g: torch.Generator) -> dict:
+def attention_parts(g: torch.Generator, batch: int) -> dict:
     dev, bf = "cuda", torch.bfloat16
-    q = [torch.randn(1, HQ, 1, D, generator=g, device=dev).to(bf) for _ in range(LAYERS)]
-    k = [torch.randn(1, HKV, SLOTS, D, generator=g, device=dev).to(bf) for _ in range(LAYERS)]
-    v = [torch.randn(1, HKV, SLOTS, D, generator=g, device=dev).to(bf) for _ in range(LAYERS)]
-    mask = (torch.arange(SLOTS, device=dev) < 200).view(1, 1, 1, SLOTS)  # 200 filled slots
+    q = [torch.randn(batch, HQ, 1, D, generator=g, device=dev).to(bf) for _ in range(LAYERS)]
+    k = [torch.randn(batch, HKV, SLOTS, D, generator=g, device=dev).to(bf) for _ in range(LAYERS)]
+    v = [torch.randn(batch, HKV, SLOTS, D, generator=g, device=dev).to(bf) for _ in range(LAYERS)]
+    filled = 200 - 7 * torch.arange(batch, device=dev)  # each row sees its own number of slots, as padding makes them
+    mask = (torch.arange(SLOTS, device=dev)[None, :] < filled[:, None]).view(batch, 1, 1, SLOTS)
     out = [None] * LAYERS
 
     def repeated(i):
-        kk = k[i][:, :, None].expand(1, HKV, HQ // HKV, SLOTS, D).reshape(1, HQ, SLOTS, D)
-        vv = v[i][:, :, None].expand(1, HKV, HQ // HKV, SLOTS, D).reshape(1, HQ, SLOTS, D)
+        kk = k[i][:, :, None].expand(batch, HKV, HQ // HKV, SLOTS, D).reshape(batch, HQ, SLOTS, D)
+        vv = v[i][:, :, None].expand(batch, HKV, HQ // HKV, SLOTS, D).reshape(batch, HQ, SLOTS, D)
         out[i] = F.scaled_dot_product_attention(q[i], kk, vv, attn_mask=mask)
 
     def packed(i):
-        out[i] = F.scaled_dot_product_attention(q[i].view(1, HKV, HQ // HKV, D), k[i], v[i], attn_mask=mask)
+        out[i] = F.scaled_dot_product_attention(q[i].view(batch, HKV, HQ // HKV, D), k[i], v[i], attn_mask=mask)
 
     rows = {"repeat_kv + sdpa (transformers)": per_layer_us(repeated)}
-    want = out[0].reshape(1, HQ, D)
+    want = out[0].reshape(batch, HQ, D)
     rows["packed sdpa (gqa_decode)"] = per_layer_us(packed)
-    return {"us": rows, "rel_err": rel(out[0].reshape(1, HQ, D), want)}
+    return {"us": rows, "rel_err": rel(out[0].reshape(batch, HQ, D), want)}
 
 
 def main() -> None:
     torch.manual_seed(0)
     g = torch.Generator(device="cuda").manual_seed(0)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "attention": attention_parts(g)}
+               "attention": {b: attention_parts(g, b) for b in BATCHES}}
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "step_parts.json"), "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\nLlama-3-8B shape, bf16, batch 1, {LAYERS} layers in one CUDA graph, {results['gpu']}, "
+    print(f"\nLlama-3-8B shape, bf16, one-token attention, {LAYERS} layers in one CUDA graph, {results['gpu']}, "
           f"torch {results['torch']}, {time.time() - T0:.0f}s")
-    print("| part | variant | µs per layer |\n|---|---|---|")
-    for part in ("attention",):
-        for variant, us in results[part]["us"].items():
-            print(f"| {part} | {variant} | {us:.2f} |")
-        print(f"| {part} | relative error, new against old | {results[part]['rel_err']:.1e} |")
+    print("| batch | variant | µs per layer |\n|---|---|---|")
+    for b, part in results["attention"].items():
+        for variant, us in part["us"].items():
+            print(f"| {b} | {variant} | {us:.2f} |")
+        print(f"| {b} | relative error, new against old | {part['rel_err']:.1e} |")
 
 
 if __name__ == "__main__":
