@@ -6,8 +6,8 @@
 
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
 sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
-(Inductor's ``triton.multi_kernel``) or ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
-default).
+(Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
+default) or ``+attnk`` (`gqa_decode.TRITON_KERNEL`: that attention through countdown's Triton kernel).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -40,7 +40,7 @@ from collections import defaultdict
 import torch
 
 import countdown
-from countdown import attention, decode, ffn
+from countdown import attention, decode, ffn, gqa_decode
 from countdown.decode import Decoder
 from countdown.loading import random_inputs, random_model
 
@@ -137,7 +137,8 @@ def parse_config(item: str) -> tuple[str | None, float, float | None, tuple[str,
 EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass persistent reductions)",
           "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)",
           "gqa": "decode.GQA_DECODE_ATTENTION on (the default since session 10: one-token attention on the cache as it is)",
-          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies of the cache every step)"}
+          "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies of the cache every step)",
+          "attnk": "gqa_decode.TRITON_KERNEL (the packed one-token attention through countdown's Triton kernel)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -175,6 +176,7 @@ def main() -> None:
             continue
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
         decode.GQA_DECODE_ATTENTION = "gqa" in extras or (DEFAULT_GQA and "nogqa" not in extras)
+        gqa_decode.TRITON_KERNEL = "attnk" in extras
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
@@ -219,6 +221,7 @@ def main() -> None:
         else:
             countdown.unfuse_qkv(model)
     decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, DEFAULT_GQA
+    gqa_decode.TRITON_KERNEL = False
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")

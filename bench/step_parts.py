@@ -5,7 +5,9 @@ saves per layer (issue 13).
 
 One query token a row, at batch 1, 4 and 16, over a 256-slot bf16 cache (32 query heads, 8 key/value
 heads, head dim 128, a boolean mask of a different length for each row), as transformers' sdpa does it with a mask (``repeat_kv`` of keys and values, then SDPA) against
-`countdown.gqa_decode` (the group's heads as rows, SDPA on the cache as it is). Each variant runs 32
+`countdown.gqa_decode` (the group's heads as rows, SDPA on the cache as it is), and against the same
+packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`, switched by
+`gqa_decode.TRITON_KERNEL`). Each variant runs 32
 times (one per layer, each layer its own cache) inside one CUDA graph (`bench/input_sparse.py`'s
 ``bench_graph``: do_bench median of the replays), PDL as the Decoder has it; µs per layer = replay / 32.
 Checks the new result against the old. Table last; JSON to $OUT/step_parts.json.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.input_sparse import bench_graph
+from countdown.kernels import decode_attention
 
 LAYERS, HQ, HKV, D, SLOTS = 32, 32, 8, 128, 256
 BATCHES = (1, 4, 16)
@@ -60,7 +63,14 @@ def attention_parts(g: torch.Generator, batch: int) -> dict:
     rows = {"repeat_kv + sdpa (transformers)": per_layer_us(repeated)}
     want = out[0].reshape(batch, HQ, D)
     rows["packed sdpa (gqa_decode)"] = per_layer_us(packed)
-    return {"us": rows, "rel_err": rel(out[0].reshape(batch, HQ, D), want)}
+    errors = {"packed sdpa": rel(out[0].reshape(batch, HQ, D), want)}
+
+    def kernel(i):
+        out[i] = decode_attention(q[i].view(batch, HKV, HQ // HKV, D), k[i], v[i], mask)
+
+    rows["packed, countdown kernel (gqa_decode.TRITON_KERNEL)"] = per_layer_us(kernel)
+    errors["countdown kernel"] = rel(out[0].reshape(batch, HQ, D), want)
+    return {"us": rows, "rel_err": errors}
 
 
 def main() -> None:
@@ -78,7 +88,8 @@ def main() -> None:
     for b, part in results["attention"].items():
         for variant, us in part["us"].items():
             print(f"| {b} | {variant} | {us:.2f} |")
-        print(f"| {b} | relative error, new against old | {part['rel_err']:.1e} |")
+        for name, err in part["rel_err"].items():
+            print(f"| {b} | relative error, {name} against repeat_kv + sdpa | {err:.1e} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 NAME = "countdown_gqa_sdpa"
+# The packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`: split over
+# the cache, masked slots never read) instead of SDPA, where the kernel serves the tensors (CUDA, a
+# bool or additive mask shared by the heads). Read when the step is traced or captured. Off until timed
+# on a GPU (bench/step_parts.py, bench/instance_spread.py "+attnk").
+TRITON_KERNEL = False
 
 
 def _packable(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -59,8 +64,19 @@ def gqa_decode_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                                       is_causal=is_causal, **kwargs)
     batch, heads, _, dim = query.shape
     rows = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    if TRITON_KERNEL and _kernel_serves(rows, key, value, attention_mask):
+        from .kernels import decode_attention
+
+        out = decode_attention(rows, key, value, attention_mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, 1, heads, value.shape[-1]), None
+
+
+def _kernel_serves(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> bool:
+    from .kernels import HAS_TRITON, decode_attention_unavailable_reason
+
+    return HAS_TRITON and decode_attention_unavailable_reason(rows, key, value, mask) is None
 
 
 def register() -> str:

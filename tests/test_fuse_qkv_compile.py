@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import countdown
-from countdown import attention, decode
+from countdown import attention, decode, gqa_decode
 from countdown.decode import Decoder
 from tiny_models import tiny_model, tokens
 
@@ -73,8 +73,9 @@ def test_the_op_has_a_fake_implementation_and_a_schema():
             test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("method", ["teal", "m-countdown"])
-def test_compiled_step_with_gqa_attention_is_one_graph_and_keeps_the_tokens(method, fullgraph, monkeypatch):
+@pytest.mark.parametrize("method, triton_attention", [("teal", False), ("m-countdown", False), ("teal", True)])
+def test_compiled_step_with_gqa_attention_is_one_graph_and_keeps_the_tokens(method, triton_attention, fullgraph,
+                                                                            monkeypatch):
     model = tiny_model("llama").to(DEVICE)
     countdown.sparsify(model, method, 0.5, calibration=tokens(4, 24), attention=0.5, kernels="always",
                        progress=False)
@@ -82,6 +83,7 @@ def test_compiled_step_with_gqa_attention_is_one_graph_and_keeps_the_tokens(meth
     monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", False)
     reference = Decoder(model, 32).generate(prompt, 5).tokens
     monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
+    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", triton_attention)  # countdown::decode_attention in the graph
     got = Decoder(model, 32, compile=True).generate(prompt, 5).tokens
     assert torch.equal(got, reference)
     assert not torch._dynamo.utils.counters["graph_break"]

@@ -87,6 +87,29 @@ def test_switch_off_and_models_it_does_not_apply_to(monkeypatch):
     assert not gqa_decode.applies(eager)
 
 
+@pytest.mark.parametrize("arch, batch", [("llama", 2), ("qwen2", 3)])
+def test_decoder_steps_through_the_triton_kernel_keep_generate_tokens(arch, batch, monkeypatch):
+    from countdown import kernels
+
+    if not (torch.cuda.is_available() or kernels.HAS_TRITON and kernels.interpret_mode()):
+        pytest.skip("needs CUDA or Triton's interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
+    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", True)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model(arch).to(device)
+    prompt = tokens(batch, 9, seed=6).to(device)
+    mask = torch.ones_like(prompt)
+    mask[-1, :3] = 0  # left padding: the mask differs per row
+    result = Decoder(model, max_len=40, batch_size=batch).generate(prompt, 10, attention_mask=mask)
+    want = model.generate(prompt, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                          pad_token_id=0)
+    assert torch.equal(result.tokens, want)
+    assert len(calls) == 9 * model.config.num_hidden_layers  # every decode step of every layer
+
+
 def test_model_gets_sdpa_back_when_the_block_raises():
     model = tiny_model("llama")
     with pytest.raises(RuntimeError, match="inside"):

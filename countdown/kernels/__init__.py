@@ -15,6 +15,8 @@ W_down transposed to ``w_down_t`` [I, H], all contiguous, so a skipped neuron is
                                                              D-COUNTDOWN prac. kept rows of all 3
     input_sparse_linear(x, w_t, thr, channel_scale=)         TEAL / WINA      rows of kept input channels
     input_sparse_linears(x, [w_gate_t, w_up_t], thr, ...)    TEAL / WINA      the same, one launch (B = 1)
+    decode_attention(q, k, v, mask, scale)                   decode attention one token's grouped heads
+                                                                              over the filled KV cache
 
 Every FFN op takes ``thr`` as a float, a 1-element tensor, or an [I] float32 tensor of per-neuron
 thresholds (CHESS: τ / E|u_i|; S-COUNTDOWN: sqrt(2τ) / ‖W_down[:, i]‖); the gather ops also take
@@ -39,6 +41,7 @@ from .pack import (HAS_TRITON, MAX_BATCH, MAX_HIDDEN, PackedFFN, interpret_mode,
 
 if HAS_TRITON:
     from ._core import set_pdl
+    from .gqa_attention import decode_attention, decode_attention_unavailable_reason
     from .gather_ffn import fused_gather_ffn, gather_ffn
     from .input_sparse import input_sparse_linear, input_sparse_linears, input_sparse_unavailable_reason
     from .predicted_ffn import predicted_sparse_ffn
@@ -49,13 +52,15 @@ else:
                            "use countdown.kernels.reference instead")
 
     sparse_down = coefficient_ffn = gather_ffn = fused_gather_ffn = predicted_sparse_ffn = _no_triton
-    input_sparse_linear = input_sparse_linears = _no_triton
+    input_sparse_linear = input_sparse_linears = decode_attention = _no_triton
 
     def set_pdl(on: bool) -> None:  # nothing is launched without Triton
         pass
 
     def input_sparse_unavailable_reason(*args, **kwargs) -> str:
         return "Triton is not installed"
+
+    decode_attention_unavailable_reason = input_sparse_unavailable_reason
 
 
 __all__ = [
@@ -64,6 +69,8 @@ __all__ = [
     "MAX_HIDDEN",
     "PackedFFN",
     "coefficient_ffn",
+    "decode_attention",
+    "decode_attention_unavailable_reason",
     "fused_gather_ffn",
     "gather_ffn",
     "input_sparse_linear",

@@ -152,6 +152,18 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
     return _down(t, keep, w_down_t).to(w_down_t.dtype)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v per key/value head, in fp32: q [B, H, G, D] (a head's G query rows),
+    k, v [B, H, L, D], mask [B or 1, 1, 1, L] bool (True: attend) or float (added), or None.
+    Returns [B, H, G, D] in q's dtype (the kernel ``decode_attention``'s reference)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q.float() @ k.float().transpose(-1, -2) * scale  # [B, H, G, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+
+
 def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
                         channel_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = sum over input channels j with score_j > threshold of x_j * w_t[j, :]  (TEAL / WINA).
