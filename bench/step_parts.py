@@ -7,7 +7,7 @@ One query token a row, at batch 1, 4 and 16, over a 256-slot bf16 cache (32 quer
 heads, head dim 128, a boolean mask of a different length for each row), as transformers' sdpa does it with a mask (``repeat_kv`` of keys and values, then SDPA) against
 `countdown.gqa_decode` (the group's heads as rows, SDPA on the cache as it is), and against the same
 packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`, switched by
-`gqa_decode.TRITON_KERNEL`). Each variant runs 32
+`gqa_decode.TRITON_KERNEL`), with the cache split into programs of at least 64, 128 or 256 slots. Each variant runs 32
 times (one per layer, each layer its own cache) inside one CUDA graph (`bench/input_sparse.py`'s
 ``bench_graph``: do_bench median of the replays), PDL as the Decoder has it; µs per layer = replay / 32.
 Checks the new result against the old. Table last; JSON to $OUT/step_parts.json.
@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.input_sparse import bench_graph
-from countdown.kernels import decode_attention
+from countdown.kernels import decode_attention, gqa_attention
 
 LAYERS, HQ, HKV, D, SLOTS = 32, 32, 8, 128, 256
 BATCHES = (1, 4, 16)
+SLOTS_PER_PROGRAM = (64, 128, 256)
 T0 = time.time()
 
 
@@ -68,8 +69,13 @@ def attention_parts(g: torch.Generator, batch: int) -> dict:
     def kernel(i):
         out[i] = decode_attention(q[i].view(batch, HKV, HQ // HKV, D), k[i], v[i], mask)
 
-    rows["packed, countdown kernel (gqa_decode.TRITON_KERNEL)"] = per_layer_us(kernel)
-    errors["countdown kernel"] = rel(out[0].reshape(batch, HQ, D), want)
+    shipped = gqa_attention.SLOTS_PER_SPLIT
+    for slots in SLOTS_PER_PROGRAM:  # how finely the kernel splits the cache (the shipped value is marked)
+        gqa_attention.SLOTS_PER_SPLIT = slots
+        mark = " (shipped)" if slots == shipped else ""
+        rows[f"packed, countdown kernel, >= {slots} slots a program{mark}"] = per_layer_us(kernel)
+        errors[f"countdown kernel, >= {slots} slots a program"] = rel(out[0].reshape(batch, HQ, D), want)
+    gqa_attention.SLOTS_PER_SPLIT = shipped
     return {"us": rows, "rel_err": errors}
 
 

@@ -20,7 +20,8 @@ layer on the Llama-3-8B shape reading a 1 MB cache (docs/BENCHMARKS.md, session 
 bytes. Here every (row, key/value head) pair is split over the cache into programs of ``SLOTS_PER_SPLIT``
 or more slots; each keeps an online softmax over its slots in fp32 (scores with ``tl.dot`` over the G rows
 padded to 16), and the last program of a pair to finish (atomic ticket) combines the partial results.
-Slots the mask hides are never loaded, so a long static cache costs what its filled part costs.
+On caches of ``SKIP_HIDDEN_FROM`` slots or more, slots the mask hides are never loaded, so a long static
+cache costs what its filled part costs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ PROGRAMS_PER_SM = 2
 MAX_GROUP = 64
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
+# From this many cache slots on, the K/V loads wait for the mask so that hidden slots (the unfilled part of a
+# static cache) are not read: bytes saved on long caches; on short ones, loading K, V and the mask at once
+# saves a dependent load's latency instead
+SKIP_HIDDEN_FROM = 1024
 
 
 @triton.jit
@@ -59,6 +64,7 @@ def _decode_attention_kernel(
     H, G, L, D, SPS, SPLITS, scale_log2,  # SPS: slots per split; scale_log2 = scale · log2(e)
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS_PAD: tl.constexpr,
     MASK: tl.constexpr,  # 0 none, 1 bool, 2 additive
+    SKIP_HIDDEN: tl.constexpr,  # K/V loads wait for the mask and skip hidden slots (long caches)
     F32: tl.constexpr,   # dot in fp32 (fp32 inputs, or the interpreter)
 ):
     pair = tl.program_id(0)  # b * H + h
@@ -79,15 +85,20 @@ def _decode_attention_kernel(
     hi = tl.minimum(lo + SPS, L)
     for s0 in tl.range(lo, hi, BLOCK_L):
         s = s0 + tl.arange(0, BLOCK_L)
-        visible = s < hi
+        in_range = s < hi
+        visible = in_range
         if MASK == 1:
             visible = visible & (tl.load(mask_ptr + b * smb + s * sml, mask=visible, other=0) != 0)
         if MASK == 2:
             bias = tl.load(mask_ptr + b * smb + s * sml, mask=visible, other=float("-inf")).to(tl.float32)
             visible = visible & (bias > float("-inf"))
-        kv_mask = visible[:, None] & dm[None, :]
+        if SKIP_HIDDEN:
+            kv_mask = visible[:, None] & dm[None, :]
+        else:
+            kv_mask = in_range[:, None] & dm[None, :]
         kt = tl.load(k_ptr + b * skb + h * skh + s[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
         vt = tl.load(v_ptr + b * svb + h * svh + s[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.where(visible[:, None], vt, tl.zeros_like(vt))  # a hidden slot's value never counts, not even NaN
         if F32:
             scores = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
@@ -146,8 +157,12 @@ def _tickets(device: torch.device, pairs: int) -> torch.Tensor:
     key = (device.type, device.index)
     t = _TICKETS.get(key)
     if t is None or t.numel() < pairs:
-        t = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
-        _TICKETS[key] = t
+        fresh = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # first use inside a CUDA graph capture: the zero fill only runs when the graph replays, so this
+            # buffer is the graph's own (filled before the kernel at every replay) and is not kept for others
+            return fresh
+        _TICKETS[key] = t = fresh
     return t
 
 
@@ -186,6 +201,7 @@ def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
         v.stride(0), v.stride(1), v.stride(2), smb, sml,
         heads, group, length, dim, sps, splits, float(scale) * LOG2E,
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_L=BLOCK_L, SPLITS_PAD=triton.next_power_of_2(splits), MASK=kind,
+        SKIP_HIDDEN=kind != 0 and length >= SKIP_HIDDEN_FROM,
         F32=q.dtype == torch.float32 or q.device.type != "cuda", num_warps=4,
     )
     return out
