@@ -31,9 +31,9 @@ from torch import nn
 
 NAME = "countdown_gqa_sdpa"
 # The packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`: split over
-# the cache, masked slots never read) instead of SDPA, where the kernel serves the tensors (CUDA, a
-# bool or additive mask shared by the heads). Read when the step is traced or captured. Off until timed
-# on a GPU (bench/step_parts.py, bench/instance_spread.py "+attnk").
+# the cache; on long caches, masked slots are never read) instead of SDPA, where the kernel serves the
+# tensors (CUDA, a bool or additive mask shared by the heads). Read when the step is traced or captured.
+# Off until timed on a GPU (bench/step_parts.py, bench/instance_spread.py "+attnk").
 TRITON_KERNEL = False
 
 
