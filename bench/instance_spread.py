@@ -225,14 +225,14 @@ def main() -> None:
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")
-    print("| config | instance | round | tok/s (3 calls) | sequence | skipped per site | SM MHz | W |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | instance | round | tok/s (3 calls) | sequence | skipped per site | GiB allocated | SM MHz | W |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k in range(0, len(calls), 3):
         g = calls[k : k + 3]
         sk = ", ".join(f"{s} {v:.3f}" for s, v in g[0].get("skipped", {}).items())
         print(f"| {g[0]['config']} | {g[0]['instance']} | {g[0]['round']} | "
               f"{' / '.join(format(q['tokens_per_s'], '.1f') for q in g)} | {','.join(str(q.get('sequence')) for q in g)} | "
-              f"{sk} | {g[0]['gpu_after'].get('sm_mhz', float('nan')):.0f} | {g[0]['gpu_after'].get('power_w', float('nan')):.0f} |")
+              f"{sk} | {g[0].get('gib_allocated') or float('nan'):.2f} | {g[0]['gpu_after'].get('sm_mhz', float('nan')):.0f} | {g[0]['gpu_after'].get('power_w', float('nan')):.0f} |")
     if profiles:
         names = sorted({k for p in profiles.values() for k in p}, key=lambda k: -max(p.get(k, 0) for p in profiles.values()))
         print("\nms per step by kernel (20 replays), instances side by side; kernels whose spread > 0.01 ms")
