@@ -1,16 +1,19 @@
-"""One part of a decode step timed alone on the Llama-3-8B shape: what `decode.GQA_DECODE_ATTENTION`
-saves per layer (issue 13).
+"""The one-token attention of a decode step timed alone on the Llama-3-8B shape: what
+`decode.GQA_DECODE_ATTENTION` and `gqa_decode.TRITON_KERNEL` save per layer (issue 13).
 
     PYTHONPATH=. python bench/step_parts.py            # under a minute on an H100
 
 One query token a row, at batch 1, 4 and 16, over a 256-slot bf16 cache (32 query heads, 8 key/value
-heads, head dim 128, a boolean mask of a different length for each row), as transformers' sdpa does it with a mask (``repeat_kv`` of keys and values, then SDPA) against
-`countdown.gqa_decode` (the group's heads as rows, SDPA on the cache as it is), and against the same
-packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`, switched by
-`gqa_decode.TRITON_KERNEL`), with the cache split into programs of at least 64, 128 or 256 slots. Each variant runs 32
-times (one per layer, each layer its own cache) inside one CUDA graph (`bench/input_sparse.py`'s
-``bench_graph``: do_bench median of the replays), PDL as the Decoder has it; µs per layer = replay / 32.
-Checks the new result against the old. Table last; JSON to $OUT/step_parts.json.
+heads, head dim 128, a boolean mask of a different length for each row), three ways:
+- as transformers' sdpa does it with a mask (``repeat_kv`` of keys and values, then SDPA);
+- `countdown.gqa_decode` (the group's heads as rows, SDPA on the cache as it is);
+- the same packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`, switched
+  by `gqa_decode.TRITON_KERNEL`), with the cache split into programs of at least 64, 128 or 256 slots.
+
+Each variant runs 32 times (one per layer, each layer its own cache) inside one CUDA graph
+(`bench/input_sparse.py`'s ``bench_graph``: do_bench median of the replays), PDL as the Decoder has it;
+µs per layer = replay / 32. Checks each result against the repeat_kv one. Table last; JSON to
+$OUT/step_parts.json.
 
 Session 10 also timed folding the RMSNorm into the q/k/v and gate + up launches here (commit 388c725,
 raw bench/results/step-parts-h100-2026-12-07.json): slower than Inductor's norm kernel plus the launch,

@@ -225,11 +225,13 @@ def decode_attention_unavailable_reason(q: torch.Tensor, k: torch.Tensor, v: tor
         return f"q, k, v must be 4-D, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
     batch, heads, group, dim = q.shape
     if k.shape[:2] != (batch, heads) or k.shape[3] != dim or v.shape != k.shape:
-        return f"k and v must be [B, H, L, {dim}] with B, H of q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}"
+        return (f"k and v must be [B, H, L, {dim}] with B, H of q {tuple(q.shape)}, "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} not supported (bf16, fp16, fp32, matching)"
     if group > MAX_GROUP or dim > MAX_HEAD_DIM or k.shape[2] == 0:
-        return f"{group} query heads per key/value head (max {MAX_GROUP}), head dim {dim} (max {MAX_HEAD_DIM}), {k.shape[2]} slots"
+        return (f"{group} query heads per key/value head (max {MAX_GROUP}), head dim {dim} "
+                f"(max {MAX_HEAD_DIM}), {k.shape[2]} slots (at least 1)")
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         return "the head dim of q, k and v must be contiguous"
     if mask is not None:
