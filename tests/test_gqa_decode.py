@@ -110,6 +110,25 @@ def test_decoder_steps_through_the_triton_kernel_keep_generate_tokens(arch, batc
     assert len(calls) == 9 * model.config.num_hidden_layers  # every decode step of every layer
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_generate_inside_the_block_keeps_its_tokens(arch, monkeypatch):
+    """A user's own ``model.generate`` (dynamic cache, eager) can use it too: same tokens, packed steps."""
+    model = tiny_model(arch)
+    prompt = tokens(3, 8, seed=11)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
+    want = model.generate(prompt, **kwargs)
+    packed = []
+    real = gqa_decode._packable
+    monkeypatch.setattr(gqa_decode, "_packable", lambda *a: packed.append(real(*a)) or packed[-1])
+    with gqa_decode.decode_attention(model) as switched:
+        got = model.generate(prompt, **kwargs)
+    assert switched and torch.equal(got, want)
+    assert packed.count(True) == 8 * model.config.num_hidden_layers
+
+
 def test_model_gets_sdpa_back_when_the_block_raises():
     model = tiny_model("llama")
     with pytest.raises(RuntimeError, match="inside"):
