@@ -58,6 +58,10 @@ def gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
@@ -197,8 +201,8 @@ def main() -> None:
                     before = gpu_state()
                     res = decoder.generate(prompt, args.new_tokens)
                     calls.append({"config": name, "instance": i, "round": r, "call": c,
-                                  "tokens_per_s": res.tokens_per_second, "gib_allocated": gib(),
-                                  "gib_peak": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, "tokens": res.tokens[0, PROMPT:].tolist(),
+                                  "tokens_per_s": res.tokens_per_second, "gib_allocated": gib(), "gib_peak": peak_gib(),
+                                  "tokens": res.tokens[0, PROMPT:].tolist(),
                                   "gpu_before": before, "gpu_after": gpu_state()})
                 log(name, f"round {r} instance {i}:", " ".join(f"{q['tokens_per_s']:.1f}" for q in calls[-3:]))
         if args.profile:
@@ -220,7 +224,8 @@ def main() -> None:
             countdown.unsparsify(model)
         else:
             countdown.unfuse_qkv(model)
-    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS, decode.GQA_DECODE_ATTENTION = False, DEFAULT_OPTIONS, DEFAULT_GQA
+    decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS = False, DEFAULT_OPTIONS
+    decode.GQA_DECODE_ATTENTION = DEFAULT_GQA
     gqa_decode.TRITON_KERNEL = False
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "

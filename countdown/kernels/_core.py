@@ -437,6 +437,10 @@ def _persistent_workspace(device: torch.device, size: int) -> torch.Tensor:
     ws = _PERSISTENT_WS.get(key)
     if ws is None:
         ws = torch.zeros(size, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # first use inside a CUDA graph capture: the zero fill only runs when the graph replays, so
+            # this buffer is the graph's own (filled before its kernel at every replay), not kept for others
+            return ws
         _PERSISTENT_WS[key] = ws
     return ws
 

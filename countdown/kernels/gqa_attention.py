@@ -26,7 +26,6 @@ cache costs what its filled part costs.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -34,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _core
 from .pack import SUPPORTED_DTYPES, interpret_mode
 
 __all__ = ["decode_attention", "decode_attention_unavailable_reason"]
@@ -43,7 +43,8 @@ SLOTS_PER_SPLIT = 64  # at least this many slots per program
 PROGRAMS_PER_SM = 2
 MAX_GROUP = 64
 MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constant the kernel may read
+INTERPRETER_SMS = 4  # off the GPU: enough "SMs" that the tests' short caches still split
 # From this many cache slots on, the K/V loads wait for the mask so that hidden slots (the unfilled part of a
 # static cache) are not read: bytes saved on long caches; on short ones, loading K, V and the mask at once
 # saves a dependent load's latency instead
@@ -105,7 +106,7 @@ def _decode_attention_kernel(
             scores = tl.dot(q, tl.trans(kt))
         scores = scores * scale_log2  # [G_PAD, BLOCK_L], log2 units
         if MASK == 2:
-            scores = scores + bias[None, :] * 1.4426950408889634
+            scores = scores + bias[None, :] * LOG2E
         scores = tl.where(visible[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
@@ -149,31 +150,16 @@ def _decode_attention_kernel(
             tl.atomic_xchg(cnt_ptr + pair, 0)  # zero again for the next call (and the next graph replay)
 
 
-_TICKETS: dict[tuple, torch.Tensor] = {}
+def _splits(pairs: int, length: int, device: torch.device) -> int:
+    """Programs per (row, head) pair: enough to fill the GPU, each with at least SLOTS_PER_SPLIT slots."""
+    sms = _core._num_sms(device) if device.type == "cuda" else INTERPRETER_SMS
+    return max(1, min(triton.cdiv(length, SLOTS_PER_SPLIT), triton.cdiv(PROGRAMS_PER_SM * sms, pairs)))
 
 
 def _tickets(device: torch.device, pairs: int) -> torch.Tensor:
-    """A zero-on-exit int32 ticket per (row, head) pair, kept per device (this kernel's own)."""
-    key = (device.type, device.index)
-    t = _TICKETS.get(key)
-    if t is None or t.numel() < pairs:
-        fresh = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # first use inside a CUDA graph capture: the zero fill only runs when the graph replays, so this
-            # buffer is the graph's own (filled before the kernel at every replay) and is not kept for others
-            return fresh
-        _TICKETS[key] = t = fresh
-    return t
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def _splits(pairs: int, length: int, device: torch.device) -> int:
-    """Programs per (row, head) pair: enough to fill the GPU, each with at least SLOTS_PER_SPLIT slots."""
-    return max(1, min(triton.cdiv(length, SLOTS_PER_SPLIT), triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), pairs)))
+    """A zero-on-exit int32 ticket per (row, head) pair (shared with the other kernels' workspaces of this
+    size: kernels on one stream run one after another, and each leaves it zero)."""
+    return _core._persistent_workspace(device, max(1024, triton.next_power_of_2(pairs)))
 
 
 def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -199,7 +185,7 @@ def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
         q, k, v, m2, out, part, stat, _tickets(q.device, pairs),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), smb, sml,
-        heads, group, length, dim, sps, splits, float(scale) * LOG2E,
+        heads, group, length, dim, sps, splits, float(scale) * LOG2E.value,
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_L=BLOCK_L, SPLITS_PAD=triton.next_power_of_2(splits), MASK=kind,
         SKIP_HIDDEN=kind != 0 and length >= SKIP_HIDDEN_FROM,
         F32=q.dtype == torch.float32 or q.device.type != "cuda", num_warps=4,
