@@ -340,9 +340,17 @@ def _sparse_ffn_kernel(
         acc = _sparse_rows(acc, start, end, vec_ptr, thr, thr_ptr, xv, hoffs, hm, H, wg_ptr, wu_ptr, wd_ptr,
                            KIND, SCORE_ACT, SIGNED, THR_VEC, ACT, BLOCK_I, CHUNK, PIPE)
 
-    # ---- reduction over programs: fp32 atomics, then (FINALIZE) the last program casts ----
-    # Program p adds into copy p % NCOPY of the workspace: NCOPY copies divide the number of adds
-    # that land on one address (they serialise in L2), for NCOPY reads in the last program.
+    _reduce_programs(acc, pid, ws_ptr, cnt_ptr, out_ptr, hoffs, hm, H, H_PAD, FINALIZE, NCOPY)
+
+
+@triton.jit
+def _reduce_programs(acc, pid, ws_ptr, cnt_ptr, out_ptr, hoffs, hm, H, H_PAD: tl.constexpr, FINALIZE: tl.constexpr,
+                     NCOPY: tl.constexpr):
+    """The reduction over programs of an output row: each program adds its fp32 ``acc`` [H_PAD] into the
+    workspace ``ws_ptr`` [NCOPY, H] with relaxed atomics; with FINALIZE the last program to take the
+    ticket ``cnt_ptr`` [1] casts the totals into ``out_ptr`` [H] (and with FINALIZE 2 zeroes the
+    workspace and the ticket again). Program p adds into copy p % NCOPY: NCOPY copies divide the adds
+    that land on one address (they serialise in L2), for NCOPY reads in the last program."""
     tl.atomic_add(ws_ptr + (pid % NCOPY) * H + hoffs, acc, mask=hm, sem="relaxed")
     if FINALIZE > 0:
         tl.debug_barrier()  # every thread's adds precede this program's ticket
