@@ -8,7 +8,7 @@ A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity
 sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
 (Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
 default), ``+attnk`` (`gqa_decode.TRITON_KERNEL`: that attention through countdown's Triton kernel) or
-``+teal3`` (`kernels.teal_ffn.FUSE` off: TEAL's FFN as three launches instead of one).
+``+teal1`` (`kernels.teal_ffn.FUSE` on: TEAL's FFN for one token in one launch instead of three).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -145,7 +145,7 @@ EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass pers
           "gqa": "decode.GQA_DECODE_ATTENTION on (the default since session 10: one-token attention on the cache as it is)",
           "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies of the cache every step)",
           "attnk": "gqa_decode.TRITON_KERNEL (the packed one-token attention through countdown's Triton kernel)",
-          "teal3": "kernels.teal_ffn.FUSE off (TEAL's FFN as gate + up, activation, down: three launches)"}
+          "teal1": "kernels.teal_ffn.FUSE on (TEAL's FFN for one token as one launch instead of three)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -184,7 +184,7 @@ def main() -> None:
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
         decode.GQA_DECODE_ATTENTION = "gqa" in extras or (DEFAULT_GQA and "nogqa" not in extras)
         gqa_decode.TRITON_KERNEL = "attnk" in extras
-        teal_ffn.FUSE = "teal3" not in extras
+        teal_ffn.FUSE = "teal1" in extras
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)

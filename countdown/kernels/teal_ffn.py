@@ -53,8 +53,9 @@ from .reference import activation
 __all__ = ["FfnConfig", "input_sparse_ffn", "input_sparse_ffn_unavailable_reason", "FUSE"]
 
 # Whether one token runs the one-launch kernel (else the three-launch path). Read at call time, so at
-# graph-capture time: one process can A/B it. The environment gives the initial value.
-FUSE = os.environ.get("COUNTDOWN_FUSE_TEAL_FFN", "1") == "1"
+# graph-capture time: one process can A/B it. The environment gives the initial value. Off until it is
+# timed on a GPU (bench/step_parts.py per layer, bench/instance_spread.py end to end).
+FUSE = os.environ.get("COUNTDOWN_FUSE_TEAL_FFN", "0") == "1"
 
 
 @triton.jit

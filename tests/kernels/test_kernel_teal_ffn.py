@@ -12,6 +12,12 @@ from kernel_cases import DEVICE, ON_GPU, kernels, reference, rel_err, threshold_
 from countdown.kernels import _core
 from countdown.kernels import teal_ffn as isf
 
+
+@pytest.fixture(autouse=True)
+def one_launch(monkeypatch):
+    """The one-launch kernel for one token, whatever the shipped default of the switch."""
+    monkeypatch.setattr(isf, "FUSE", True)
+
 # (H, I): odd sizes in the interpreter (H not a multiple of 16, I not of 8); model shapes on a GPU
 SHAPES = [(576, 1536), (4096, 14336), (3584, 18944)] if ON_GPU else [(72, 203), (40, 136)]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
