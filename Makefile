@@ -11,4 +11,4 @@ run: setup
 	$(VENV)/bin/countdown run
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	COUNTDOWN_REQUIRE_REAL_MODELS=1 $(VENV)/bin/python -m pytest -q
