@@ -1,5 +1,6 @@
-"""The one-token attention of a decode step timed alone on the Llama-3-8B shape: what
-`decode.GQA_DECODE_ATTENTION` and `gqa_decode.TRITON_KERNEL` save per layer (issue 13).
+"""Parts of a decode step timed alone on the Llama-3-8B shape (issue 13): what
+`decode.GQA_DECODE_ATTENTION` and `gqa_decode.TRITON_KERNEL` save per layer of attention, and what
+`kernels.teal_ffn.FUSE` (TEAL's FFN in one launch) saves per FFN layer.
 
     PYTHONPATH=. python bench/step_parts.py            # under a minute on an H100
 
@@ -10,7 +11,11 @@ heads, head dim 128, a boolean mask of a different length for each row), three w
 - the same packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`, switched
   by `gqa_decode.TRITON_KERNEL`), with the cache split into programs of at least 64, 128 or 256 slots.
 
-Each variant runs 32 times (one per layer, each layer its own cache) inside one CUDA graph
+TEAL's FFN at 50% on x and on t, batch 1: the three-launch path (gate + up, the activation, down) against
+the one-launch kernel in a few launch configurations, on 8 layers of their own weights (2.8 GB), with the
+byte floor (kept rows' bytes / 3.0 TB/s) and the error against the fp32 reference.
+
+Each attention variant runs 32 times (one per layer, each layer its own cache) inside one CUDA graph
 (`bench/input_sparse.py`'s ``bench_graph``: do_bench median of the replays), PDL as the Decoder has it;
 µs per layer = replay / 32. Checks each result against the repeat_kv one. Table last; JSON to
 $OUT/step_parts.json.
@@ -88,9 +93,7 @@ HIDDEN, INTER, FFN_COPIES, BW = 4096, 14336, 8, 3.0e12
 FFN_CONFIGS = {
     "p1-k64-s3": teal_ffn.FfnConfig(),
     "p1-k32-s4": teal_ffn.FfnConfig(block_k=32, num_stages=4),
-    "p1-k64-s4": teal_ffn.FfnConfig(num_stages=4),
     "p2-k64-s3": teal_ffn.FfnConfig(programs_per_sm=2),
-    "p2-k32-s3-w4": teal_ffn.FfnConfig(programs_per_sm=2, block_k=32, num_warps=4),
     "p1-k64-s3-pipe": teal_ffn.FfnConfig(pipe=True),
 }
 
