@@ -14,7 +14,7 @@ rounded to x's dtype before its threshold test.
 Why one launch. On the Llama-3-8B shape TEAL's FFN at 50% reads 176 MB a layer (58.7 µs at 3.0 TB/s),
 and its two input-sparse launches plus the activation kernel between them took ~78 µs on the H100
 (docs/KERNELS.md): each launch pays its own start, pipeline fill and split-K reduction. Here program p
-owns the neurons [p * NPP, (p + 1) * NPP) (NPP a multiple of 8: 16-byte aligned row fragments):
+owns the neurons [p * NPP, (p + 1) * NPP) (NPP a multiple of 16: 32-byte aligned row fragments):
 - phase 1 walks every input channel BLOCK_K a step; channels with |x| <= thr_in are masked off the
   [BLOCK_K, NPP] tiles of W_gate^T and W_up^T (never fetched), and the two tiles are reduced with
   ``tl.dot`` (x padded to a 16-row tile), so gate and up of the program's neurons are complete in fp32;
@@ -122,7 +122,7 @@ def _input_sparse_ffn_kernel(
 class FfnConfig:
     """Launch parameters of ``_input_sparse_ffn_kernel``.
 
-    programs_per_sm: the neurons are split into about this many programs per SM (NPP a multiple of 8).
+    programs_per_sm: the neurons are split into about this many programs per SM (NPP a multiple of 16).
     block_k: input channels per phase-1 step; num_stages: phase-1 pipeline depth.
     block_i, chunk, pipe: phase 2, as ``_core.KernelConfig``."""
 
@@ -147,7 +147,8 @@ def pick_config(device: torch.device) -> FfnConfig:
 def _grid(cfg: FfnConfig, inter: int, device: torch.device) -> tuple[int, int]:
     """(programs, neurons per program)."""
     target = max(1, cfg.programs_per_sm * _core._num_sms(device))
-    npp = triton.cdiv(triton.cdiv(inter, target), 8) * 8
+    # a multiple of 16: Triton then knows every column offset and bound is, and loads 16-byte vectors
+    npp = triton.cdiv(triton.cdiv(inter, target), 16) * 16
     return triton.cdiv(inter, npp), npp
 
 
