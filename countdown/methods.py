@@ -524,12 +524,10 @@ class Wina(Method):
         return Teal.ffn_bytes_read(self, kind, skipped)
 
     def kernel_forward(self, parts, x):
-        thr_in, norms_in = parts.threshold("input"), parts.column_norms("gate")
-        projections = kernels.input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in)
-        g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
-        t = parts.act(g) * u
-        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),
-                                           channel_scale=parts.column_norms("down"))
+        # TEAL's kernel with WINA's channel scales: one launch for one token, three for 2-16
+        return kernels.input_sparse_ffn(x, parts.input_major(), parts.down_t(), parts.threshold("input"),
+                                        parts.threshold("coef"), act=parts.kernel_act,
+                                        channel_scales=(parts.column_norms("gate"), parts.column_norms("down")))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""TEAL's whole gated FFN for one decode token in one launch: input-sparse gate and up, the activation,
-and the input-sparse down projection.
+"""TEAL's (and WINA's) whole gated FFN for one decode token in one launch: input-sparse gate and up, the
+activation, and the input-sparse down projection.
 
-    input_sparse_ffn(x, w_in_ts, w_down_t, thr_in, thr_coef, act="silu")
-        x_kept = x where |x| > thr_in, else 0
+    input_sparse_ffn(x, w_in_ts, w_down_t, thr_in, thr_coef, act="silu", channel_scales=None)
+        x_kept = x where score_in > thr_in, else 0          score_in  = |x|   (TEAL) or |x| * s_in (WINA)
         t      = act(W_gate x_kept) * (W_up x_kept)
-        y      = sum over neurons i with |t_i| > thr_coef of t_i * w_down_t[i, :]
+        y      = sum over neurons i with score_i > thr_coef   score_i = |t_i| (TEAL) or |t_i| * s_coef_i (WINA)
+                 of t_i * w_down_t[i, :]
 
 The same function as ``input_sparse_linears`` on [w_gate_t, w_up_t], the activation and
 ``input_sparse_linear`` on w_down_t (the three-launch path every batch size can take, and the one used
@@ -31,6 +32,8 @@ Shapes and layout (H hidden, I intermediate):
     w_down_t  [I, H] contiguous (W_down^T: neuron i's weights are row i); x's dtype
     thr_in, thr_coef  Python floats or 1-element float tensors on x's device (read by the kernel, so one
               CUDA graph serves every threshold)
+    channel_scales  None (TEAL) or (s_in [H], s_coef [I]), contiguous fp32 (WINA: column norms of W_gate
+              and W_down); the kernel tests |t_i| > thr_coef / s_coef_i, the same test up to rounding
     y         x's shape and dtype; fp32 accumulation throughout.
 """
 
@@ -64,13 +67,15 @@ def _input_sparse_ffn_kernel(
     wg_ptr, wu_ptr,    # [H, I] W_gate^T and W_up^T, row stride W_STRIDE
     wd_ptr,            # [I, H] W_down^T, contiguous
     tin_ptr, tco_ptr,  # [1] thresholds of x and of t (read when THR_PTR)
+    sin_ptr, sco_ptr,  # [H], [I] fp32 channel scales of x and of t (read when WINA)
     vec_ptr,           # [I] fp32 scratch: t
+    thrv_ptr,          # [I] fp32 scratch: thr_coef / s_coef (written and read when WINA)
     ws_ptr,            # [H] fp32 workspace, zero on entry and on exit
     cnt_ptr,           # [1] int32 ticket, zero on entry and on exit
     out_ptr,           # [H] output, x's dtype
     tin_v, tco_v,      # float thresholds (when not THR_PTR)
     H, I, W_STRIDE, NPP,
-    ACT: tl.constexpr, THR_PTR: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, THR_PTR: tl.constexpr, WINA: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
     PIPE: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False,
 ):
@@ -96,7 +101,10 @@ def _input_sparse_ffn_kernel(
         ch = k + kr
         chm = ch < H
         xv = tl.load(x_ptr + ch, mask=chm, other=0.0, eviction_policy="evict_last")
-        keep = (tl.abs(xv.to(tl.float32)) > thr_in) & chm
+        score = tl.abs(xv.to(tl.float32))
+        if WINA:
+            score = score * tl.load(sin_ptr + ch, mask=chm, other=0.0, eviction_policy="evict_last")
+        keep = (score > thr_in) & chm
         xa = tl.where((rows0[:, None] == 0) & keep[None, :], xv[None, :], tl.zeros_like(xv)[None, :])
         woff = ch.to(tl.int64)[:, None] * W_STRIDE + cols[None, :]
         wm = keep[:, None] & cm[None, :]
@@ -107,14 +115,16 @@ def _input_sparse_ffn_kernel(
     gate = tl.sum(tl.where(rows0[:, None] == 0, acc_g, 0.0), axis=0)  # [BLOCK_N]
     up = tl.sum(tl.where(rows0[:, None] == 0, acc_u, 0.0), axis=0)
     tl.store(vec_ptr + cols, _core._act(gate, ACT) * up, mask=cm)
+    if WINA:  # |t_i| * s_i > thr  <=>  |t_i| > thr / s_i: _sparse_rows' per-neuron thresholds
+        tl.store(thrv_ptr + cols, thr_co / tl.load(sco_ptr + cols, mask=cm, other=1.0), mask=cm)
     tl.debug_barrier()  # phase 2 reads t written by other threads of this program
 
     # phase 2: the kept neurons' rows of W_down^T
     hoffs = tl.arange(0, H_PAD)
     hm = hoffs < H
     acc = tl.zeros([H_PAD], dtype=tl.float32)
-    acc = _core._sparse_rows(acc, start, end, vec_ptr, thr_co, tco_ptr, 0.0, hoffs, hm, H, wd_ptr, wd_ptr, wd_ptr,
-                             _core.KIND_T, False, False, False, ACT, BLOCK_I, CHUNK, PIPE)
+    acc = _core._sparse_rows(acc, start, end, vec_ptr, thr_co, thrv_ptr, 0.0, hoffs, hm, H, wd_ptr, wd_ptr, wd_ptr,
+                             _core.KIND_T, False, False, WINA, ACT, BLOCK_I, CHUNK, PIPE)
     _core._reduce_programs(acc, pid, ws_ptr, cnt_ptr, out_ptr, hoffs, hm, H, H_PAD, 2, 1)
 
 
@@ -162,21 +172,24 @@ def _split_in(w_in_ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 def _launch(x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_down_t: torch.Tensor,
             thr_in: Optional[torch.Tensor], thr_in_v: float, thr_co: Optional[torch.Tensor], thr_co_v: float,
-            act: str, config: Optional[FfnConfig] = None) -> torch.Tensor:
+            act: str, scale_in: Optional[torch.Tensor] = None, scale_co: Optional[torch.Tensor] = None,
+            config: Optional[FfnConfig] = None) -> torch.Tensor:
     """Run the kernel on validated arguments: x [H] contiguous; returns y [H]."""
     inter, hidden = w_down_t.shape
     device = x.device
     cfg = config or pick_config(device)
     programs, npp = _grid(cfg, inter, device)
     ws = _core._persistent_workspace(device, hidden + 1)
-    vec = torch.empty(inter, dtype=torch.float32, device=device)
+    wina = scale_in is not None
+    vec = torch.empty(2 * inter if wina else inter, dtype=torch.float32, device=device)
     out = torch.empty(hidden, dtype=x.dtype, device=device)
     thr_ptr = thr_in is not None
     _input_sparse_ffn_kernel[(programs,)](
-        x, w_gate_t, w_up_t, w_down_t, thr_in if thr_ptr else ws, thr_co if thr_ptr else ws, vec,
+        x, w_gate_t, w_up_t, w_down_t, thr_in if thr_ptr else ws, thr_co if thr_ptr else ws,
+        scale_in if wina else vec, scale_co if wina else vec, vec, vec[inter:] if wina else vec,
         ws[:hidden].view(torch.float32), ws[hidden:], out, float(thr_in_v), float(thr_co_v),
         hidden, inter, w_gate_t.stride(0), npp,
-        ACT=ACTIVATIONS.index(act), THR_PTR=thr_ptr, H_PAD=triton.next_power_of_2(hidden),
+        ACT=ACTIVATIONS.index(act), THR_PTR=thr_ptr, WINA=wina, H_PAD=triton.next_power_of_2(hidden),
         BLOCK_N=max(16, triton.next_power_of_2(npp)), BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
         BLOCK_I=cfg.block_i, CHUNK=cfg.chunk, PIPE=cfg.pipe,
         F32=x.dtype == torch.float32 or device.type != "cuda",
@@ -187,15 +200,15 @@ def _launch(x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_dow
 
 def _impl(x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_down_t: torch.Tensor,
           thr_in: Optional[torch.Tensor], thr_in_v: float, thr_co: Optional[torch.Tensor], thr_co_v: float,
-          act: str) -> torch.Tensor:
-    return _launch(x, w_gate_t, w_up_t, w_down_t, thr_in, thr_in_v, thr_co, thr_co_v, act)
+          act: str, scale_in: Optional[torch.Tensor], scale_co: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch(x, w_gate_t, w_up_t, w_down_t, thr_in, thr_in_v, thr_co, thr_co_v, act, scale_in, scale_co)
 
 
 _op = torch.library.custom_op("countdown::input_sparse_ffn", _impl, mutates_args=())
 
 
 @_op.register_fake
-def _(x, w_gate_t, w_up_t, w_down_t, thr_in, thr_in_v, thr_co, thr_co_v, act):
+def _(x, w_gate_t, w_up_t, w_down_t, thr_in, thr_in_v, thr_co, thr_co_v, act, scale_in, scale_co):
     return x.new_empty(w_down_t.shape[1])
 
 
@@ -233,13 +246,33 @@ def input_sparse_ffn_unavailable_reason(x: torch.Tensor, w_in_ts: Sequence[torch
     return None
 
 
+def _check_scales(channel_scales, hidden: int, inter: int, device: torch.device):
+    """(s_in, s_coef) or (None, None), validated."""
+    if channel_scales is None:
+        return None, None
+    if not isinstance(channel_scales, (list, tuple)) or len(channel_scales) != 2:
+        raise ValueError("channel_scales must be None or (s_in [H], s_coef [I])")
+    for name, sc, n in (("s_in", channel_scales[0], hidden), ("s_coef", channel_scales[1], inter)):
+        if not isinstance(sc, torch.Tensor) or sc.dtype != torch.float32:
+            raise TypeError(f"channel_scales: {name} must be a float32 tensor")
+        if sc.shape != (n,) or not sc.is_contiguous() or sc.device != device:
+            raise ValueError(f"channel_scales: {name} must be a contiguous [{n}] tensor on {device}, "
+                             f"got {tuple(sc.shape)} on {sc.device}")
+    return channel_scales[0], channel_scales[1]
+
+
 def input_sparse_ffn(x: torch.Tensor, w_in_ts: Sequence[torch.Tensor], w_down_t: torch.Tensor,
-                     thr_in: float | torch.Tensor, thr_coef: float | torch.Tensor, *,
-                     act: str = "silu") -> torch.Tensor:
-    """TEAL's gated FFN on decode tokens; see the module docstring. One token with ``FUSE``: one launch;
-    otherwise (2-16 tokens) ``input_sparse_linears`` on the input-major gate and up, ``act(gate) * up``
-    in x's dtype, and ``input_sparse_linear`` on w_down_t. Returns x's shape and dtype."""
+                     thr_in: float | torch.Tensor, thr_coef: float | torch.Tensor, *, act: str = "silu",
+                     channel_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """TEAL's (channel_scales=None) or WINA's gated FFN on decode tokens; see the module docstring. One
+    token with ``FUSE``: one launch; otherwise (2-16 tokens) ``input_sparse_linears`` on the input-major
+    gate and up, ``act(gate) * up`` in x's dtype, and ``input_sparse_linear`` on w_down_t. Returns x's
+    shape and dtype."""
     check_act(act)
+    if isinstance(w_down_t, torch.Tensor) and w_down_t.dim() == 2:
+        s_in, s_co = _check_scales(channel_scales, w_down_t.shape[1], w_down_t.shape[0], w_down_t.device)
+    else:
+        s_in = s_co = None
     if FUSE and input_sparse_ffn_unavailable_reason(x, w_in_ts, w_down_t) is None:
         tin, tin_v = check_threshold(thr_in, x.device)
         tco, tco_v = check_threshold(thr_coef, x.device)
@@ -247,8 +280,8 @@ def input_sparse_ffn(x: torch.Tensor, w_in_ts: Sequence[torch.Tensor], w_down_t:
             raise TypeError("thr_in and thr_coef must both be floats or both 1-element tensors")
         w_gate_t, w_up_t = _split_in(w_in_ts)
         run = _core.op_or_impl(_op, _impl)
-        y = run(x.reshape(-1).contiguous(), w_gate_t, w_up_t, w_down_t, tin, tin_v, tco, tco_v, act)
+        y = run(x.reshape(-1).contiguous(), w_gate_t, w_up_t, w_down_t, tin, tin_v, tco, tco_v, act, s_in, s_co)
         return y.reshape(x.shape)
-    projections = input_sparse_linears(x, list(w_in_ts), thr_in)
+    projections = input_sparse_linears(x, list(w_in_ts), thr_in, channel_scale=s_in)
     g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
-    return input_sparse_linear(activation(g, act) * u, w_down_t, thr_coef)
+    return input_sparse_linear(activation(g, act) * u, w_down_t, thr_coef, channel_scale=s_co)

@@ -49,7 +49,12 @@ def run(x, w_in, wd, thr_in, thr_co, act="silu", config=None):
     t_in, v_in = kernels.pack.check_threshold(thr_in, x.device)
     t_co, v_co = kernels.pack.check_threshold(thr_co, x.device)
     return isf._launch(x.reshape(-1).contiguous(), *isf._split_in(w_in), wd, t_in, v_in, t_co, v_co, act,
-                       config).reshape(x.shape)
+                       config=config).reshape(x.shape)
+
+
+def wina_scales(wg, wd):
+    """WINA's channel scales: column norms of W_gate (over its outputs) and of W_down, fp32."""
+    return wg.float().norm(dim=1).contiguous(), wd.float().norm(dim=1).contiguous()
 
 
 @pytest.mark.parametrize("hidden,inter", SHAPES)
@@ -77,6 +82,23 @@ def test_fused_gate_up_layout_and_gelu():
     ref = reference.input_sparse_ffn(x, [wg, wu], wd, thr_in, thr_co, act="gelu_tanh")
     assert rel_err(out, ref) <= 1e-2
     assert torch.equal(out, kernels.input_sparse_ffn(x, [wg, wu], wd, thr_in, thr_co, act="gelu_tanh"))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_wina_channel_scales(batch, dtype):
+    hidden, inter = SHAPES[0]
+    x, wg, wu, wd = make(hidden, inter, dtype, seed=21 + batch, batch=batch)
+    scales = wina_scales(wg, wd)
+    thr_in = threshold_for(x.float().abs() * scales[0], 0.5)
+    xk = torch.where(x.float().abs() * scales[0] > thr_in, x.float(), 0.0)
+    t = reference.activation(xk @ wg.float(), "silu") * (xk @ wu.float())
+    thr_co = threshold_for(t.abs() * scales[1], 0.6)
+    out = kernels.input_sparse_ffn(x, [wg, wu], wd, thr_in, thr_co, channel_scales=scales)
+    ref = reference.input_sparse_ffn(x, [wg, wu], wd, thr_in, thr_co, channel_scales=scales)
+    assert rel_err(out, ref) <= (tol(dtype) if batch == 1 else 5e-2)  # 3 tokens: t rounded to x's dtype first
+    teal = reference.input_sparse_ffn(x, [wg, wu], wd, thr_in, thr_co)
+    assert rel_err(out, teal) > 10 * tol(dtype)  # the scales changed which channels were kept
 
 
 CONFIGS = [isf.FfnConfig(programs_per_sm=p, block_k=bk, num_stages=st, num_warps=4, block_i=bi, chunk=ch, pipe=pi)
@@ -137,6 +159,10 @@ def test_bad_input_is_named():
     assert "one" in isf.input_sparse_ffn_unavailable_reason(x.expand(2, hidden), [wg, wu], wd)
     assert "[" in isf.input_sparse_ffn_unavailable_reason(x, [wg.t(), wu], wd)
     assert "dtype" in isf.input_sparse_ffn_unavailable_reason(x.half(), [wg, wu], wd)
+    with pytest.raises(ValueError, match="s_coef must be a contiguous"):
+        kernels.input_sparse_ffn(x, [wg, wu], wd, 0.1, 0.1, channel_scales=(wina_scales(wg, wd)[0], wg[:, 0].float()))
+    with pytest.raises(TypeError, match="s_in must be a float32"):
+        kernels.input_sparse_ffn(x, [wg, wu], wd, 0.1, 0.1, channel_scales=(x.half(), wina_scales(wg, wd)[1]))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
@@ -162,5 +188,6 @@ def test_opcheck():
     hidden, inter = SHAPES[0]
     x, wg, wu, wd = make(hidden, inter, torch.float32, seed=4)
     t = torch.tensor([0.3], device=DEVICE)
-    torch.library.opcheck(isf._op, (x.reshape(-1), wg, wu, wd, t, 0.0, t, 0.0, "silu"),
-                          test_utils=("test_schema", "test_faketensor"))
+    for scales in (None, wina_scales(wg, wd)):
+        torch.library.opcheck(isf._op, (x.reshape(-1), wg, wu, wd, t, 0.0, t, 0.0, "silu", *(scales or (None, None))),
+                              test_utils=("test_schema", "test_faketensor"))
