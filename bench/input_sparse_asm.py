@@ -26,11 +26,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from countdown.kernels import input_sparse as isp  # noqa: E402
 from countdown.kernels import input_sparse_prefetch as ispf  # noqa: E402
-from countdown.kernels import teal_ffn  # noqa: E402
 
 ALIGNED = ("x_ptr", "w_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "out_ptr", "o0_ptr", "o1_ptr", "o2_ptr", "ws_ptr",
-           "cnt_ptr", "K", "N", "N0", "N1", "N2", "KPP", "wg_ptr", "wu_ptr", "wd_ptr", "vec_ptr", "H", "I",
-           "W_STRIDE", "NPP")  # what Triton specialises as 16-divisible on the device
+           "cnt_ptr", "K", "N", "N0", "N1", "N2", "KPP")  # what Triton specialises as 16-divisible on the device
 
 
 def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int):
@@ -79,17 +77,6 @@ def main() -> None:
                      NCH=1, XS=nstep, SPLIT=True,
                      PIPE=0 if c.pipe == "auto" else 1, NUM_STAGES=c.num_stages, F32=False)
         report(name, compile_sm90(ispf._prefetch_kernel, pf_types, const, c.num_warps, c.num_stages))
-
-    ffn_types = {**{a: t for a in ("x_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "out_ptr")},
-                 **{a: "*fp32" for a in ("tin_ptr", "tco_ptr", "vec_ptr", "ws_ptr")},
-                 "cnt_ptr": "*i32", "tin_v": "fp32", "tco_v": "fp32"}
-    for name, c in [("TEAL FFN one launch (shipped)", teal_ffn._GPU_CONFIG),
-                    ("TEAL FFN, k32 s4", teal_ffn.FfnConfig(block_k=32, num_stages=4)),
-                    ("TEAL FFN, 2 programs/SM", teal_ffn.FfnConfig(programs_per_sm=2))]:
-        npp = 112 if c.programs_per_sm == 1 else 64  # Llama-3-8B on 132 SMs
-        const = dict(ACT=0, THR_PTR=True, H_PAD=4096, BLOCK_N=triton.next_power_of_2(npp), BLOCK_K=c.block_k,
-                     NUM_STAGES=c.num_stages, BLOCK_I=c.block_i, CHUNK=c.chunk, PIPE=c.pipe, F32=False, PDL=False)
-        report(name, compile_sm90(teal_ffn._input_sparse_ffn_kernel, ffn_types, const, c.num_warps, c.num_stages))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
 sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
 (Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
-default), ``+attnk`` (`gqa_decode.TRITON_KERNEL`: that attention through countdown's Triton kernel) or
-``+teal1`` (`kernels.teal_ffn.FUSE` on: TEAL's FFN for one token in one launch instead of three).
+default) or ``+noattnk`` (`gqa_decode.TRITON_KERNEL` off: that attention through SDPA instead of countdown's
+Triton kernel; ``+attnk`` on, the default).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -43,13 +43,13 @@ import torch
 import countdown
 from countdown import attention, decode, ffn, gqa_decode
 from countdown.decode import Decoder
-from countdown.kernels import teal_ffn
 from countdown.loading import random_inputs, random_model
 
 T0 = time.time()
 PROMPT = 128
 DEFAULT_OPTIONS = dict(decode.COMPILE_OPTIONS)
 DEFAULT_GQA = decode.GQA_DECODE_ATTENTION
+DEFAULT_ATTNK = gqa_decode.TRITON_KERNEL
 
 
 def log(*a) -> None:
@@ -144,8 +144,8 @@ EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass pers
           "mk": "Inductor's triton.multi_kernel (a persistent variant of each reduction, picked by timing)",
           "gqa": "decode.GQA_DECODE_ATTENTION on (the default since session 10: one-token attention on the cache as it is)",
           "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies of the cache every step)",
-          "attnk": "gqa_decode.TRITON_KERNEL (the packed one-token attention through countdown's Triton kernel)",
-          "teal1": "kernels.teal_ffn.FUSE on (TEAL's FFN for one token as one launch instead of three)"}
+          "attnk": "gqa_decode.TRITON_KERNEL on (the packed one-token attention through countdown's Triton kernel)",
+          "noattnk": "gqa_decode.TRITON_KERNEL off (the packed one-token attention through SDPA)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -183,8 +183,7 @@ def main() -> None:
             continue
         decode.PERSISTENT_ROW_REDUCTIONS = "pr" in extras
         decode.GQA_DECODE_ATTENTION = "gqa" in extras or (DEFAULT_GQA and "nogqa" not in extras)
-        gqa_decode.TRITON_KERNEL = "attnk" in extras
-        teal_ffn.FUSE = "teal1" in extras
+        gqa_decode.TRITON_KERNEL = "off" if "noattnk" in extras else ("auto" if "attnk" in extras else DEFAULT_ATTNK)
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
@@ -230,7 +229,7 @@ def main() -> None:
             countdown.unfuse_qkv(model)
     decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS = False, DEFAULT_OPTIONS
     decode.GQA_DECODE_ATTENTION = DEFAULT_GQA
-    gqa_decode.TRITON_KERNEL = False
+    gqa_decode.TRITON_KERNEL = DEFAULT_ATTNK
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")

@@ -320,10 +320,11 @@ class Teal(Method):
         return (2 * (1 - s_in) + (1 - s_coef)) / 3 if kind == "gated" else ((1 - s_in) + (1 - s_coef)) / 2
 
     def kernel_forward(self, parts, x):
-        # gate and up read the rows of the kept input channels, down those of kept t: one launch for one
-        # token, input-sparse GEMVs around the activation for 2-16 (kernels.input_sparse_ffn)
-        return kernels.input_sparse_ffn(x, parts.input_major(), parts.down_t(), parts.threshold("input"),
-                                        parts.threshold("coef"), act=parts.kernel_act)
+        # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
+        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"))
+        g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
+        t = parts.act(g) * u
+        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"))
 
 
 class DejaVu(Method):
@@ -524,10 +525,12 @@ class Wina(Method):
         return Teal.ffn_bytes_read(self, kind, skipped)
 
     def kernel_forward(self, parts, x):
-        # TEAL's kernel with WINA's channel scales: one launch for one token, three for 2-16
-        return kernels.input_sparse_ffn(x, parts.input_major(), parts.down_t(), parts.threshold("input"),
-                                        parts.threshold("coef"), act=parts.kernel_act,
-                                        channel_scales=(parts.column_norms("gate"), parts.column_norms("down")))
+        thr_in, norms_in = parts.threshold("input"), parts.column_norms("gate")
+        projections = kernels.input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in)
+        g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
+        t = parts.act(g) * u
+        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),
+                                           channel_scale=parts.column_norms("down"))
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_decoder_steps_through_the_triton_kernel_keep_generate_tokens(arch, batc
         pytest.skip("needs CUDA or Triton's interpreter")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
-    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", True)
+    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "always")
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
@@ -155,3 +155,21 @@ def test_real_smollm2_with_teal_keeps_its_tokens(smollm2, monkeypatch):
         assert packed.count(True) == 15 * model.config.num_hidden_layers
     finally:
         countdown.unsparsify(model)
+
+
+def test_auto_uses_the_kernel_on_cuda_only_and_bad_switch_is_named(monkeypatch):
+    from countdown import kernels
+
+    rows = torch.randn(1, 2, 3, 8)
+    key = value = torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "auto")
+    assert not gqa_decode._use_kernel(rows, key, value, mask)  # CPU tensors: SDPA, never the interpreter
+    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "off")
+    assert not gqa_decode._use_kernel(rows, key, value, mask)
+    if kernels.HAS_TRITON and kernels.interpret_mode():
+        monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "always")
+        assert gqa_decode._use_kernel(rows, key, value, mask)
+    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", True)
+    with pytest.raises(ValueError, match="TRITON_KERNEL must be one of"):
+        gqa_decode._use_kernel(rows, key, value, mask)

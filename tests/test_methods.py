@@ -320,17 +320,6 @@ def test_kernel_forward_matches_the_reference_forward(method):
         assert not torch.allclose(ref, dense, rtol=1e-3, atol=1e-4)  # neurons were skipped
 
 
-@pytest.mark.parametrize("method", ["teal", "wina"])
-def test_kernel_forward_in_one_launch_matches_the_reference(method, monkeypatch):
-    from countdown.kernels import teal_ffn
-
-    monkeypatch.setattr(teal_ffn, "FUSE", True)
-    module = _odd_model(method)
-    x, fast, ref = _kernel_and_reference(module, 1, seed=5)
-    assert teal_ffn.input_sparse_ffn_unavailable_reason(x, module.input_major(), module.down_t()) is None
-    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("method", KERNELLED)
 def test_kernels_stay_off_in_topk_mode(method):
     model = _sparsify(tiny_model("llama"), method, 0.5, mode="topk")

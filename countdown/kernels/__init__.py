@@ -15,8 +15,6 @@ W_down transposed to ``w_down_t`` [I, H], all contiguous, so a skipped neuron is
                                                              D-COUNTDOWN prac. kept rows of all 3
     input_sparse_linear(x, w_t, thr, channel_scale=)         TEAL / WINA      rows of kept input channels
     input_sparse_linears(x, [w_gate_t, w_up_t], thr, ...)    TEAL / WINA      the same, one launch (B = 1)
-    input_sparse_ffn(x, [w_gate_t, w_up_t], w_down_t, thr_in, thr_coef, act=)
-                                                             TEAL             the whole FFN (one launch, B = 1)
     decode_attention(q, k, v, mask, scale)                   decode attention one token's grouped heads
                                                                               over the filled KV cache
 
@@ -46,7 +44,6 @@ if HAS_TRITON:
     from .gqa_attention import decode_attention, decode_attention_unavailable_reason
     from .gather_ffn import fused_gather_ffn, gather_ffn
     from .input_sparse import input_sparse_linear, input_sparse_linears, input_sparse_unavailable_reason
-    from .teal_ffn import input_sparse_ffn
     from .predicted_ffn import predicted_sparse_ffn
     from .sparse_down import coefficient_ffn, sparse_down
 else:
@@ -55,7 +52,7 @@ else:
                            "use countdown.kernels.reference instead")
 
     sparse_down = coefficient_ffn = gather_ffn = fused_gather_ffn = predicted_sparse_ffn = _no_triton
-    input_sparse_linear = input_sparse_linears = input_sparse_ffn = decode_attention = _no_triton
+    input_sparse_linear = input_sparse_linears = decode_attention = _no_triton
 
     def set_pdl(on: bool) -> None:  # nothing is launched without Triton
         pass
@@ -76,7 +73,6 @@ __all__ = [
     "decode_attention_unavailable_reason",
     "fused_gather_ffn",
     "gather_ffn",
-    "input_sparse_ffn",
     "input_sparse_linear",
     "input_sparse_linears",
     "input_sparse_unavailable_reason",

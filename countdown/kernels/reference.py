@@ -175,19 +175,3 @@ def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | t
     score = x32.abs() if channel_scale is None else x32.abs() * channel_scale.float()
     xk = torch.where(score > _thr(threshold, x), x32, torch.zeros_like(x32))
     return (xk @ w_t.float()).to(x.dtype)
-
-
-def input_sparse_ffn(x: torch.Tensor, w_in_ts: list[torch.Tensor], w_down_t: torch.Tensor,
-                     thr_in: float | torch.Tensor, thr_coef: float | torch.Tensor, *, act: str = "silu",
-                     channel_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """TEAL's gated FFN: t = act(W_gate x_kept) * (W_up x_kept) with x_kept = x where score_in > thr_in, then
-    y = sum over score_i > thr_coef of t_i * w_down_t[i]; scores |x|, |t| (TEAL) or, with channel_scales
-    (s_in [H], s_coef [I]), |x| * s_in and |t| * s_coef (WINA). w_in_ts: [w_gate_t, w_up_t] ([H, I] each)
-    or one [H, 2I] gate_up; w_down_t [I, H]. All in fp32 (t is not rounded); returns x's shape and dtype."""
-    w_in = torch.cat([w.float() for w in w_in_ts], dim=1)
-    s_in, s_co = (1.0, 1.0) if channel_scales is None else (channel_scales[0].float(), channel_scales[1].float())
-    x32 = x.float()
-    xk = torch.where(x32.abs() * s_in > _thr(thr_in, x), x32, torch.zeros_like(x32))
-    gate, up = (xk @ w_in).chunk(2, dim=-1)
-    t = activation(gate, act) * up
-    return _down(t, t.abs() * s_co > _thr(thr_coef, t), w_down_t).to(x.dtype)
