@@ -337,3 +337,22 @@ def test_compiled_step_sets_the_decode_heuristics_only_inside_its_calls():
     assert torch.allclose(out, torch.nn.functional.rms_norm(x, (96,)) * 2, atol=1e-5)
     assert seen and seen[0] is DecodeChoices
     assert type(V.choices) is not DecodeChoices
+
+
+def test_left_padded_sliding_window_steps_equal_a_cache_free_greedy_forward():
+    """Gemma 3's sliding-window layers with left padding: the Decoder's tokens are those of a full forward
+    over the whole sequence at every step (the ground truth of greedy decoding). transformers'
+    model.generate gives other tokens for the padded row here (5.x: its sliding cache), so it is not the
+    reference for this case."""
+    model = tiny_model("gemma3")
+    prompt = tokens(2, 9, seed=5)
+    mask = torch.ones_like(prompt)
+    mask[-1, :4] = 0
+    got = Decoder(model, max_len=40, batch_size=2).generate(prompt, 12, attention_mask=mask).tokens
+    seq, seen = prompt, mask
+    with torch.no_grad():
+        for _ in range(12):
+            positions = (seen.cumsum(-1) - 1).clamp_min(0)
+            step = model(input_ids=seq, attention_mask=seen, position_ids=positions).logits[:, -1].argmax(-1, True)
+            seq, seen = torch.cat([seq, step], 1), torch.cat([seen, torch.ones_like(step)], 1)
+    assert torch.equal(got, seq)
