@@ -9,7 +9,8 @@ size before attention reads it: on the Llama-3-8B shape with a 256-slot cache, 6
 For one query token the copy is not needed. The query heads that share a key/value head become that
 head's query *rows*: q [B, H_q, 1, D] is viewed as [B, H_kv, G, D] (query head h = kv head h // G,
 row h % G, as ``repeat_kv`` pairs them), the mask [B, 1, 1, L] broadcasts over heads and rows alike,
-and one SDPA call over the cache [B, H_kv, L, D] gives [B, H_kv, G, D] = the heads' outputs in order.
+and one attention call over the cache [B, H_kv, L, D] gives [B, H_kv, G, D] = the heads' outputs in order:
+countdown's Triton kernel on CUDA (``TRITON_KERNEL``, `countdown.kernels.decode_attention`), SDPA elsewhere.
 transformers 5.25 does the same in eager mode (``pack_gqa``) but not under torch.compile, which is
 where `countdown.Decoder` runs the step.
 
