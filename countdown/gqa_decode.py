@@ -36,8 +36,8 @@ NAME = "countdown_gqa_sdpa"
 # tensors (a bool or additive mask shared by the heads). Read when the step is traced or captured.
 # "auto" (the default): on CUDA tensors; "always": also in Triton's interpreter on the CPU (tests);
 # "off": SDPA. On the H100 (Llama-3-8B shape, 256-slot cache) the kernel takes 7.2 against SDPA's 14.9 µs a
-# layer at batch 1, 8.5 against 17.3 at batch 4 and 14.5 against 21.4 at batch 16; end to end +0.7% dense
-# and +1.6% TEAL (docs/BENCHMARKS.md, session 11).
+# layer at batch 1, 8.5 against 17.3 at batch 4 and 14.5 against 21.4 at batch 16; end to end +1.2% on the
+# dense step (docs/BENCHMARKS.md, session 11).
 TRITON_KERNEL = "auto"
 TRITON_KERNEL_CHOICES = ("auto", "always", "off")
 

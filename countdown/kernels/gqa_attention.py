@@ -237,5 +237,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    run = _op if torch.compiler.is_compiling() else _impl
-    return run(q, k, v, mask, scale)
+    return _core.op_or_impl(_op, _impl)(q, k, v, mask, scale)
