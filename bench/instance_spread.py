@@ -5,7 +5,7 @@
     PYTHONPATH=. python bench/instance_spread.py --configs teal:0.5:0.5,teal:0.5:0.5+pr --profile
 
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
-sparsity]``, either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
+sparsity]`` (without an attention sparsity q/k/v are fused and dense, as in ``dense``), either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
 (Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
 default) or ``+noattnk`` (`gqa_decode.TRITON_KERNEL` off: that attention through SDPA instead of countdown's
 Triton kernel; ``+attnk`` on, the default).
@@ -187,8 +187,8 @@ def main() -> None:
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
-        else:
-            countdown.fuse_qkv(model)  # the best dense we have
+        if att is None:
+            countdown.fuse_qkv(model)  # dense q/k/v in one launch: the best dense we have, under FFN sparsity too
         decoders = []
         for i in range(args.instances):
             t = time.time()
@@ -225,7 +225,7 @@ def main() -> None:
         torch._dynamo.reset()
         if method:
             countdown.unsparsify(model)
-        else:
+        if att is None:
             countdown.unfuse_qkv(model)
     decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS = False, DEFAULT_OPTIONS
     decode.GQA_DECODE_ATTENTION = DEFAULT_GQA
