@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python bench/attention_tradeoff.py bench/results/attention-quality-*-cpu-*.json \
         --speed bench/results/attention-speed-h100-2026-11-23.json --plot docs/attention_tradeoff.png
-    (--speed also takes bench/fused_qkv.py's JSON: its configurations against that run's best dense)
+    (--speed also takes bench/fused_qkv.py's and bench/instance_spread.py's JSON, each configuration against
+    the best dense of its own run; give --speed once per file)
 
 Quality: `bench/attention_quality.py` on real models (Δppl against dense, every position sparse).
 Speed: the byte ceiling of each combination on the Llama-3-8B shape (bf16, batch 1, 128 prompt + 128
@@ -43,28 +44,58 @@ def ffn_fraction(row: dict) -> float:
     return get_method(row["method"]).ffn_bytes_read("gated", skipped)
 
 
+def instance_spread_speedups(data: dict) -> dict[tuple, float]:
+    """bench/instance_spread.py: median tok/s of each configuration's calls over the best dense median of the
+    run (configs ``dense[+extras]`` or ``method:s[:attention][+extras]``; extras other than the defaults'
+    are left out)."""
+    from statistics import median
+
+    by_config: dict[str, list[float]] = {}
+    for call in data["calls"]:
+        by_config.setdefault(call["config"], []).append(call["tokens_per_s"])
+    dense = max((median(v) for c, v in by_config.items() if c.split("+")[0] == "dense"), default=None)
+    out = {}
+    for config, tps in by_config.items():
+        spec, *extras = config.split("+")
+        if spec == "dense" or dense is None or any(e not in ("gqa", "attnk") for e in extras):
+            continue
+        method, *rest = spec.split(":")
+        key = (method, round(float(rest[0]), 2), round(float(rest[1]) if len(rest) > 1 else 0.0, 2))
+        out[key] = median(tps) / dense
+    return out
+
+
+def speedups(data: dict) -> dict[tuple, float]:
+    """(method, FFN target, attention target) -> measured speed-up against the run's best dense."""
+    if "calls" in data:
+        return instance_spread_speedups(data)
+    out = {}
+    if "points" in data:  # bench/fused_qkv.py: config names, speed-up against the run's best dense
+        from fused_qkv import CONFIGS
+
+        for p in data["points"]:
+            method, target, attention = CONFIGS[p["config"]][:3]
+            key = (method, round(target, 2), round(attention or 0.0, 2))
+            if method != "dense" and p.get("vs_best_dense"):
+                out[key] = max(out.get(key, 0.0), p["vs_best_dense"])
+    else:  # bench/attention_speed.py
+        for r in data["rows"]:
+            out[(r["method"], round(r["target"], 2), round(r["attention"] or 0.0, 2))] = r["speedup"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("quality", nargs="+", type=Path)
-    ap.add_argument("--speed", type=Path)
+    ap.add_argument("--speed", type=Path, action="append", default=[])
     ap.add_argument("--plot", type=Path, default=Path("docs/attention_tradeoff.png"))
     args = ap.parse_args()
     nb = llama3_bytes()
     dense = nb.per_token(CONTEXT)
     measured = {}
-    if args.speed:
-        data = json.loads(args.speed.read_text())
-        if "points" in data:  # bench/fused_qkv.py: config names, speed-up against the run's best dense
-            from fused_qkv import CONFIGS
-
-            for p in data["points"]:
-                method, target, attention = CONFIGS[p["config"]][:3]
-                key = (method, round(target, 2), round(attention or 0.0, 2))
-                if method != "dense" and p.get("vs_best_dense"):
-                    measured[key] = max(measured.get(key, 0.0), p["vs_best_dense"])
-        else:  # bench/attention_speed.py
-            for r in data["rows"]:
-                measured[(r["method"], round(r["target"], 2), round(r["attention"] or 0.0, 2))] = r["speedup"]
+    for path in args.speed:
+        for key, ratio in speedups(json.loads(path.read_text())).items():
+            measured[key] = ratio  # a later file replaces an earlier one's figure
 
     import matplotlib
 
