@@ -1,14 +1,15 @@
 """Speed-up against quality loss for every FFN + attention-input combination (issue 13's plot).
 
     PYTHONPATH=. python bench/attention_tradeoff.py bench/results/attention-quality-*-cpu-*.json \
-        --speed bench/results/attention-speed-h100-2026-11-23.json --plot docs/attention_tradeoff.png
+        --speed bench/results/instance-spread-tradeoff-run1-h100-2026-12-07.json \
+        --speed bench/results/instance-spread-tradeoff-run2-h100-2026-12-07.json --plot docs/attention_tradeoff.png
     (--speed also takes bench/fused_qkv.py's and bench/instance_spread.py's JSON, each configuration against
     the best dense of its own run; give --speed once per file)
 
 Quality: `bench/attention_quality.py` on real models (Δppl against dense, every position sparse).
 Speed: the byte ceiling of each combination on the Llama-3-8B shape (bf16, batch 1, 128 prompt + 128
 mean decoded positions of KV cache), with the real model's measured sparsities put on that shape:
-dense bytes per token ÷ this combination's. Where `bench/attention_speed.py` measured the same
+dense bytes per token ÷ this combination's. Where a speed run measured the same
 (method, FFN target, attention target) on the H100, the measured speed-up is drawn too (filled marker)
 and printed beside the ceiling. A table is printed last.
 """
