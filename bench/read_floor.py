@@ -7,7 +7,8 @@ Issue 13 asks the input-sparse GEMV for >= 90% of its byte floor (kept bytes / 3
 simplest kernel that reads a contiguous buffer of exactly those sizes and does nothing else (each
 program sums its slice in fp32 and stores one value), tuned over its launch parameters, and
 ``torch.sum`` beside it. Every figure is a CUDA graph of C launches over C rotated buffers (C x size >
-200 MB, past the 50 MB L2), timed by do_bench (median), divided by C: a launch after a launch, as the
+200 MB, past the 50 MB L2), timed by do_bench (median), divided by C (``input_sparse.bench_graph``;
+the 2026-12-07 figures were taken with 25/100 ms of warm-up/repeats, it uses 20/60): a launch after a launch, as the
 GEMVs were timed (bench/input_sparse.py). If a pure read of a size cannot reach 90% of the byte floor,
 no GEMV that reads those bytes can.
 """
@@ -23,6 +24,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from input_sparse import bench_graph  # bench/: a CUDA graph of C launches, do_bench median / C
 
 BANDWIDTH = 3.0e12  # bytes/s: the copy bandwidth measured on the H100 (docs/KERNELS.md)
 # bytes a call reads at 50% (half the input channels' rows), and a few sizes around them
@@ -55,19 +57,6 @@ def read(x: torch.Tensor, out: torch.Tensor, programs: int, block: int, stages: 
                                                   num_warps=warps, num_stages=stages)
 
 
-def graph_us(fn, copies: int) -> float:
-    for c in range(copies):
-        fn(c)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in range(copies):
-            fn(c)
-    ms = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
-    del g
-    return ms * 1e3 / copies
-
-
 def main() -> None:
     t0 = time.time()
     dev = torch.device("cuda")
@@ -87,10 +76,10 @@ def main() -> None:
             raise SystemExit(f"{name}: read kernel sum {out[0].item()} != {ref.item()}")
         best = None
         for pps, block, stages, warps in configs:
-            us = graph_us(lambda c: read(bufs[c], out, pps * sms, block, stages, warps), copies)
+            us = bench_graph(lambda c: read(bufs[c], out, pps * sms, block, stages, warps), copies)
             if best is None or us < best[0]:
                 best = (us, dict(programs_per_sm=pps, block=block, stages=stages, warps=warps))
-        torch_us = graph_us(lambda c: bufs[c].sum(), copies)
+        torch_us = bench_graph(lambda c: bufs[c].sum(), copies)
         floor_us = n * 2 / BANDWIDTH * 1e6
         rows.append(dict(name=name, mb=n * 2 / 1e6, floor_us=floor_us, read_us=best[0], read_config=best[1],
                          torch_sum_us=torch_us, read_pct_floor=100 * floor_us / best[0],
