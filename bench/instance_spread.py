@@ -7,8 +7,9 @@
 A config is ``dense`` (q/k/v fused, the best dense we have) or ``method:sparsity[:attention-input
 sparsity]`` (without an attention sparsity q/k/v are fused and dense, as in ``dense``), either followed by extras: ``+pr`` (`decode.PERSISTENT_ROW_REDUCTIONS`), ``+mk``
 (Inductor's ``triton.multi_kernel``), ``+nogqa`` (`decode.GQA_DECODE_ATTENTION` off; ``+gqa`` on, the
-default) or ``+noattnk`` (`gqa_decode.TRITON_KERNEL` off: that attention through SDPA instead of countdown's
-Triton kernel; ``+attnk`` on, the default).
+default), ``+noattnk`` (`gqa_decode.TRITON_KERNEL` off: that attention through SDPA instead of countdown's
+Triton kernel; ``+attnk`` on, the default) or ``+det`` (``torch.use_deterministic_algorithms(True)``: the
+split-K kernels sum in a fixed order, so the three calls of an instance should generate the same tokens).
 
 Session 8 measured up to 14% between two instances of one configuration in one process. This script
 builds ``--instances`` Decoders of each configuration (all alive at once, every one compiled and
@@ -45,6 +46,8 @@ from countdown import attention, decode, ffn, gqa_decode
 from countdown.decode import Decoder
 from countdown.loading import random_inputs, random_model
 
+# +det: PyTorch's deterministic mode asks cuBLAS for a fixed workspace (it raises without it, in prefill)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 T0 = time.time()
 PROMPT = 128
 DEFAULT_OPTIONS = dict(decode.COMPILE_OPTIONS)
@@ -145,7 +148,9 @@ EXTRAS = {"pr": "decode.PERSISTENT_ROW_REDUCTIONS (RMSNorm rows as one-pass pers
           "gqa": "decode.GQA_DECODE_ATTENTION on (the default since session 10: one-token attention on the cache as it is)",
           "nogqa": "decode.GQA_DECODE_ATTENTION off (transformers' sdpa: repeat_kv copies of the cache every step)",
           "attnk": "gqa_decode.TRITON_KERNEL on (the packed one-token attention through countdown's Triton kernel)",
-          "noattnk": "gqa_decode.TRITON_KERNEL off (the packed one-token attention through SDPA)"}
+          "noattnk": "gqa_decode.TRITON_KERNEL off (the packed one-token attention through SDPA)",
+          "det": "torch.use_deterministic_algorithms(True): split-K kernels sum in a fixed order (every call of an "
+                 "instance should give the same tokens)"}
 
 
 def kernel_kind(name: str) -> str:
@@ -185,6 +190,7 @@ def main() -> None:
         decode.GQA_DECODE_ATTENTION = "gqa" in extras or (DEFAULT_GQA and "nogqa" not in extras)
         gqa_decode.TRITON_KERNEL = "off" if "noattnk" in extras else ("auto" if "attnk" in extras else DEFAULT_ATTNK)
         decode.COMPILE_OPTIONS = {**DEFAULT_OPTIONS, **({"triton.multi_kernel": 1} if "mk" in extras else {})}
+        torch.use_deterministic_algorithms("det" in extras)  # read at launch: the captured graphs keep it
         if method:
             countdown.sparsify(model, method, s, calibration=calib, attention=att, progress=False)
         if att is None:
@@ -230,6 +236,7 @@ def main() -> None:
     decode.PERSISTENT_ROW_REDUCTIONS, decode.COMPILE_OPTIONS = False, DEFAULT_OPTIONS
     decode.GQA_DECODE_ATTENTION = DEFAULT_GQA
     gqa_decode.TRITON_KERNEL = DEFAULT_ATTNK
+    torch.use_deterministic_algorithms(False)
     save(args, calls, profiles)
     print(f"\n{args.shape}, {model.dtype}, Decoder(compile=True).generate, prompt {PROMPT} + {args.new_tokens}, "
           f"{device_name()}, {time.time() - T0:.0f}s")

@@ -38,7 +38,9 @@ traffic). With ``COMPUTE`` and ``INTERLEAVE``, phase 1 and phase 2 alternate chu
 At the end each program adds its accumulator into an fp32 workspace with relaxed (vectorised)
 atomics; the last program to finish (atomic ticket) casts the total to the output dtype and, with
 ``FINALIZE`` 2, zeroes the persistent workspace again, so one launch yields the bf16/fp16 result.
-That is the bf16 answer: accumulate in fp32, cast once.
+That is the bf16 answer: accumulate in fp32, cast once. Under ``torch.use_deterministic_algorithms``
+(``deterministic()``) every program adds into a workspace row of its own instead (``NCOPY`` = programs,
+``FINALIZE`` 0) and the launcher sums the rows in order: the same result bit for bit on every call.
 
 Weight layout (see ``pack.py``): W_gate [I, H] and W_up [I, H] are nn.Linear weights (row-major,
 a neuron = one contiguous row); W_down is stored transposed, ``w_down_t`` [I, H] row-major, so a
@@ -64,6 +66,18 @@ KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
 # batch-1 kernel match the reference step by step; docs/BENCHMARKS.md). `set_pdl(False)` turns it off.
 PDL = True
 _TRITON_HAS_PDL = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
+def deterministic() -> bool:
+    """Whether the split-K kernels must give bitwise-repeatable results: PyTorch's own switch,
+    ``torch.use_deterministic_algorithms(True)`` (``warn_only=True`` counts too). Read at launch, so a
+    CUDA graph keeps the mode it was captured in.
+
+    By default programs that share outputs add their fp32 partials with atomics, whose order varies from
+    run to run, so the last bits of a result (and, through near-tied argmaxes, greedy tokens) may differ
+    between two calls. In deterministic mode each program writes its partials to a row of its own and
+    they are summed in a fixed order (one extra small reduction per call)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def set_pdl(on: bool) -> None:
@@ -489,8 +503,9 @@ def launch(
     meta.update(pdl_meta(device))
     if compute:
         vec = torch.empty(inter, dtype=torch.float32, device=device)
-    size = cfg.ncopy * hidden + 1  # fp32 copies of y, then the int32 ticket counter
-    if cfg.finalize == 2:
+    finalize, ncopy = meta["FINALIZE"], meta["NCOPY"]
+    size = ncopy * hidden + 1  # fp32 copies of y, then the int32 ticket counter
+    if finalize == 2:
         ws = _persistent_workspace(device, size)
     else:
         ws = torch.zeros(size, dtype=torch.int32, device=device)
@@ -504,8 +519,8 @@ def launch(
         x, vec, w_gate, w_up, w_down_t, counter if threshold is None else threshold, acc_ws, counter, out,
         float(threshold_value), hidden, inter, npp, **meta,
     )
-    if cfg.finalize == 0:
-        return out.copy_(acc_ws.view(cfg.ncopy, hidden).sum(0))
+    if finalize == 0:
+        return out.copy_(acc_ws.view(ncopy, hidden).sum(0))
     return out
 
 
@@ -536,6 +551,9 @@ def _grid_and_meta(kind, compute, hidden, inter, act, score_act, thr_is_tensor, 
         INTERLEAVE=cfg.interleave and compute, PREFETCH=cfg.prefetch, FINALIZE=cfg.finalize,
         NCOPY=cfg.ncopy, PIPE=cfg.pipe, num_warps=cfg.num_warps, num_stages=1,
     )
+    if deterministic() and programs > 1:
+        # one workspace row per program (one add onto zero: exact), summed by the caller in row order
+        meta.update(FINALIZE=0, NCOPY=programs)
     return programs, npp, meta
 
 

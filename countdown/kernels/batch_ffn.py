@@ -28,7 +28,9 @@ Two launches (one for ``sparse_down``), both memory-bound matrix products on the
    adds nothing) and adds coef @ w_down_t[rows, columns] with the rows masked by that union. At the
    end it adds acc into an fp32 workspace [B, H] with relaxed atomics; the last of the programs of
    column tile j (atomic ticket per tile) casts the tile to the output dtype and zeroes it again, so
-   the workspace is zero between calls (a persistent one per device, as in ``_core``).
+   the workspace is zero between calls (a persistent one per device, as in ``_core``). Under
+   ``torch.use_deterministic_algorithms`` each split stores acc in a [B, H] slice of its own and the
+   launcher sums the slices in order instead (bitwise-repeatable results).
    ``_down_compact_kernel`` (``BatchConfig.compact``) is the same split-K product over the union rows
    only: each program first packs the indices of its union neurons into its own region of an int32
    scratch (coefficients ``scan_elems`` at a time, union flag, cumsum for the packed position), then
@@ -211,21 +213,27 @@ def _down_dot(v, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, H, pid_h, H_TILE: tl.constexpr):
+def _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, B, H, pid_h, H_TILE: tl.constexpr,
+                 ORDERED: tl.constexpr):
     """Adds this program's acc [B_PAD, H_TILE] into the fp32 workspace; the last program of column tile
-    pid_h (atomic ticket) writes the tile's total to out and leaves workspace and ticket zero."""
+    pid_h (atomic ticket) writes the tile's total to out and leaves workspace and ticket zero. ORDERED
+    (deterministic mode): stores acc into its split's own [B, H] slice of ws instead, for the launcher
+    to sum the slices in order."""
     offs = rb[:, None] * H + hs[None, :]
     om = bm[:, None] & hm[None, :]
-    tl.atomic_add(ws_ptr + offs, acc, mask=om, sem="relaxed")
-    tl.debug_barrier()  # every thread's adds precede this program's ticket
-    ticket = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
-        zero = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
-        tot = tl.atomic_add(ws_ptr + offs, zero, mask=om, sem="relaxed")  # read where the adds landed (L2)
-        tot = tl.where(om, tot, 0.0)  # masked lanes hold undefined values (fp16 cast overflow in the interpreter)
-        tl.store(ws_ptr + offs, zero, mask=om)
-        tl.store(cnt_ptr + pid_h, 0)
-        tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=om)
+    if ORDERED:
+        tl.store(ws_ptr + tl.program_id(0) * B * H + offs, acc, mask=om)
+    else:
+        tl.atomic_add(ws_ptr + offs, acc, mask=om, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds precede this program's ticket
+        ticket = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            zero = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
+            tot = tl.atomic_add(ws_ptr + offs, zero, mask=om, sem="relaxed")  # read where the adds landed (L2)
+            tot = tl.where(om, tot, 0.0)  # masked lanes hold undefined values (fp16 cast overflow in the interpreter)
+            tl.store(ws_ptr + offs, zero, mask=om)
+            tl.store(cnt_ptr + pid_h, 0)
+            tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=om)
 
 
 @triton.jit
@@ -238,7 +246,7 @@ def _down_kernel(
     out_ptr,    # [B, H]  output
     thr_value, B, H, I, NPP,
     GIVEN_T: tl.constexpr, THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, STAGES: tl.constexpr,
+    IEEE: tl.constexpr, STAGES: tl.constexpr, ORDERED: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -259,7 +267,7 @@ def _down_kernel(
         w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * H + hs[None, :], mask=union[:, None] & hm[None, :],
                     other=0.0, eviction_policy="evict_first")
         acc = _down_dot(v, w, acc, IEEE)
-    _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, H, pid_h, H_TILE)
+    _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, B, H, pid_h, H_TILE, ORDERED)
 
 
 @triton.jit
@@ -275,6 +283,7 @@ def _down_compact_kernel(
     thr_value, B, H, I, NPP,
     GIVEN_T: tl.constexpr, THR_PTR: tl.constexpr, THR_VEC: tl.constexpr, H_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     B_SCAN: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
+    ORDERED: tl.constexpr = False,
 ):
     """``_down_kernel`` over the union rows only, packed first: every step loads BLOCK_N union rows.
 
@@ -326,7 +335,7 @@ def _down_compact_kernel(
         w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * H + hs[None, :], mask=km[:, None] & hm[None, :],
                     other=0.0, eviction_policy="evict_first")
         acc = _down_dot(v, w, acc, IEEE)
-    _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, H, pid_h, H_TILE)
+    _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, B, H, pid_h, H_TILE, ORDERED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,8 +450,11 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
     counters = ws[pad * hidden:]
     if out is None:
         out = torch.empty(batch, hidden, dtype=dtype, device=device)
+    ordered = splits > 1 and _core.deterministic()
+    if ordered:  # every split writes its whole [B, H] slice: no zero fill needed
+        acc_ws = torch.empty(splits * batch * hidden, dtype=torch.float32, device=device)
     common = dict(GIVEN_T=given_t, THR_PTR=thr_ptr, THR_VEC=thr_vec and given_t, H_TILE=cfg.h_tile,
-                  BLOCK_N=cfg.block_n, IEEE=ieee, STAGES=cfg.stages, num_warps=cfg.down_warps)
+                  BLOCK_N=cfg.block_n, IEEE=ieee, STAGES=cfg.stages, ORDERED=ordered, num_warps=cfg.down_warps)
     if cfg.compact:
         b_scan = max(2, triton.next_power_of_2(batch))
         chunk = min(triton.next_power_of_2(npp), max(16, cfg.scan_elems // b_scan))
@@ -454,6 +466,8 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
         _down_kernel[(splits, nh)](
             coef, w_down_t, thr_arg, acc_ws, counters, out, float(threshold_value), batch, hidden, inter, npp,
             **common)
+    if ordered:
+        out.copy_(acc_ws.view(splits, batch, hidden).sum(0))
     return out
 
 

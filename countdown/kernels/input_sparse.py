@@ -31,7 +31,9 @@ masked off (masked rows are never fetched). ``compact`` instead ranks the kept c
 for one token optionally with fp32 FMAs. With SPLIT > 1 the programs of one N tile add their fp32
 partials into a persistent workspace with relaxed atomics; the last one to take the tile's ticket
 casts the tile into y and zeroes the workspace and ticket again, so one launch gives the result
-and leaves the workspace ready for the next call (as ``_core`` does for the FFN ops).
+and leaves the workspace ready for the next call (as ``_core`` does for the FFN ops). Under
+``torch.use_deterministic_algorithms`` (``_core.deterministic()``) each split stores its partials in a
+slice of its own and the launcher sums the slices in order: bitwise-repeatable results.
 
 ``input_sparse_unavailable_reason(x, w_t, channel_scale)`` says why the kernel cannot serve a call
 (None when it can); the caller then uses ``countdown.kernels.reference.input_sparse_linear``.
@@ -113,7 +115,7 @@ def _input_sparse_kernel(
     B, K, N, KPP,  # tokens, input channels, output channels, input channels per program
     WINA: tl.constexpr, THR_PTR: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr, COMPACT: tl.constexpr,
-    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr, ORDERED: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -171,7 +173,9 @@ def _input_sparse_kernel(
         res = tl.sum(acc, axis=0)[None, :]  # B_PAD == 1
     om = bm[:, None] & nm[None, :]
     off = offs_b[:, None] * N + offs_n[None, :]
-    if SPLIT:
+    if SPLIT and ORDERED:  # deterministic: this split's own [B, N] slice of ws, summed in order by the caller
+        tl.store(ws_ptr + pid_k * B * N + off, res, mask=om)
+    elif SPLIT:
         tl.atomic_add(ws_ptr + off, res, mask=om, sem="relaxed")
         tl.debug_barrier()  # every thread's adds precede this program's ticket
         ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
@@ -255,14 +259,19 @@ def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Te
     ws = _core._persistent_workspace(device, MAX_BATCH * n + triton.cdiv(n, 16))
     acc_ws = ws[: MAX_BATCH * n].view(torch.float32)
     tickets = ws[MAX_BATCH * n:]
+    ordered = split > 1 and _core.deterministic()
+    if ordered:  # every split writes all of its [B, N] slice: no zero fill needed
+        acc_ws = torch.empty(split * batch * n, dtype=torch.float32, device=device)
     _input_sparse_kernel[(n_tiles, split)](
         x, w_t, w_t if channel_scale is None else channel_scale, tickets if threshold is None else threshold,
         acc_ws, tickets, out, float(threshold_value), batch, k, n, kpp,
         WINA=channel_scale is not None, THR_PTR=threshold is not None, B_PAD=16 if dot else 1,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, CHUNK=max(cfg.chunk, block_k), DOT=dot, COMPACT=cfg.compact,
         SPLIT=split > 1, NUM_STAGES=cfg.num_stages, F32=x.dtype == torch.float32 or device.type != "cuda",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ORDERED=ordered, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if ordered:
+        out.copy_(acc_ws.view(split, batch, n).sum(0))
     return out
 
 

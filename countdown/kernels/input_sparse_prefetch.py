@@ -42,7 +42,8 @@ from N: about ``programs_per_sm`` programs per SM, but never fewer than ``min_kp
 program, so a narrow weight (k/v, N = 1024) gets fewer, longer programs instead of 66 two-step ones.
 With SPLIT == 1 a program owns the full K of its tile and stores y directly (no atomics, no ticket).
 With SPLIT > 1 partials go through the persistent zero-on-exit workspace and a ticket per tile, as in
-the walk kernel.
+the walk kernel; under ``torch.use_deterministic_algorithms`` each split stores them in a slice of its
+own instead, and the launcher sums the slices in order (bitwise-repeatable results).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def _prefetch_kernel(
     NSEG: tl.constexpr, WINA: tl.constexpr, THR_PTR: tl.constexpr, BP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NCH: tl.constexpr, XS: tl.constexpr,
     SPLIT: tl.constexpr, PIPE: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, ORDERED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -206,7 +207,16 @@ def _prefetch_kernel(
 
     om = bm[:, None] & nm[None, :]
     off = offs_b[:, None] * N + offs_n[None, :]
-    if SPLIT:
+    if SPLIT and ORDERED:
+        # deterministic: this split's own slice of ws (16 rows per column of every weight), summed in
+        # order by the launcher
+        n_total = pid * 0 + N0
+        if NSEG > 1:
+            n_total += N1
+            if NSEG > 2:
+                n_total += N2
+        tl.store(ws_ptr + pid_k * 16 * n_total + 16 * col0 + off, acc, mask=om)
+    elif SPLIT:
         wso = ws_ptr + 16 * col0 + off
         tl.atomic_add(wso, acc, mask=om, sem="relaxed")
         tl.debug_barrier()  # every thread's adds precede this program's ticket
@@ -314,6 +324,9 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
     bp = 1 if batch == 1 else MAX_BATCH
     xs = min(nstep, _prologue_steps(batch, cfg.block_k))
     acc_ws, tickets = _workspace(device, sum(ns))
+    ordered = split > 1 and _core.deterministic()
+    if ordered:  # every split writes its B rows of every column: no zero fill needed
+        acc_ws = torch.empty(split * MAX_BATCH * sum(ns), dtype=torch.float32, device=device)
     wina = channel_scales[0] is not None
     thr_ptr = thresholds[0] is not None
 
@@ -333,9 +346,15 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
         x, *ws3, *sc3, *th3, *o3, *tv3, acc_ws, tickets, batch, k, *n3, kpp, t0, t1,
         NSEG=nseg, WINA=wina, THR_PTR=thr_ptr, BP=bp, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NCH=nstep // xs, XS=xs, SPLIT=split > 1, PIPE=0 if cfg.pipe == "auto" else 1, NUM_STAGES=cfg.num_stages,
-        F32=x.dtype == torch.float32 or device.type != "cuda",
+        F32=x.dtype == torch.float32 or device.type != "cuda", ORDERED=ordered,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_core.pdl_meta(device),
     )
+    if ordered:
+        parts = acc_ws.view(split, MAX_BATCH * sum(ns))
+        col0 = 0
+        for n, o in zip(ns, outs):
+            o.copy_(parts[:, MAX_BATCH * col0: MAX_BATCH * col0 + batch * n].view(split, batch, n).sum(0))
+            col0 += n
 
 
 # --------------------------------------------------------------------------------------------
