@@ -80,6 +80,15 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def ordered_workspace(splits: int, numel: int, device: torch.device) -> torch.Tensor | None:
+    """In deterministic mode with more than one split: an fp32 buffer of ``splits`` slices of ``numel``
+    (each split writes all of its slice, so no zero fill), for the launcher to sum in split order after
+    the kernel. Otherwise None: the kernel adds its partials with atomics."""
+    if splits > 1 and deterministic():
+        return torch.empty(splits * numel, dtype=torch.float32, device=device)
+    return None
+
+
 def set_pdl(on: bool) -> None:
     """Launch the batch-1 decode kernels with programmatic dependent launch where the GPU and Triton have
     it (and, through `countdown.decode.Decoder(compile=True)`, Inductor's kernels too). Read when a

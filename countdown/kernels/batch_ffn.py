@@ -450,11 +450,11 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
     counters = ws[pad * hidden:]
     if out is None:
         out = torch.empty(batch, hidden, dtype=dtype, device=device)
-    ordered = splits > 1 and _core.deterministic()
-    if ordered:  # every split writes its whole [B, H] slice: no zero fill needed
-        acc_ws = torch.empty(splits * batch * hidden, dtype=torch.float32, device=device)
+    parts = _core.ordered_workspace(splits, batch * hidden, device)
+    if parts is not None:
+        acc_ws = parts
     common = dict(GIVEN_T=given_t, THR_PTR=thr_ptr, THR_VEC=thr_vec and given_t, H_TILE=cfg.h_tile,
-                  BLOCK_N=cfg.block_n, IEEE=ieee, STAGES=cfg.stages, ORDERED=ordered, num_warps=cfg.down_warps)
+                  BLOCK_N=cfg.block_n, IEEE=ieee, STAGES=cfg.stages, ORDERED=parts is not None, num_warps=cfg.down_warps)
     if cfg.compact:
         b_scan = max(2, triton.next_power_of_2(batch))
         chunk = min(triton.next_power_of_2(npp), max(16, cfg.scan_elems // b_scan))
@@ -466,8 +466,8 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
         _down_kernel[(splits, nh)](
             coef, w_down_t, thr_arg, acc_ws, counters, out, float(threshold_value), batch, hidden, inter, npp,
             **common)
-    if ordered:
-        out.copy_(acc_ws.view(splits, batch, hidden).sum(0))
+    if parts is not None:
+        out.copy_(parts.view(splits, batch, hidden).sum(0))
     return out
 
 

@@ -259,19 +259,19 @@ def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Te
     ws = _core._persistent_workspace(device, MAX_BATCH * n + triton.cdiv(n, 16))
     acc_ws = ws[: MAX_BATCH * n].view(torch.float32)
     tickets = ws[MAX_BATCH * n:]
-    ordered = split > 1 and _core.deterministic()
-    if ordered:  # every split writes all of its [B, N] slice: no zero fill needed
-        acc_ws = torch.empty(split * batch * n, dtype=torch.float32, device=device)
+    parts = _core.ordered_workspace(split, batch * n, device)
+    if parts is not None:
+        acc_ws = parts
     _input_sparse_kernel[(n_tiles, split)](
         x, w_t, w_t if channel_scale is None else channel_scale, tickets if threshold is None else threshold,
         acc_ws, tickets, out, float(threshold_value), batch, k, n, kpp,
         WINA=channel_scale is not None, THR_PTR=threshold is not None, B_PAD=16 if dot else 1,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, CHUNK=max(cfg.chunk, block_k), DOT=dot, COMPACT=cfg.compact,
         SPLIT=split > 1, NUM_STAGES=cfg.num_stages, F32=x.dtype == torch.float32 or device.type != "cuda",
-        ORDERED=ordered, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ORDERED=parts is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if ordered:
-        out.copy_(acc_ws.view(split, batch, n).sum(0))
+    if parts is not None:
+        out.copy_(parts.view(split, batch, n).sum(0))
     return out
 
 

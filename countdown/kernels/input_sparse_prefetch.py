@@ -324,9 +324,9 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
     bp = 1 if batch == 1 else MAX_BATCH
     xs = min(nstep, _prologue_steps(batch, cfg.block_k))
     acc_ws, tickets = _workspace(device, sum(ns))
-    ordered = split > 1 and _core.deterministic()
-    if ordered:  # every split writes its B rows of every column: no zero fill needed
-        acc_ws = torch.empty(split * MAX_BATCH * sum(ns), dtype=torch.float32, device=device)
+    parts = _core.ordered_workspace(split, MAX_BATCH * sum(ns), device)
+    if parts is not None:
+        acc_ws = parts
     wina = channel_scales[0] is not None
     thr_ptr = thresholds[0] is not None
 
@@ -346,14 +346,14 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
         x, *ws3, *sc3, *th3, *o3, *tv3, acc_ws, tickets, batch, k, *n3, kpp, t0, t1,
         NSEG=nseg, WINA=wina, THR_PTR=thr_ptr, BP=bp, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NCH=nstep // xs, XS=xs, SPLIT=split > 1, PIPE=0 if cfg.pipe == "auto" else 1, NUM_STAGES=cfg.num_stages,
-        F32=x.dtype == torch.float32 or device.type != "cuda", ORDERED=ordered,
+        F32=x.dtype == torch.float32 or device.type != "cuda", ORDERED=parts is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_core.pdl_meta(device),
     )
-    if ordered:
-        parts = acc_ws.view(split, MAX_BATCH * sum(ns))
+    if parts is not None:  # each split's slice: 16 rows per column of every weight, the first B of them written
+        slices = parts.view(split, MAX_BATCH * sum(ns))
         col0 = 0
         for n, o in zip(ns, outs):
-            o.copy_(parts[:, MAX_BATCH * col0: MAX_BATCH * col0 + batch * n].view(split, batch, n).sum(0))
+            o.copy_(slices[:, MAX_BATCH * col0: MAX_BATCH * col0 + batch * n].view(split, batch, n).sum(0))
             col0 += n
 
 

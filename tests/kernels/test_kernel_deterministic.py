@@ -34,6 +34,22 @@ def deterministic_mode():
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
+@pytest.fixture
+def ordered_buffers(monkeypatch):
+    """The split-slice buffers the launchers asked for (a non-empty list: the ordered path was taken)."""
+    got = []
+    real = _core.ordered_workspace
+
+    def spy(*args, **kwargs):
+        buf = real(*args, **kwargs)
+        if buf is not None:
+            got.append(buf)
+        return buf
+
+    monkeypatch.setattr(_core, "ordered_workspace", spy)
+    return got
+
+
 def fresh(*shape: int, seed: int, dtype=torch.bfloat16, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     t = torch.randn(*shape, generator=g) * scale
@@ -47,7 +63,7 @@ def twice_equal(fn) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_sparse_ffn_in_order(deterministic_mode, batch):
+def test_sparse_ffn_in_order(deterministic_mode, ordered_buffers, batch):
     """Batch 1 (``_core``: one workspace row per program) and 2-16 (``batch_ffn``: one slice per split)."""
     t = fresh(batch, I, seed=batch).squeeze(0)
     w_down_t = fresh(I, H, seed=100 + batch, scale=I**-0.5)
@@ -60,12 +76,13 @@ def test_sparse_ffn_in_order(deterministic_mode, batch):
         assert batch_ffn._down_grid(H, I, batch_ffn.pick_config(DEVICE, batch))[0] > 1
     y = twice_equal(lambda: kernels.sparse_down(t, w_down_t, thr))
     assert rel_err(y, reference.sparse_down(t, w_down_t, thr)) <= tol(torch.bfloat16)
+    assert (batch == 1) != bool(ordered_buffers)  # batch 1: _core's own rows (checked above)
     torch.use_deterministic_algorithms(False)  # the default path after it: its workspace is still zero
     assert rel_err(kernels.sparse_down(t, w_down_t, thr), reference.sparse_down(t, w_down_t, thr)) <= tol(torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch", [2, 3, 16])
-def test_input_sparse_walk_in_order(deterministic_mode, batch):
+def test_input_sparse_walk_in_order(deterministic_mode, ordered_buffers, batch):
     x = fresh(batch, K, seed=batch)
     w_t = fresh(K, NS[0], seed=200 + batch, scale=K**-0.5)
     thr = threshold_for(x.float().abs(), 0.5)
@@ -74,13 +91,14 @@ def test_input_sparse_walk_in_order(deterministic_mode, batch):
     ref = reference.input_sparse_linear(x, w_t, thr)
     y = twice_equal(lambda: isp._launch(x, w_t, None, None, thr, torch.full_like(ref, float("nan")), cfg))
     assert rel_err(y, ref) <= tol(torch.bfloat16)
+    assert ordered_buffers
     torch.use_deterministic_algorithms(False)
     assert rel_err(isp._launch(x, w_t, None, None, thr, torch.empty_like(ref), cfg), ref) <= tol(torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("wina", [False, True], ids=["teal", "wina"])
-def test_input_sparse_prefetch_qkv_in_order(deterministic_mode, batch, wina):
+def test_input_sparse_prefetch_qkv_in_order(deterministic_mode, ordered_buffers, batch, wina):
     """q, k and v in one launch, each output summed from its own columns of every split's slice."""
     x = fresh(batch, K, seed=batch + 7 * wina)
     w_ts = [fresh(K, n, seed=300 + i, scale=K**-0.5) for i, n in enumerate(NS)]
@@ -99,5 +117,6 @@ def test_input_sparse_prefetch_qkv_in_order(deterministic_mode, batch, wina):
 
     y = twice_equal(run)
     assert rel_err(y, torch.cat(refs, dim=-1)) <= tol(torch.bfloat16)
+    assert ordered_buffers
     torch.use_deterministic_algorithms(False)
     assert rel_err(run(), torch.cat(refs, dim=-1)) <= tol(torch.bfloat16)
