@@ -29,13 +29,16 @@ from .ffn import OFFICIAL_PROTOCOL, SparsitySpec, is_sparsified, sparsity_spec
 from .generation import generate
 from .loading import load
 from .methods import METHODS, get_method
+from .options import DecodeOptions, KernelPolicy
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
 from .predictor import Predictors, load_predictors, save_predictors, train_predictors
 
 __all__ = [
     "AlreadySparsifiedError",
     "Calibration",
+    "DecodeOptions",
     "Decoder",
+    "KernelPolicy",
     "METHODS",
     "OFFICIAL_PROTOCOL",
     "PerplexityResult",

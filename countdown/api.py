@@ -12,8 +12,9 @@ from . import artifact, ffn, parallel
 from . import attention as attention_mod
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
-from .ffn import KERNEL_MODES, SparsitySpec, check_protocol, is_sparsified
+from .ffn import SparsitySpec, check_protocol, is_sparsified
 from .methods import Method, check_ffn_kind, check_sparsity, get_method
+from .options import KernelPolicy
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
 
@@ -94,7 +95,7 @@ def sparsify(
     predictors: PredictorInput | None = None,
     attention: float | None = None,
     progress: bool = True,
-    kernels: str = "auto",
+    kernels: str | KernelPolicy = "auto",
 ) -> nn.Module:
     """Replace every FFN of ``model`` by a sparse one and return the same model object.
 
@@ -118,12 +119,11 @@ def sparsify(
     calibrated threshold per layer, o_proj has its own; TEAL model-wide is
     ``sparsify(model, "teal", 0.5, attention=0.5, calibration=...)``); it needs calibration text.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
-    reference path everywhere. Every input is checked before the model is touched.
+    reference path everywhere; a `countdown.KernelPolicy` also picks kernel variants. Every input is checked before the model is touched.
     """
     m = get_method(method)
     sparsity = check_sparsity(sparsity)
-    if kernels not in KERNEL_MODES:
-        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    kernels = KernelPolicy.of(kernels)
     if threshold_rule is None:
         threshold_rule = getattr(predictors, "keep_rule", "pooled") if m.needs_predictor else "pooled"
     check_protocol(positions, count_rule, ties, threshold_rule, threshold_adjust)
@@ -183,12 +183,14 @@ def sparsify(
     return model
 
 
-def set_kernels(model: nn.Module, mode: str = "auto") -> int:
-    """Choose the path of every sparse FFN and input-sparse attention projection: "auto" (Triton
-    kernels for decode steps on CUDA, reference elsewhere), "off" (always the reference path) or
-    "always" (kernels wherever Triton runs them, the CPU interpreter included). Lays the weights out
-    for the kernels now, not inside a CUDA-graph capture or a torch.compile trace."""
-    return ffn.set_kernels(model, mode) + attention_mod.set_kernels(model, mode)
+def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
+    """Store a `countdown.KernelPolicy` on every sparse FFN and input-sparse attention projection. Its
+    ``mode`` (a string alone is the mode): "auto" (Triton kernels for decode steps on CUDA, reference
+    elsewhere), "off" (always the reference path) or "always" (kernels wherever Triton runs them, the
+    CPU interpreter included); its other fields pick kernel variants. Lays the weights out for the
+    kernels now, not inside a CUDA-graph capture or a torch.compile trace. Returns how many modules."""
+    policy = KernelPolicy.of(kernels)
+    return ffn.set_kernels(model, policy) + attention_mod.set_kernels(model, policy)
 
 
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
@@ -250,7 +252,7 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
     return artifact.write(path, tensors, meta)
 
 
-def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str = "auto") -> nn.Module:
+def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str | KernelPolicy = "auto") -> nn.Module:
     """Sparsify ``model`` exactly as the artifact at ``path`` says; refuses artifacts of other models."""
     meta, tensors = artifact.read(path)
     sites = ffn_sites(model)

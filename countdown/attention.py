@@ -12,7 +12,7 @@ the weight is stored input-major (one copy: ``weight`` is a transposed view of c
 rows). Everything else takes the reference path: mask the input, then ``F.linear``.
 
 q, k and v in one launch (`countdown.kernels.input_sparse_prefetch.input_sparse_multi`, 24-37% faster
-than three on the H100), for input-sparse projections (with ``kernels.input_sparse.FUSE_QKV``, on by
+than three on the H100), for input-sparse projections (with `countdown.KernelPolicy.fuse_qkv`, on by
 default) and, opt-in, for dense ones (`fuse_qkv`: the kernel with a threshold that keeps every non-zero
 channel). The layer's attention module gets a subclass of its own class (`QKVFusedAttention`) whose
 forward, for a decode-sized input the kernel serves, computes the three outputs with one call on
@@ -32,31 +32,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, parallel
-from .ffn import (KERNEL_MODES, SparsityMeter, SparsitySpec, dense_positions, is_input_major,
-                  relayout_allowed, use_input_major)
+from .ffn import SparsityMeter, SparsitySpec, dense_positions, is_input_major, relayout_allowed, use_input_major
+from .options import MAX_BATCH, KernelPolicy
 from .models import ATTENTION_SITES as SITES
 from .models import AttentionSite, attention_sites
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
-MAX_FUSED_TOKENS = 16  # the kernel serves decode steps of 1 to 16 tokens (batch x positions)
 # A dense projection through the input-sparse kernel keeps channels with |x| > 0: a zero channel adds
 # exactly 0 * w = 0 for finite weights, so nothing the result depends on is skipped. (A NaN channel is
 # dropped where F.linear would propagate it.)
 DENSE_THRESHOLD = 0.0
 
 
-def _fuse_qkv_on() -> bool:
-    """``kernels.input_sparse.FUSE_QKV`` (that module exists only where Triton is installed)."""
-    module = getattr(kernels, "input_sparse", None)
-    return module is not None and module.FUSE_QKV
-
-
 def _kernel_skip_reason(p: nn.Linear, x: torch.Tensor) -> str | None:
     """None when projection ``p`` can run ``x`` through the input-sparse kernel (laying its weight out
     input-major first where that is allowed), else why not."""
-    if p.kernels == "off":
+    mode = KernelPolicy.of(p.kernels).mode
+    if mode == "off":
         return "kernels are switched off"
-    if p.kernels == "auto" and x.device.type != "cuda":
+    if mode == "auto" and x.device.type != "cuda":
         return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
     if not is_input_major(p):
         if not relayout_allowed(x):
@@ -82,7 +76,7 @@ class SparseInputLinear(nn.Linear):
     site: str
     layer_idx: int
     sparse_from: int | None
-    kernels: str
+    kernels: KernelPolicy  # which path and variant serve decode tokens (`countdown.set_kernels`)
     meter: SparsityMeter | None
     _qkv_given: tuple[torch.Tensor, torch.Tensor] | None  # set by QKVFusedAttention for one forward
 
@@ -108,7 +102,7 @@ class SparseInputLinear(nn.Linear):
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            y = kernels.input_sparse_linear(x, self.weight.t(), self.sparse_threshold)
+            y = kernels.input_sparse_linear(x, self.weight.t(), self.sparse_threshold, policy=self.kernels)
             return y if self.bias is None else y + self.bias
         keep = (x.abs() > self.sparse_threshold.to(x.dtype)).to(x.dtype)
         if self.meter is not None:
@@ -123,7 +117,7 @@ class FusedQKVLinear(nn.Linear):
     """A dense q, k or v projection of a layer fused by `fuse_qkv`: returns the output its attention
     module computed for all three in one launch, else ``F.linear`` as nn.Linear does."""
 
-    kernels: str  # as SparseInputLinear's: "auto", "off" or "always"
+    kernels: KernelPolicy  # as SparseInputLinear's
     _qkv_given: tuple[torch.Tensor, torch.Tensor] | None
     _qkv_input_major: bool  # the weight's layout before `fuse_qkv` (restored by `unfuse_qkv`)
 
@@ -140,7 +134,7 @@ class QKVFusedAttention(nn.Module):
     in one launch for decode-sized inputs, then the model's own forward. See the module docstring."""
 
     _qkv_dense: bool  # `fuse_qkv` asked for it (dense projections return to FusedQKVLinear on `remove`)
-    _qkv_kernels: str  # the kernels mode `fuse_qkv` was given
+    _qkv_kernels: KernelPolicy  # the kernel policy `fuse_qkv` was given
 
     def qkv_projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         return self.q_proj, self.k_proj, self.v_proj
@@ -148,12 +142,12 @@ class QKVFusedAttention(nn.Module):
     def qkv_skip_reason(self, x: torch.Tensor) -> str | None:
         """None when the forward on ``hidden_states`` x computes q, k and v in one launch, else why not."""
         n_tokens = x.numel() // x.shape[-1] if x.dim() > 0 and x.shape[-1] > 0 else 0
-        if not 1 <= n_tokens <= MAX_FUSED_TOKENS:
-            return f"{n_tokens} tokens: one launch serves decode steps of 1 to {MAX_FUSED_TOKENS} tokens"
+        if not 1 <= n_tokens <= MAX_BATCH:
+            return f"{n_tokens} tokens: one launch serves decode steps of 1 to {MAX_BATCH} tokens"
         projections = self.qkv_projections()
         if all(isinstance(p, SparseInputLinear) for p in projections):
-            if not _fuse_qkv_on():
-                return "kernels.input_sparse.FUSE_QKV is off"
+            if not all(KernelPolicy.of(p.kernels).fuse_qkv for p in projections):
+                return "the kernel policy's fuse_qkv is off"
             n = x.shape[-2] if x.dim() > 1 else 1
             if any(dense_positions(p.spec, p.sparse_from, n) for p in projections):
                 return "the position policy runs some of these positions densely (prefill)"
@@ -176,7 +170,8 @@ class QKVFusedAttention(nn.Module):
         projections = self.qkv_projections()
         thresholds = [p.sparse_threshold if isinstance(p, SparseInputLinear) else DENSE_THRESHOLD
                       for p in projections]
-        ys = input_sparse_prefetch.input_sparse_multi(hidden_states, [p.weight.t() for p in projections], thresholds)
+        ys = input_sparse_prefetch.input_sparse_multi(hidden_states, [p.weight.t() for p in projections], thresholds,
+                                                      policy=projections[0].kernels)
         for p, y in zip(projections, ys):
             p._qkv_given = (hidden_states, y)
         try:
@@ -240,7 +235,7 @@ def check_supported(model: nn.Module) -> list[AttentionSite]:
 
 def install(model: nn.Module, spec: SparsitySpec, thresholds: torch.Tensor) -> None:
     """Make every attention projection input-sparse; ``thresholds`` [L, 2] for the sites ("qkv", "o").
-    Layers with separate q, k and v get `QKVFusedAttention` (one launch while FUSE_QKV is on)."""
+    Layers with separate q, k and v get `QKVFusedAttention` (one launch while the policy's fuse_qkv is on)."""
     sites = check_supported(model)
     for site, attn in zip(sites, _attention_modules(model, sites)):
         for projection, name in _projections(site):
@@ -248,7 +243,7 @@ def install(model: nn.Module, spec: SparsitySpec, thresholds: torch.Tensor) -> N
             thr = thresholds[site.layer, SITES.index(name)].reshape(1).float().clone()
             projection.register_buffer("sparse_threshold", thr.to(projection.weight.device), persistent=False)
             projection.spec, projection.site, projection.layer_idx = spec, name, site.layer
-            projection.sparse_from, projection.kernels, projection.meter = None, "auto", None
+            projection.sparse_from, projection.kernels, projection.meter = None, KernelPolicy(), None
             projection._qkv_given = None
         if attn is not None and not parallel.is_sharded(site.qkv[0].weight):
             _wrap(attn)
@@ -291,21 +286,20 @@ def remove(model: nn.Module) -> None:
             _unwrap(attn)
 
 
-def set_kernels(model: nn.Module, mode: str = "auto") -> int:
+def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
     """As `countdown.ffn.set_kernels`, for the input-sparse attention projections and the dense ones
     fused by `fuse_qkv`. Returns how many projections it set."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
+    policy = KernelPolicy.of(kernels)
+    mode = policy.mode
     projections = sparse_projections(model)
     for p in projections:
-        p.kernels = mode
+        p.kernels = policy
         use_input_major(p, mode == "always" or (mode == "auto" and p.weight.is_cuda))
     fused = 0
     for attn in fused_attention_modules(model):
         if attn.__dict__.get("_qkv_dense", False):
-            attn._qkv_kernels = mode
             fused += sum(isinstance(p, FusedQKVLinear) for p in attn.qkv_projections())
-            _fuse_layer(attn, mode)
+            _fuse_layer(attn, policy)
     return len(projections) + fused
 
 
@@ -313,20 +307,20 @@ def set_kernels(model: nn.Module, mode: str = "auto") -> int:
 # dense q, k and v in one launch (opt-in)
 
 
-def _fuse_layer(attn: nn.Module, mode: str) -> None:
+def _fuse_layer(attn: nn.Module, policy: KernelPolicy) -> None:
     _wrap(attn)
-    attn._qkv_dense, attn._qkv_kernels = True, mode
+    attn._qkv_dense, attn._qkv_kernels = True, policy
     for p in attn.qkv_projections():
         if type(p) is nn.Linear:
             p.__dict__.setdefault("_qkv_input_major", is_input_major(p))
             p.__class__ = FusedQKVLinear
         if isinstance(p, FusedQKVLinear):
-            p.kernels = mode
-            if mode == "always" or (mode == "auto" and p.weight.is_cuda):
+            p.kernels = policy
+            if policy.mode == "always" or (policy.mode == "auto" and p.weight.is_cuda):
                 use_input_major(p, True)  # now, not inside a compile trace or a graph capture
 
 
-def fuse_qkv(model: nn.Module, kernels: str = "auto") -> int:
+def fuse_qkv(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
     """Compute every layer's dense q, k and v projections in one launch for decode steps (opt-in).
 
     The attention input goes through the input-sparse kernel with threshold 0 (`DENSE_THRESHOLD`: every
@@ -335,17 +329,17 @@ def fuse_qkv(model: nn.Module, kernels: str = "auto") -> int:
     shape). Works eagerly, in CUDA graphs and under torch.compile (`countdown.Decoder(..., compile=True)`,
     `countdown.generate(..., compile=True)`); prefill (more than 16 tokens) runs the model's own path.
     Composes with FFN sparsity (`countdown.sparsify` before or after) and with attention-input sparsity
-    (whose projections are fused already while ``kernels.input_sparse.FUSE_QKV`` is on, and which
+    (whose projections are fused already while their policy's ``fuse_qkv`` is on, and which
     takes precedence until `countdown.unsparsify`, after which the dense fusion is back).
 
-    ``kernels``: "auto" (CUDA decode steps), "always" (also Triton's CPU interpreter) or "off". The
+    ``kernels``: a `countdown.KernelPolicy` or its mode, "auto" (CUDA decode steps), "always" (also
+    Triton's CPU interpreter) or "off". The
     weights of q, k and v are stored input-major (a transposed view of one contiguous copy: same values,
     same ``state_dict``, no extra memory); `unfuse_qkv` restores the modules. Returns the number of
     layers fused. Raises UnsupportedModelError for families countdown does not know, TypeError for
     projections that are not plain nn.Linear, ValueError where q, k and v are one projection already
     (Phi-3's qkv_proj) or are tensor-parallel shards."""
-    if kernels not in KERNEL_MODES:
-        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    policy = KernelPolicy.of(kernels)
     sites = check_supported(model)
     attns = _attention_modules(model, sites)
     for site, attn in zip(sites, attns):
@@ -356,7 +350,7 @@ def fuse_qkv(model: nn.Module, kernels: str = "auto") -> int:
         if any(parallel.is_sharded(p.weight) for p in site.qkv):
             raise ValueError(f"layer {site.layer}: q, k and v are tensor-parallel shards; fuse_qkv serves one process")
     for attn in attns:
-        _fuse_layer(attn, kernels)
+        _fuse_layer(attn, policy)
     return len(attns)
 
 

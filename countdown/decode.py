@@ -20,14 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import gqa_decode, sampling
-
-MAX_BATCH = 16
+from .options import MAX_BATCH, DecodeOptions
 MAX_EOS = 16  # end-of-sequence ids one call may name (a fixed-size buffer, so no recapture)
 
 
@@ -65,19 +65,6 @@ def _token_ids(value: int | Sequence[int] | torch.Tensor | None, name: str) -> l
     return ids
 
 
-# torch.compile options of ``Decoder(compile=True)``: tuned block sizes for the small fused kernels
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-# Persistent (one-pass) reductions for the step's RMSNorm rows (`countdown.decode_heuristics`). Off until
-# timed on a GPU: bench/fused_qkv.py's "+pr" configurations measure it against the default.
-PERSISTENT_ROW_REDUCTIONS = False
-# Grouped-query models on transformers' sdpa attention decode through `countdown.gqa_decode`, which
-# reads the KV cache as it is instead of a per-step copy with every key/value head repeated. Read when
-# a generate call captures the step (a captured graph keeps what it was captured with). Measured on the
-# H100 (docs/BENCHMARKS.md, session 10): +1.5% TEAL 50% model-wide, +2.4% M-COUNTDOWN 70% + attention
-# 50%, dense unchanged (-0.2%), all in one process.
-GQA_DECODE_ATTENTION = True
-
-
 def _cache_argument(model: nn.Module) -> str:
     """The forward argument that takes the KV cache: ``cache`` in transformers >= 5.25 (where
     ``past_key_values`` is deprecated), ``past_key_values`` before."""
@@ -90,52 +77,38 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _compile_options() -> dict:
-    """COMPILE_OPTIONS, plus programmatic dependent launch of Inductor's kernels while ours have it on
-    (`countdown.kernels.set_pdl`) and this torch knows the option (Inductor applies it on Hopper+ only)."""
+def _compiled(forward, options: DecodeOptions):
+    """``torch.compile(forward)`` with the options' Inductor settings, plus programmatic dependent launch
+    of Inductor's kernels with ``compile_pdl`` where this torch knows the option."""
     import torch._inductor.config as inductor_config
 
-    from . import kernels
-
-    pdl = getattr(getattr(kernels, "_core", None), "PDL", False)
-    if pdl and hasattr(inductor_config.triton, "enable_pdl"):
-        return {**COMPILE_OPTIONS, "triton.enable_pdl": True}
-    return dict(COMPILE_OPTIONS)
+    settings = dict(options.compile_options)
+    if options.compile_pdl and hasattr(inductor_config.triton, "enable_pdl"):
+        settings["triton.enable_pdl"] = True
+    return torch.compile(forward, dynamic=False, fullgraph=False, options=settings)
 
 
-def _compiled(forward):
-    """``torch.compile(forward)`` with `_compile_options`. With PERSISTENT_ROW_REDUCTIONS the compiles
-    (which happen inside a call) use `decode_heuristics.DecodeChoices`; Inductor reads its heuristics
-    from a per-thread handler, so it is set around each call and nothing else in the process sees it."""
-    import torch._inductor.config as inductor_config
-
-    options = _compile_options()
-    if not PERSISTENT_ROW_REDUCTIONS or not hasattr(inductor_config, "inductor_choices_class"):
-        return torch.compile(forward, dynamic=False, fullgraph=False, options=options)
-    from torch._inductor.virtualized import V
-
-    from .decode_heuristics import DecodeChoices
-
-    compiled = torch.compile(forward, dynamic=False, fullgraph=False,
-                             options={**options, "inductor_choices_class": DecodeChoices})
-    choices = DecodeChoices()
-
-    def call(*args, **kwargs):
-        with V.set_choices_handler(choices):
-            return compiled(*args, **kwargs)
-
-    return call
+def options_with(options: DecodeOptions | None, compile: bool | None = None) -> DecodeOptions:
+    """``options`` (default: DecodeOptions()) with the ``compile=`` shortcut applied when it is given."""
+    if options is None:
+        options = DecodeOptions()
+    elif not isinstance(options, DecodeOptions):
+        raise TypeError(f"options must be a countdown.DecodeOptions, got {type(options).__name__}")
+    if compile is not None and bool(compile) != options.compile:
+        options = dataclasses.replace(options, compile=bool(compile))
+    return options
 
 
 class Decoder:
     """Generation for one model, ``batch_size`` rows and a static cache of ``max_len`` positions.
 
-    ``cuda_graph="auto"`` captures the decode step when the model is on CUDA; ``compile=True``
-    additionally runs the model's forward through ``torch.compile`` (fuses the small elementwise
-    kernels of norms and rotary embeddings) before capture, with Inductor's coordinate-descent tuning
-    of those kernels on (as gpt-fast does: the compile takes ~20 s longer; on the Llama-3-8B shape it
-    made the dense step 7% faster at batch 1, docs/BENCHMARKS.md) and, while our kernels use it
-    (`countdown.kernels.set_pdl`, on by default), programmatic dependent launch of Inductor's kernels.
+    ``cuda_graph="auto"`` captures the decode step when the model is on CUDA. ``options``
+    (`countdown.DecodeOptions`) holds the loop's choices: ``compile`` additionally runs the model's
+    forward through ``torch.compile`` (fuses the small elementwise kernels of norms and rotary
+    embeddings) before capture, with ``compile_options`` (Inductor's coordinate-descent tuning by
+    default: the compile takes ~20 s longer; on the Llama-3-8B shape it made the dense step 7% faster at
+    batch 1, docs/BENCHMARKS.md); ``gqa_attention`` and ``attention_kernel`` choose the one-token
+    attention of grouped-query models. ``compile=True`` is a shortcut for ``options=DecodeOptions(compile=True)``.
     The first `generate` call of each kind (greedy, plain sampling, filtered sampling) pays for warm-up
     and capture; later calls replay
     (the prompt length and the sampling values may change; the batch size and ``max_len`` may not).
@@ -145,9 +118,10 @@ class Decoder:
     check_every = 16  # steps between looks at the device's "every row finished" flag
 
     def __init__(self, model: nn.Module, max_len: int, *, batch_size: int = 1, cuda_graph: str | bool = "auto",
-                 compile: bool = False):
+                 compile: bool | None = None, options: DecodeOptions | None = None):
         from transformers import StaticCache
 
+        options = options_with(options, compile)
         if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
             raise TypeError("Decoder needs a transformers causal LM (a model with .config and .forward)")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
@@ -158,6 +132,7 @@ class Decoder:
         if limit is not None and max_len > limit:
             raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings ({limit})")
         self.model = model
+        self.options = options
         self.max_len = max_len
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
@@ -184,9 +159,13 @@ class Decoder:
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._rng = torch.Generator(device=dev)
         self._forward = model.forward
-        if compile:
-            self._forward = _compiled(model.forward)
+        if options.compile:
+            self._forward = _compiled(model.forward, options)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+
+    def __repr__(self) -> str:
+        return (f"Decoder({type(self.model).__name__}, max_len={self.max_len}, batch_size={self.batch_size}, "
+                f"cuda_graph={self.use_graph}, options={self.options!r})")
 
     # -- one step ---------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -313,7 +292,8 @@ class Decoder:
         ``attention_mask`` [B, P]: 0 at (left) padding. ``eos_token_id`` (None: never stop early):
         a row that produced one gets ``pad_token_id`` (default: the first EOS id) from then on, and
         generation stops once every row has. Sampling arguments as in ``model.generate``."""
-        attention = gqa_decode.decode_attention(self.model) if GQA_DECODE_ATTENTION else nullcontext()
+        attention = (gqa_decode.decode_attention(self.model, self.options.attention_kernel)
+                     if self.options.gqa_attention else nullcontext())
         with attention:
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
                                   eos_token_id, pad_token_id, generator)

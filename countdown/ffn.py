@@ -32,8 +32,8 @@ from torch import nn
 from . import kernels, parallel
 from .methods import Keep, Method, keep_count
 from .models import FFNSite
+from .options import KernelPolicy
 
-KERNEL_MODES = ("auto", "off", "always")
 POSITIONS = ("all", "decode")
 COUNT_RULES = ("floor", "round")  # neurons dropped per token: int(D*s) (official) or round(D*s)
 TIES = ("exact", "strict")  # top-k: exactly k kept, or official "score > k-th smallest"
@@ -310,9 +310,9 @@ class _SparseModule(nn.Module):
 class SparseFFN(_SparseModule):
     """Drop-in replacement for a gated MLP (Llama/Mistral/Qwen/Gemma/Phi-3)."""
 
-    # "auto": Triton kernels for decode tokens on CUDA; "off": reference path only; "always": wherever
-    # Triton runs them (the CPU interpreter included, for tests). Set with `set_kernels`.
-    kernels = "auto"
+    # which path and kernel variant serve decode tokens (`countdown.KernelPolicy`; its mode "auto": Triton
+    # kernels on CUDA, "off": reference path only, "always": wherever Triton runs them). Set with `set_kernels`.
+    kernels = KernelPolicy()
 
     def __init__(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None = None,
                  predictor: dict | None = None, stats: dict | None = None):
@@ -428,7 +428,8 @@ class SparseFFN(_SparseModule):
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
         """None when ``x`` (decode tokens) can run through the method's kernel, else why not."""
-        if self.kernels == "off":
+        policy = KernelPolicy.of(self.kernels)
+        if policy.mode == "off":
             return "kernels are switched off"
         if not self.method.has_kernel:
             return f"method {self.method.name!r} has no kernel"
@@ -440,7 +441,7 @@ class SparseFFN(_SparseModule):
             return f"activation {self.act_name!r} has no kernel"
         if self.has_bias():
             return "the FFN's projections have biases, which the kernels do not add"
-        if self.kernels == "auto" and x.device.type != "cuda":
+        if policy.mode == "auto" and x.device.type != "cuda":
             return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
         if not self.kernel_layout_ready():
             if not relayout_allowed(x):
@@ -617,16 +618,16 @@ def remove(model: nn.Module) -> None:
                     setattr(parent, name, module.original[0])
 
 
-def set_kernels(model: nn.Module, mode: str = "auto") -> int:
-    """Choose the FFN path of every installed sparse FFN: "auto" (Triton kernels for decode tokens on
-    CUDA, reference elsewhere), "off" (always the reference path) or "always" (kernels wherever Triton
-    can run them, the CPU interpreter included). Lays W_down out for the kernels now, not inside a
-    CUDA-graph capture or a torch.compile trace. Returns how many FFNs were set."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
+def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
+    """Store the `countdown.KernelPolicy` (or mode string) on every installed sparse FFN; its mode: "auto"
+    (Triton kernels for decode tokens on CUDA, reference elsewhere), "off" (always the reference path) or
+    "always" (kernels wherever Triton can run them, the CPU interpreter included). Lays W_down out for
+    the kernels now, not inside a CUDA-graph capture or a torch.compile trace. Returns how many FFNs were set."""
+    policy = KernelPolicy.of(kernels)
+    mode = policy.mode
     modules = [m for m in sparse_modules(model) if isinstance(m, SparseFFN)]
     for m in modules:
-        m.kernels = mode
+        m.kernels = policy
         on_gpu = m.down_proj.weight.device.type == "cuda"
         wanted = m.method.has_kernel and (mode == "always" or (mode == "auto" and on_gpu))
         m.use_kernel_layout(wanted)

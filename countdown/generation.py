@@ -6,8 +6,8 @@
 It returns what ``model.generate`` returns for the same arguments ([B, P + N] token ids, prompt
 first; N is shorter than ``max_new_tokens`` when every row stopped at an end-of-sequence token):
 greedy tokens are the same (tested), sampling draws from the same filtered distribution with its own
-random numbers. The first call for a (batch size, cache length) pays for a CUDA-graph capture (and
-for ``compile=True`` a ``torch.compile``); later calls reuse it. Cache lengths are rounded up to a
+random numbers. The first call for a (batch size, cache length, `DecodeOptions`) pays for a CUDA-graph
+capture (and for ``compile=True`` a ``torch.compile``); later calls reuse it. Cache lengths are rounded up to a
 multiple of `BUCKET` so that prompts of similar lengths share one capture.
 
 Why not ``model.generate`` itself: it stays correct but host-bound (25-32 tokens/s per row on the
@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .decode import MAX_BATCH, Decoder
+from .decode import Decoder, options_with
+from .options import MAX_BATCH, DecodeOptions, KernelPolicy
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this
 MAX_DECODERS = 4  # per model; the least recently used one goes first (each holds a KV cache)
@@ -54,14 +55,18 @@ class _Decoders:
         return (_Decoders, ())
 
 
+_SETTING_TYPES = (bool, int, float, str, KernelPolicy)
+
+
 def _signature(model: nn.Module) -> tuple:
-    """What a captured graph depends on: the module objects, their plain settings, the tensors' storage.
+    """What a captured graph depends on: the module objects, their plain settings and kernel policies,
+    the tensors' storage.
 
     `countdown.sparsify`, ``set_kernels``, ``.to()`` or loading other thresholds change it, so the
     next call captures again instead of replaying a graph of the model as it was."""
     parts = []
     for module in model.modules():
-        settings = tuple((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)))
+        settings = tuple((k, v) for k, v in vars(module).items() if isinstance(v, _SETTING_TYPES))
         parts.append((id(module), settings))
     tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
     return tuple(parts), tensors
@@ -73,8 +78,12 @@ def _bucket(need: int, model: nn.Module) -> int:
     return min(max_len, limit) if limit is not None and need <= limit else max_len
 
 
-def decoder_for(model: nn.Module, batch_size: int, need: int, compile: bool = False) -> Decoder:
-    """The cached Decoder for ``batch_size`` rows and at least ``need`` positions (made on first use)."""
+def decoder_for(model: nn.Module, batch_size: int, need: int, options: DecodeOptions | bool | None = None) -> Decoder:
+    """The cached Decoder for ``batch_size`` rows, at least ``need`` positions and these options (made on
+    first use). The key holds the options, and the model's signature its kernel policies: a changed
+    choice builds a new Decoder (and graph) instead of replaying one captured under the old one.
+    A bool is the ``compile=`` shortcut."""
+    options = options_with(None, options) if isinstance(options, bool) else options_with(options)
     cache = model.__dict__.get(_ATTR)
     if cache is None:
         cache = _Decoders()
@@ -84,10 +93,10 @@ def decoder_for(model: nn.Module, batch_size: int, need: int, compile: bool = Fa
         cache.by_key.clear()
         cache.signature = signature
     max_len = _bucket(need, model)
-    key = (batch_size, max_len, bool(compile))
+    key = (batch_size, max_len, options)
     decoder = cache.by_key.get(key)
     if decoder is None:
-        decoder = Decoder(model, max_len, batch_size=batch_size, compile=compile)
+        decoder = Decoder(model, max_len, batch_size=batch_size, options=options)
         cache.by_key[key] = decoder
         while len(cache.by_key) > MAX_DECODERS:
             cache.by_key.popitem(last=False)
@@ -121,7 +130,8 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
+    options: DecodeOptions | None = None,
 ) -> torch.Tensor:
     """Token ids [B, P + N] like ``model.generate(input_ids, attention_mask=..., ...)``, on input_ids' device.
 
@@ -132,7 +142,8 @@ def generate(
     filled with the pad token (default: the first EOS id), and generation stops when every row
     has. ``do_sample``: temperature, then top_k, then top_p, as transformers' warpers; the numbers
     are drawn from ``generator`` (any device) or, if None, seeded from the global RNG.
-    ``compile=True`` runs the forward through ``torch.compile`` before the CUDA-graph capture."""
+    ``options`` (`countdown.DecodeOptions`): the decode loop's choices; ``compile=True`` is a shortcut
+    for ``options=DecodeOptions(compile=True)`` (the forward through ``torch.compile`` before capture)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError("input_ids must be a torch.long tensor of token ids")
     rows = 1 if input_ids.dim() == 1 else input_ids.shape[0]
@@ -145,7 +156,8 @@ def generate(
         eos_token_id = _default_ids(model, "eos_token_id")
     if pad_token_id is None:
         pad_token_id = _default_ids(model, "pad_token_id")
-    decoder = decoder_for(model, rows, input_ids.shape[-1] + max_new_tokens, compile)
+    options = options_with(options, compile)
+    decoder = decoder_for(model, rows, input_ids.shape[-1] + max_new_tokens, options)
     result = decoder.generate(input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id, generator=generator)

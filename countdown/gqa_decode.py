@@ -10,19 +10,21 @@ For one query token the copy is not needed. The query heads that share a key/val
 head's query *rows*: q [B, H_q, 1, D] is viewed as [B, H_kv, G, D] (query head h = kv head h // G,
 row h % G, as ``repeat_kv`` pairs them), the mask [B, 1, 1, L] broadcasts over heads and rows alike,
 and one attention call over the cache [B, H_kv, L, D] gives [B, H_kv, G, D] = the heads' outputs in order:
-countdown's Triton kernel on CUDA (``TRITON_KERNEL``, `countdown.kernels.decode_attention`), SDPA elsewhere.
+countdown's Triton kernel on CUDA (`countdown.DecodeOptions.attention_kernel`,
+`countdown.kernels.decode_attention`), SDPA elsewhere.
 transformers 5.25 does the same in eager mode (``pack_gqa``) but not under torch.compile, which is
 where `countdown.Decoder` runs the step.
 
 ``gqa_decode_sdpa`` is registered with transformers' ``AttentionInterface`` (and the ``sdpa`` mask
-with ``AttentionMaskInterface``) under `NAME`; everything but a one-token step of a grouped-query
+with ``AttentionMaskInterface``) once per ``attention_kernel`` choice (`attention_name`); everything but a one-token step of a grouped-query
 layer with a head-shared mask goes to transformers' own ``sdpa_attention_forward`` unchanged.
 `decode_attention(model)` switches a model that uses ``sdpa`` to it for the duration of a block
-(`countdown.Decoder` does while it generates, when ``decode.GQA_DECODE_ATTENTION`` is on).
+(`countdown.Decoder` does while it generates, with ``DecodeOptions(gqa_attention=True)``, the default).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NAME = "countdown_gqa_sdpa"
-# The packed step through countdown's Triton kernel (`countdown.kernels.decode_attention`: split over
-# the cache; on long caches, masked slots are never read) instead of SDPA, where the kernel serves the
-# tensors (a bool or additive mask shared by the heads). Read when the step is traced or captured.
-# "auto" (the default): on CUDA tensors; "always": also in Triton's interpreter on the CPU (tests);
-# "off": SDPA. On the H100 (Llama-3-8B shape, 256-slot cache) the kernel takes 7.2 against SDPA's 14.9 µs a
-# layer at batch 1, 8.5 against 17.3 at batch 4 and 14.5 against 21.4 at batch 16; end to end +1.2% on the
-# dense step (docs/BENCHMARKS.md, session 11).
-TRITON_KERNEL = "auto"
-TRITON_KERNEL_CHOICES = ("auto", "always", "off")
+from .options import ATTENTION_KERNELS
+
+NAME = "countdown_gqa_sdpa"  # the name of the "auto" choice; "off" and "always" get a suffix (`attention_name`)
+
+
+def attention_name(kernel: str = "auto") -> str:
+    """The name under which `gqa_decode_sdpa` with this ``attention_kernel`` choice is registered."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    return NAME if kernel == "auto" else f"{NAME}_{kernel}"
 
 
 def _packable(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -59,9 +61,12 @@ def _packable(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attenti
 
 def gqa_decode_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                    is_causal: bool | None = None, *, attention_kernel: str = "auto",
+                    **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query [B, H_q, T, D], key/value [B, H_kv, L, D],
-    attention_mask [B, 1, T, L] (bool, or additive float) or None. Returns ([B, T, H_q, D], None)."""
+    attention_mask [B, 1, T, L] (bool, or additive float) or None. Returns ([B, T, H_q, D], None).
+    ``attention_kernel`` ("auto": on CUDA, "always", "off"): the packed step through countdown's
+    Triton kernel where it serves the tensors, else SDPA (`countdown.DecodeOptions.attention_kernel`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not _packable(module, query, key, attention_mask, dropout, kwargs):
@@ -69,7 +74,7 @@ def gqa_decode_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                                       is_causal=is_causal, **kwargs)
     batch, heads, _, dim = query.shape
     rows = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-    if _use_kernel(rows, key, value, attention_mask):
+    if _use_kernel(attention_kernel, rows, key, value, attention_mask):
         from .kernels import decode_attention
 
         out = decode_attention(rows, key, value, attention_mask, scaling)
@@ -78,25 +83,27 @@ def gqa_decode_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return out.reshape(batch, 1, heads, value.shape[-1]), None
 
 
-def _use_kernel(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether this packed step goes through countdown's Triton kernel (``TRITON_KERNEL``)."""
-    if TRITON_KERNEL not in TRITON_KERNEL_CHOICES:
-        raise ValueError(f"gqa_decode.TRITON_KERNEL must be one of {TRITON_KERNEL_CHOICES}, got {TRITON_KERNEL!r}")
-    if TRITON_KERNEL == "off" or (TRITON_KERNEL == "auto" and rows.device.type != "cuda"):
+def _use_kernel(choice: str, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether this packed step goes through countdown's Triton kernel (``attention_kernel`` choice)."""
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {choice!r}")
+    if choice == "off" or (choice == "auto" and rows.device.type != "cuda"):
         return False
     from .kernels import HAS_TRITON, decode_attention_unavailable_reason
 
     return HAS_TRITON and decode_attention_unavailable_reason(rows, key, value, mask) is None
 
 
-def register() -> str:
-    """Make `NAME` known to transformers (idempotent). Returns NAME."""
+def register(kernel: str = "auto") -> str:
+    """Make `gqa_decode_sdpa` with this ``attention_kernel`` choice known to transformers (idempotent).
+    Returns its name (`attention_name`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, gqa_decode_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME
+    name = attention_name(kernel)
+    AttentionInterface.register(name, functools.partial(gqa_decode_sdpa, attention_kernel=kernel))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
 def applies(model: nn.Module) -> bool:
@@ -110,13 +117,14 @@ def applies(model: nn.Module) -> bool:
 
 
 @contextmanager
-def decode_attention(model: nn.Module) -> Iterator[bool]:
-    """Inside the block, a model that `applies` uses `gqa_decode_sdpa`; it gets ``sdpa`` back after.
-    Yields whether it switched."""
+def decode_attention(model: nn.Module, kernel: str = "auto") -> Iterator[bool]:
+    """Inside the block, a model that `applies` uses `gqa_decode_sdpa` with the ``attention_kernel``
+    choice ``kernel``; it gets ``sdpa`` back after. Yields whether it switched."""
+    name = register(kernel)
     if not applies(model):
         yield False
         return
-    model.set_attn_implementation(register())
+    model.set_attn_implementation(name)
     try:
         yield True
     finally:

@@ -220,7 +220,7 @@ class Cats(Method):
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
-                                        act=parts.kernel_act, dense="gate")
+                                        act=parts.kernel_act, dense="gate", policy=parts.kernels)
 
 
 class MCountdown(Method):
@@ -251,7 +251,7 @@ class MCountdown(Method):
         threshold = parts.threshold("coef")
         # the op's dense projection is W_up here, its sparse one W_gate
         return kernels.fused_gather_ffn(x, parts.up_weight(), parts.gate_weight(), parts.down_t(), threshold,
-                                        act=parts.kernel_act, dense="up")
+                                        act=parts.kernel_act, dense="up", policy=parts.kernels)
 
 
 class DCountdownIdeal(Method):
@@ -274,7 +274,7 @@ class DCountdownIdeal(Method):
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
         return kernels.coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
-                                       act=parts.kernel_act)
+                                       act=parts.kernel_act, policy=parts.kernels)
 
 
 class DCountdown(Method):
@@ -296,7 +296,7 @@ class DCountdown(Method):
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
         return kernels.predicted_sparse_ffn(x, parts.predict(x), parts.gate_weight(), parts.up_weight(),
-                                            parts.down_t(), threshold, act=parts.kernel_act)
+                                            parts.down_t(), threshold, act=parts.kernel_act, policy=parts.kernels)
 
 
 class Teal(Method):
@@ -321,10 +321,10 @@ class Teal(Method):
 
     def kernel_forward(self, parts, x):
         # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
-        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"))
+        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"), policy=parts.kernels)
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
-        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"))
+        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"), policy=parts.kernels)
 
 
 class DejaVu(Method):
@@ -358,7 +358,7 @@ class DejaVu(Method):
     def kernel_forward(self, parts, x):
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(),
                                         parts.threshold("coef"), act=parts.kernel_act, dense="gate",
-                                        score_act=False, signed=True)
+                                        score_act=False, signed=True, policy=parts.kernels)
 
 
 class SCountdown(Method):
@@ -397,7 +397,7 @@ class SCountdown(Method):
         thr = per_neuron_threshold(parts, "s-countdown:coef", (parts.threshold("coef"), parts.column_norms("down")),
                                    _saliency_threshold)
         return kernels.coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
-                                       act=parts.kernel_act)
+                                       act=parts.kernel_act, policy=parts.kernels)
 
 
 class Dhar(Method):
@@ -481,7 +481,7 @@ class Chess(Method):
         thr = per_neuron_threshold(parts, "chess:coef", (parts.threshold("coef"), parts.stat("up_abs_mean")),
                                    _rescaled_threshold)
         return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
-                                        act=parts.kernel_act, dense="gate", score_act=True)
+                                        act=parts.kernel_act, dense="gate", score_act=True, policy=parts.kernels)
 
 
 class Wina(Method):
@@ -526,11 +526,12 @@ class Wina(Method):
 
     def kernel_forward(self, parts, x):
         thr_in, norms_in = parts.threshold("input"), parts.column_norms("gate")
-        projections = kernels.input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in)
+        projections = kernels.input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in,
+                                                     policy=parts.kernels)
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
         return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),
-                                           channel_scale=parts.column_norms("down"))
+                                           channel_scale=parts.column_norms("down"), policy=parts.kernels)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import countdown
+from countdown import DecodeOptions
 from countdown.decode import Decoder
 from countdown.generation import decoder_for, generate
 from countdown.predictor import train_predictors
@@ -298,45 +299,66 @@ def test_cuda_graph_batches_padding_eos_and_sampling_on_gpu():
     assert torch.equal(same[0], ref)  # replays draw the numbers eager steps draw
 
 
-def test_compile_options_follow_the_pdl_switch():
-    # Decoder(compile=True) asks Inductor for programmatic dependent launch exactly while our kernels use it
+def test_compile_settings_come_from_the_options(monkeypatch):
+    # Decoder(options=DecodeOptions(compile=True, ...)) hands its Inductor options to torch.compile, with
+    # programmatic dependent launch of Inductor's kernels while compile_pdl is on and this torch has it
     import torch._inductor.config as inductor_config
 
-    from countdown import decode, kernels
-
-    has_option = hasattr(inductor_config.triton, "enable_pdl")
-    assert decode._compile_options().get("triton.enable_pdl", False) == has_option  # on by default
-    kernels.set_pdl(False)
-    try:
-        assert decode._compile_options() == decode.COMPILE_OPTIONS
-        assert "triton.enable_pdl" not in decode._compile_options()
-    finally:
-        kernels.set_pdl(True)
-    assert decode._compile_options()["coordinate_descent_tuning"] is True
-
-
-def test_compiled_step_sets_the_decode_heuristics_only_inside_its_calls():
-    # the persistent-row heuristic applies to the Decoder's compiles and to nothing else in the process
-    from torch._inductor.virtualized import V
-
     from countdown import decode
-    from countdown.decode_heuristics import DecodeChoices
 
     seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    has_option = hasattr(inductor_config.triton, "enable_pdl")
+    decode._compiled(lambda x: x, DecodeOptions(compile=True))
+    decode._compiled(lambda x: x, DecodeOptions(compile=True, compile_pdl=False, compile_options={}))
+    assert seen[0] == {"coordinate_descent_tuning": True, **({"triton.enable_pdl": True} if has_option else {})}
+    assert seen[1] == {}
 
-    def step(x):
-        seen.append(type(V.choices))  # runs while dynamo traces, inside the compiled call
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],)) * 2
 
-    x = torch.randn(1, 96)
-    saved, decode.PERSISTENT_ROW_REDUCTIONS = decode.PERSISTENT_ROW_REDUCTIONS, True
-    try:
-        out = decode._compiled(step)(x)
-    finally:
-        decode.PERSISTENT_ROW_REDUCTIONS = saved
-    assert torch.allclose(out, torch.nn.functional.rms_norm(x, (96,)) * 2, atol=1e-5)
-    assert seen and seen[0] is DecodeChoices
-    assert type(V.choices) is not DecodeChoices
+def test_decode_options_are_checked_and_hashable():
+    options = DecodeOptions(compile_options={"b": 1, "a": 2})
+    assert options.compile_options == (("a", 2), ("b", 1))
+    assert hash(options) == hash(DecodeOptions(compile_options=[("b", 1), ("a", 2)]))
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        DecodeOptions(attention_kernel="triton")
+    with pytest.raises(TypeError, match="gqa_attention must be True or False"):
+        DecodeOptions(gqa_attention="no")
+    with pytest.raises(TypeError, match="options must be a countdown.DecodeOptions"):
+        Decoder(tiny_model("llama"), 16, options={"compile": True})
+    decoder = Decoder(tiny_model("llama"), 16, compile=False, options=DecodeOptions(gqa_attention=False))
+    assert decoder.options == DecodeOptions(gqa_attention=False)  # compile= is a shortcut over options
+    assert "options=DecodeOptions(compile=False" in repr(decoder) and "gqa_attention=False" in repr(decoder)
+
+
+def _cached(model) -> list[Decoder]:
+    return list(model.__dict__["_countdown_decoders"].by_key.values())
+
+
+def test_generate_builds_a_new_decoder_when_an_option_changes():
+    """Issue 25: countdown.generate cached its decoders on the model's modules and tensors only, so a decode
+    choice changed after the first call (then module switches) replayed the graph captured under the old
+    one. The DecodeOptions and every module's KernelPolicy are part of the key now."""
+    model = tiny_model("llama").eval()
+    prompt = tokens(1, 6)[0]
+    kw = dict(max_new_tokens=4, eos_token_id=[])
+    want = generate(model, prompt, **kw)
+    first = _cached(model)
+    assert [d.options for d in first] == [DecodeOptions()]
+    off = DecodeOptions(gqa_attention=False, attention_kernel="off")
+    assert torch.equal(generate(model, prompt, options=off, **kw), want)
+    added = [d for d in _cached(model) if d not in first]
+    assert [d.options for d in added] == [off]  # a decoder of its own, nothing captured under the default
+    assert torch.equal(generate(model, prompt, options=off, **kw), want)
+    assert _cached(model) == first + added  # the same options again: reused
+    generate(model, prompt, compile=False, **kw)
+    assert _cached(model)[-1] is first[0]  # compile=False is DecodeOptions(): the first decoder again
+
+    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 24), progress=False)
+    generate(model, prompt, **kw)
+    sparse = _cached(model)
+    countdown.set_kernels(model, countdown.KernelPolicy(input_sparse="walk"))  # the same mode, another variant
+    generate(model, prompt, **kw)
+    assert not set(_cached(model)) & set(sparse)  # the changed policy is in the key: a fresh decoder
 
 
 def test_left_padded_sliding_window_steps_equal_a_cache_free_greedy_forward():

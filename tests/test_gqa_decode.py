@@ -10,7 +10,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import countdown
-from countdown import decode, gqa_decode
+from countdown import DecodeOptions, gqa_decode
 from countdown.decode import Decoder
 from tiny_models import tiny_model, tokens
 
@@ -57,7 +57,6 @@ def test_other_calls_are_transformers_own(case):
 # greedy forward, which the Decoder's equal (tests/test_decode.py), so generate is no reference there
 @pytest.mark.parametrize("arch, batch", [("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma3", 1)])
 def test_decoder_steps_use_it_and_keep_generate_tokens(arch, batch, monkeypatch):
-    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
     model = tiny_model(arch)
     packed = []
     real = gqa_decode._packable
@@ -65,7 +64,7 @@ def test_decoder_steps_use_it_and_keep_generate_tokens(arch, batch, monkeypatch)
     prompt = tokens(batch, 9, seed=5)
     mask = torch.ones_like(prompt)
     mask[-1, : 4 if batch > 1 else 0] = 0  # left padding: the mask differs per row
-    result = Decoder(model, max_len=40, batch_size=batch).generate(prompt, 12, attention_mask=mask)
+    result = Decoder(model, max_len=40, batch_size=batch).generate(prompt, 12, attention_mask=mask)  # on by default
     want = model.generate(prompt, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                           pad_token_id=0)
     assert torch.equal(result.tokens, want)
@@ -75,11 +74,10 @@ def test_decoder_steps_use_it_and_keep_generate_tokens(arch, batch, monkeypatch)
 
 
 def test_switch_off_and_models_it_does_not_apply_to(monkeypatch):
-    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", False)
     model = tiny_model("llama")
     packed = []
     monkeypatch.setattr(gqa_decode, "_packable", lambda *a: packed.append(True) or False)
-    Decoder(model, max_len=24).generate(tokens(1, 6), 4)
+    Decoder(model, max_len=24, options=DecodeOptions(gqa_attention=False)).generate(tokens(1, 6), 4)
     assert packed == []
     assert not gqa_decode.applies(tiny_model("gpt2"))  # one key/value head per query head
     eager = tiny_model("llama")
@@ -94,8 +92,6 @@ def test_decoder_steps_through_the_triton_kernel_keep_generate_tokens(arch, batc
     if not (torch.cuda.is_available() or kernels.HAS_TRITON and kernels.interpret_mode()):
         pytest.skip("needs CUDA or Triton's interpreter")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
-    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "always")
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
@@ -103,7 +99,8 @@ def test_decoder_steps_through_the_triton_kernel_keep_generate_tokens(arch, batc
     prompt = tokens(batch, 9, seed=6).to(device)
     mask = torch.ones_like(prompt)
     mask[-1, :3] = 0  # left padding: the mask differs per row
-    result = Decoder(model, max_len=40, batch_size=batch).generate(prompt, 10, attention_mask=mask)
+    options = DecodeOptions(attention_kernel="always")
+    result = Decoder(model, max_len=40, batch_size=batch, options=options).generate(prompt, 10, attention_mask=mask)
     want = model.generate(prompt, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
                           pad_token_id=0)
     assert torch.equal(result.tokens, want)
@@ -145,9 +142,7 @@ def test_real_smollm2_with_teal_keeps_its_tokens(smollm2, monkeypatch):
     prompt = tok("The Python standard library provides", return_tensors="pt").input_ids
     countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 64, seed=3), attention=0.5, progress=False)
     try:
-        monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", False)
-        want = Decoder(model, max_len=48).generate(prompt, 16).tokens
-        monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
+        want = Decoder(model, max_len=48, options=DecodeOptions(gqa_attention=False)).generate(prompt, 16).tokens
         packed = []
         real = gqa_decode._packable
         monkeypatch.setattr(gqa_decode, "_packable", lambda *a: packed.append(real(*a)) or packed[-1])
@@ -157,19 +152,26 @@ def test_real_smollm2_with_teal_keeps_its_tokens(smollm2, monkeypatch):
         countdown.unsparsify(model)
 
 
-def test_auto_uses_the_kernel_on_cuda_only_and_bad_switch_is_named(monkeypatch):
+def test_auto_uses_the_kernel_on_cuda_only_and_bad_choice_is_named():
     from countdown import kernels
 
     rows = torch.randn(1, 2, 3, 8)
     key = value = torch.randn(1, 2, 5, 8)
     mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
-    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "auto")
-    assert not gqa_decode._use_kernel(rows, key, value, mask)  # CPU tensors: SDPA, never the interpreter
-    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "off")
-    assert not gqa_decode._use_kernel(rows, key, value, mask)
+    assert not gqa_decode._use_kernel("auto", rows, key, value, mask)  # CPU tensors: SDPA, never the interpreter
+    assert not gqa_decode._use_kernel("off", rows, key, value, mask)
     if kernels.HAS_TRITON and kernels.interpret_mode():
-        monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "always")
-        assert gqa_decode._use_kernel(rows, key, value, mask)
-    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", True)
-    with pytest.raises(ValueError, match="TRITON_KERNEL must be one of"):
-        gqa_decode._use_kernel(rows, key, value, mask)
+        assert gqa_decode._use_kernel("always", rows, key, value, mask)
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        gqa_decode._use_kernel(True, rows, key, value, mask)
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        gqa_decode.decode_attention(tiny_model("llama"), "triton").__enter__()
+
+
+def test_each_attention_kernel_choice_has_its_own_registered_name():
+    # the choice travels in the attention implementation's name: nothing module-wide to flip
+    from transformers import AttentionInterface
+
+    names = {gqa_decode.register(k) for k in ("auto", "always", "off")}
+    assert len(names) == 3 and gqa_decode.NAME in names
+    assert AttentionInterface._global_mapping[gqa_decode.attention_name("off")].keywords == {"attention_kernel": "off"}

@@ -1,7 +1,9 @@
 """Decode kernels for sparse gated FFNs (Triton), with pure-torch references.
 
-Weights are laid out once by ``pack_ffn_weights(w_gate, w_up, w_down)``: W_gate, W_up [I, H] and
-W_down transposed to ``w_down_t`` [I, H], all contiguous, so a skipped neuron is a skipped row.
+The ops read W_gate, W_up [I, H] (nn.Linear's layout) and W_down transposed, ``w_down_t`` [I, H], all
+contiguous, so a skipped neuron is a skipped row (`countdown.ffn.use_input_major` lays a sparse FFN's
+W_down out so when `countdown.set_kernels` runs). ``gather_ffn`` and ``sparse_down`` (a given vector)
+serve no method: they stay as kernel-alone baselines of the fused ops.
 
     op                                                       method           reads
     sparse_down(t, w_down_t, thr)                            D-COUNTDOWN ideal down rows of |t|>thr
@@ -23,6 +25,9 @@ thresholds (CHESS: τ / E|u_i|; S-COUNTDOWN: sqrt(2τ) / ‖W_down[:, i]‖); th
 ``signed=True`` (keep a_i > thr on the signed score: DejaVu). ``input_sparse_linear`` (TEAL, WINA)
 scales its scores per channel instead (``channel_scale``).
 
+Every FFN and input-sparse op takes ``policy=`` (a `countdown.KernelPolicy`; default KernelPolicy()): the variant
+(``input_sparse``, ``fuse_gate_up``, ``compact_max_batch``) and programmatic dependent launch (``pdl``).
+
 The ops serve decode batches of 1 to 16 tokens (x [H], [B, H] or [B, 1, H]; vectors [B, I]): one
 token runs the batch-1 kernel (``_core``), 2 to 16 tokens the batched kernels (``batch_ffn``), where
 each token keeps its own neurons and the rows of the batch's union are read once.
@@ -36,11 +41,9 @@ must be used.
 from __future__ import annotations
 
 from . import reference
-from .pack import (HAS_TRITON, MAX_BATCH, MAX_HIDDEN, PackedFFN, interpret_mode, kernel_unavailable_reason,
-                   pack_ffn_weights)
+from .pack import HAS_TRITON, MAX_BATCH, MAX_HIDDEN, interpret_mode, kernel_unavailable_reason
 
 if HAS_TRITON:
-    from ._core import set_pdl
     from .gqa_attention import decode_attention, decode_attention_unavailable_reason
     from .gather_ffn import fused_gather_ffn, gather_ffn
     from .input_sparse import input_sparse_linear, input_sparse_linears, input_sparse_unavailable_reason
@@ -54,9 +57,6 @@ else:
     sparse_down = coefficient_ffn = gather_ffn = fused_gather_ffn = predicted_sparse_ffn = _no_triton
     input_sparse_linear = input_sparse_linears = decode_attention = _no_triton
 
-    def set_pdl(on: bool) -> None:  # nothing is launched without Triton
-        pass
-
     def input_sparse_unavailable_reason(*args, **kwargs) -> str:
         return "Triton is not installed"
 
@@ -67,7 +67,6 @@ __all__ = [
     "HAS_TRITON",
     "MAX_BATCH",
     "MAX_HIDDEN",
-    "PackedFFN",
     "coefficient_ffn",
     "decode_attention",
     "decode_attention_unavailable_reason",
@@ -78,9 +77,7 @@ __all__ = [
     "input_sparse_unavailable_reason",
     "interpret_mode",
     "kernel_unavailable_reason",
-    "pack_ffn_weights",
     "predicted_sparse_ffn",
     "reference",
-    "set_pdl",
     "sparse_down",
 ]

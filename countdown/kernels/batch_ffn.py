@@ -37,7 +37,8 @@ Two launches (one for ``sparse_down``), both memory-bound matrix products on the
    loads ``block_n`` packed rows a step, so every step but the last is a full tile. The masked walk
    takes NPP / block_n dependent steps however few rows are kept (latency-bound when the union is
    small, B = 2..4); the packed one takes union * NPP / block_n. ``pick_config`` gives it to batches
-   of at most ``COMPACT_MAX_BATCH`` tokens.
+   of at most ``compact_max_batch`` tokens (`countdown.KernelPolicy.compact_max_batch`, default
+   ``COMPACT_MAX_BATCH``).
 
 fp32 accumulation: bf16/fp16 coefficients enter the tensor cores as hi + lo, two products with the
 same weight tile (coef = hi + lo exactly to ~16 bits), so the down projection keeps fp32-quality
@@ -59,7 +60,7 @@ splits) and the per-tile tickets, a few us.
 
 Shapes and layouts: x [B, H] contiguous in the weights' dtype; vec [B, I] contiguous (gate / up
 projection, predictor score, or t; any float dtype, or uint8 for a bool mask with threshold 0.5);
-w_gate, w_up, w_down_t [I, H] contiguous row-major (``pack_ffn_weights``); threshold a 1-element
+w_gate, w_up, w_down_t [I, H] contiguous row-major (``countdown.ffn.use_input_major`` lays W_down out); threshold a 1-element
 fp32 tensor (read on the device: one CUDA graph serves every threshold), a Python float, or an [I]
 fp32 tensor of per-neuron thresholds shared by the tokens (CHESS, S-COUNTDOWN; loaded with the
 scores, I floats). The score is |v|, |act(v)| or the signed v, as in ``_core``. Scratch: coef [B, I]
@@ -77,12 +78,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _core
+from . import _core, _runtime
 from ._core import KIND_GATE, KIND_SCORE, KIND_T, KIND_UP, _act, _keep, _thresholds
-from .pack import ACTIVATIONS, MAX_BATCH
+from .pack import ACTIVATIONS, MAX_BATCH, interpret_mode
 
-B_PAD = tl.constexpr(16)  # the batch padded to tl.dot's smallest side; must be >= MAX_BATCH
-assert B_PAD.value >= MAX_BATCH
+B_PAD = tl.constexpr(MAX_BATCH)  # the batch padded to one tile (16: tl.dot's smallest side)
 
 
 @triton.jit
@@ -224,16 +224,7 @@ def _split_k_sum(acc, ws_ptr, cnt_ptr, out_ptr, rb, bm, hs, hm, B, H, pid_h, H_T
     if ORDERED:
         tl.store(ws_ptr + tl.program_id(0) * B * H + offs, acc, mask=om)
     else:
-        tl.atomic_add(ws_ptr + offs, acc, mask=om, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds precede this program's ticket
-        ticket = tl.atomic_add(cnt_ptr + pid_h, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) - 1:
-            zero = tl.zeros([B_PAD, H_TILE], dtype=tl.float32)
-            tot = tl.atomic_add(ws_ptr + offs, zero, mask=om, sem="relaxed")  # read where the adds landed (L2)
-            tot = tl.where(om, tot, 0.0)  # masked lanes hold undefined values (fp16 cast overflow in the interpreter)
-            tl.store(ws_ptr + offs, zero, mask=om)
-            tl.store(cnt_ptr + pid_h, 0)
-            tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=om)
+        _runtime.split_k_epilogue(acc, ws_ptr + offs, out_ptr + offs, om, cnt_ptr + pid_h, tl.num_programs(0))
 
 
 @triton.jit
@@ -377,14 +368,16 @@ GPU_CONFIG = BatchConfig()
 # B = 4; slower from B = 8 on (the prologue and the gathered tiles cost more than the walk saves once
 # the union holds most rows). Chosen by batch size, as the kernel cannot see the union before launch.
 GPU_COMPACT_CONFIG = BatchConfig(compact=True, block_n=32, down_programs=396)
-COMPACT_MAX_BATCH = 4
+COMPACT_MAX_BATCH = 4  # the default of `countdown.KernelPolicy.compact_max_batch`
 _INTERPRET_CONFIG = BatchConfig(block_i=16, block_k=16, h_tile=32, block_n=16, down_programs=6, stages=1)
 _INTERPRET_COMPACT_CONFIG = dataclasses.replace(_INTERPRET_CONFIG, compact=True, scan_elems=64)
 
 
-def pick_config(device: torch.device, batch: int = MAX_BATCH) -> BatchConfig:
-    """The configuration the public ops use for a batch of ``batch`` tokens on ``device``."""
-    compact = batch <= COMPACT_MAX_BATCH
+def pick_config(device: torch.device, batch: int = MAX_BATCH,
+                compact_max_batch: int = COMPACT_MAX_BATCH) -> BatchConfig:
+    """The configuration the public ops use for a batch of ``batch`` tokens on ``device``: the compact
+    down kernel up to ``compact_max_batch`` tokens."""
+    compact = batch <= compact_max_batch
     if device.type != "cuda":
         return _INTERPRET_COMPACT_CONFIG if compact else _INTERPRET_CONFIG
     return GPU_COMPACT_CONFIG if compact else GPU_CONFIG
@@ -414,21 +407,22 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
            w_gate: torch.Tensor | None, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
            threshold: torch.Tensor | None, threshold_value: float, act: str, score_act: bool,
            config: BatchConfig | None = None, out: torch.Tensor | None = None, *,
-           signed: bool = False) -> torch.Tensor:
+           signed: bool = False, compact_max_batch: int = COMPACT_MAX_BATCH) -> torch.Tensor:
     """Run the batched path; arguments are assumed validated (see the public ops). Returns y [B, H].
 
     x [B, H] contiguous (None for ``sparse_down``: kind KIND_T without compute); vec [B, I]
     contiguous (ignored when ``compute``); weights [I, H] contiguous (one the path does not read may
     be None); threshold a 1-element tensor on the device, an [I] contiguous fp32 tensor of
     per-neuron thresholds (the same for every token), or None to use ``threshold_value``.
-    score_act / signed: the score, as in ``_core``.
+    score_act / signed: the score, as in ``_core``. config: launch parameters (default: ``pick_config``
+    with ``compact_max_batch``).
     """
     inter, hidden = w_down_t.shape
     device, dtype = w_down_t.device, w_down_t.dtype
     batch = (x if x is not None else vec).shape[0]
-    cfg = config or pick_config(device, batch)
+    cfg = config or pick_config(device, batch, compact_max_batch)
     # fp32 weights get IEEE dots; so does Triton's interpreter, whose bf16 tl.dot is wrong (3.9)
-    ieee = dtype == torch.float32 or _core.interpret_mode()
+    ieee = dtype == torch.float32 or interpret_mode()
     thr_arg = threshold if threshold is not None else w_down_t  # any pointer; not read
     thr_vec = _core.is_threshold_vector(threshold)
     thr_ptr = threshold is not None and not thr_vec
@@ -445,12 +439,12 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
             STAGES=cfg.stages, EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.coef_warps)
     splits, nh, npp = _down_grid(hidden, inter, cfg)
     pad = B_PAD.value
-    ws = _core._persistent_workspace(device, pad * hidden + nh)
+    ws = _runtime.persistent_workspace(device, pad * hidden + nh)
     acc_ws = ws[: pad * hidden].view(torch.float32)
     counters = ws[pad * hidden:]
     if out is None:
         out = torch.empty(batch, hidden, dtype=dtype, device=device)
-    parts = _core.ordered_workspace(splits, batch * hidden, device)
+    parts = _runtime.ordered_workspace(splits, batch * hidden, device)
     if parts is not None:
         acc_ws = parts
     common = dict(GIVEN_T=given_t, THR_PTR=thr_ptr, THR_VEC=thr_vec and given_t, H_TILE=cfg.h_tile,
@@ -478,16 +472,17 @@ def launch(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor |
 def _batch_impl(x: Optional[torch.Tensor], vec: Optional[torch.Tensor], w_gate: Optional[torch.Tensor],
                 w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, threshold: Optional[torch.Tensor],
                 threshold_value: float, act: str, kind: int, compute: bool, score_act: bool,
-                signed: bool) -> torch.Tensor:
+                signed: bool, compact_max_batch: int = COMPACT_MAX_BATCH) -> torch.Tensor:
     return launch(kind, compute, x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, score_act,
-                  signed=signed)
+                  signed=signed, compact_max_batch=compact_max_batch)
 
 
 _batch_op = torch.library.custom_op("countdown::batch_sparse_ffn", _batch_impl, mutates_args=())
 
 
 @_batch_op.register_fake
-def _(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed):
+def _(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed,
+      compact_max_batch=COMPACT_MAX_BATCH):
     batch = (x if x is not None else vec).shape[0]
     return w_down_t.new_empty(batch, w_down_t.shape[1])
 
@@ -495,10 +490,12 @@ def _(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, com
 def batch_sparse_ffn(kind: int, compute: bool, x: torch.Tensor | None, vec: torch.Tensor | None,
                      w_gate: torch.Tensor | None, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                      threshold: torch.Tensor | None, threshold_value: float, act: str = "silu",
-                     score_act: bool = False, signed: bool = False) -> torch.Tensor:
+                     score_act: bool = False, signed: bool = False,
+                     compact_max_batch: int = COMPACT_MAX_BATCH) -> torch.Tensor:
     """The batched path of the public ops (validated arguments, see ``launch``); y [B, H]."""
-    run = _core.op_or_impl(_batch_op, _batch_impl)
-    return run(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed)
+    run = _runtime.op_or_impl(_batch_op, _batch_impl)
+    return run(x, vec, w_gate, w_up, w_down_t, threshold, threshold_value, act, kind, compute, score_act, signed,
+               compact_max_batch)
 
 
 __all__ = ["COMPACT_MAX_BATCH", "BatchConfig", "GPU_COMPACT_CONFIG", "GPU_CONFIG", "KIND_GATE", "KIND_SCORE", "KIND_T",

@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from . import _core, batch_ffn
+from . import _core, _runtime, batch_ffn
+from ..options import KernelPolicy
 from .pack import check_act, check_down, check_input, check_threshold, check_vector, check_weight
 
 
@@ -39,26 +40,26 @@ def _kind(dense_is_gate: bool) -> int:
 
 def _gather_ffn_impl(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                      threshold: Optional[torch.Tensor], threshold_value: float, act: str, dense_is_gate: bool,
-                     score_act: bool, signed: bool) -> torch.Tensor:
+                     score_act: bool, signed: bool, pdl: bool = True) -> torch.Tensor:
     w_gate, w_up = (None, w_sparse) if dense_is_gate else (w_sparse, None)
     return _core.launch(_kind(dense_is_gate), False, x, a, w_gate, w_up, w_down_t, threshold, threshold_value,
-                        act, score_act, x.dtype, signed=signed)
+                        act, score_act, x.dtype, signed=signed, pdl=pdl)
 
 
 _gather_ffn_op = torch.library.custom_op("countdown::gather_ffn", _gather_ffn_impl, mutates_args=())
 
 
 @_gather_ffn_op.register_fake
-def _(x, a, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act, signed):
+def _(x, a, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act, signed, pdl=True):
     return x.new_empty(w_down_t.shape[1])
 
 
 def _fused_gather_ffn_impl(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                            threshold: Optional[torch.Tensor], threshold_value: float, act: str,
-                           dense_is_gate: bool, score_act: bool, signed: bool) -> torch.Tensor:
+                           dense_is_gate: bool, score_act: bool, signed: bool, pdl: bool = True) -> torch.Tensor:
     w_gate, w_up = (w_dense, w_sparse) if dense_is_gate else (w_sparse, w_dense)
     return _core.launch(_kind(dense_is_gate), True, x, None, w_gate, w_up, w_down_t, threshold, threshold_value,
-                        act, score_act, x.dtype, signed=signed)
+                        act, score_act, x.dtype, signed=signed, pdl=pdl)
 
 
 _fused_gather_ffn_op = torch.library.custom_op("countdown::fused_gather_ffn", _fused_gather_ffn_impl,
@@ -66,7 +67,7 @@ _fused_gather_ffn_op = torch.library.custom_op("countdown::fused_gather_ffn", _f
 
 
 @_fused_gather_ffn_op.register_fake
-def _(x, w_dense, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act, signed):
+def _(x, w_dense, w_sparse, w_down_t, threshold, threshold_value, act, dense_is_gate, score_act, signed, pdl=True):
     return x.new_empty(w_down_t.shape[1])
 
 
@@ -90,34 +91,40 @@ def _common(x, weights, w_down_t, threshold, act, dense, score_act, signed):
 
 def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-               score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
+               score_act: bool | None = None, signed: bool = False,
+               policy: KernelPolicy | str | None = None) -> torch.Tensor:
     """CATS (dense="gate") / M-COUNTDOWN (dense="up") given the dense projection a; see the module doc.
-    signed=True keeps score_i > thr_i on the signed score (DejaVu: a = W_gate x, score_act=False)."""
+    signed=True keeps score_i > thr_i on the signed score (DejaVu: a = W_gate x, score_act=False).
+    policy (`countdown.KernelPolicy`): its ``pdl`` (batch 1) and ``compact_max_batch`` (batch 2-16)."""
+    policy = KernelPolicy.of(policy)
     xv, batch, inter, thr_t, thr_v, score_act = _common(x, (("w_sparse", w_sparse),), w_down_t, threshold, act,
                                                         dense, score_act, signed)
     av = check_vector("a", a, inter, x.device, batch)
     if batch > 1:
         w_gate, w_up = (None, w_sparse) if dense == "gate" else (w_sparse, None)
         y = batch_ffn.batch_sparse_ffn(_kind(dense == "gate"), False, xv, av, w_gate, w_up, w_down_t, thr_t, thr_v,
-                                       act, score_act, signed)
+                                       act, score_act, signed, policy.compact_max_batch)
     else:
-        run = _core.op_or_impl(_gather_ffn_op, _gather_ffn_impl)
+        run = _runtime.op_or_impl(_gather_ffn_op, _gather_ffn_impl)
         y = run(xv.reshape(-1), av.reshape(-1), w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act,
-                signed)
+                signed, policy.pdl)
     return y.reshape(x.shape)
 
 
 def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
-                     score_act: bool | None = None, signed: bool = False) -> torch.Tensor:
+                     score_act: bool | None = None, signed: bool = False,
+                     policy: KernelPolicy | str | None = None) -> torch.Tensor:
     """``gather_ffn`` with a = w_dense x computed in the same kernel (w_dense = W_gate or W_up)."""
+    policy = KernelPolicy.of(policy)
     xv, batch, _, thr_t, thr_v, score_act = _common(x, (("w_dense", w_dense), ("w_sparse", w_sparse)), w_down_t,
                                                     threshold, act, dense, score_act, signed)
     if batch > 1:
         w_gate, w_up = (w_dense, w_sparse) if dense == "gate" else (w_sparse, w_dense)
         y = batch_ffn.batch_sparse_ffn(_kind(dense == "gate"), True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v,
-                                       act, score_act, signed)
+                                       act, score_act, signed, policy.compact_max_batch)
     else:
-        run = _core.op_or_impl(_fused_gather_ffn_op, _fused_gather_ffn_impl)
-        y = run(xv.reshape(-1), w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act, signed)
+        run = _runtime.op_or_impl(_fused_gather_ffn_op, _fused_gather_ffn_impl)
+        y = run(xv.reshape(-1), w_dense, w_sparse, w_down_t, thr_t, thr_v, act, dense == "gate", score_act, signed,
+                policy.pdl)
     return y.reshape(x.shape)

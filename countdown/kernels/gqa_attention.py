@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _core
+from . import _runtime
 from .pack import SUPPORTED_DTYPES, interpret_mode
 
 __all__ = ["decode_attention", "decode_attention_unavailable_reason"]
@@ -152,14 +152,14 @@ def _decode_attention_kernel(
 
 def _splits(pairs: int, length: int, device: torch.device) -> int:
     """Programs per (row, head) pair: enough to fill the GPU, each with at least SLOTS_PER_SPLIT slots."""
-    sms = _core._num_sms(device) if device.type == "cuda" else INTERPRETER_SMS
+    sms = _runtime.num_sms(device) if device.type == "cuda" else INTERPRETER_SMS
     return max(1, min(triton.cdiv(length, SLOTS_PER_SPLIT), triton.cdiv(PROGRAMS_PER_SM * sms, pairs)))
 
 
 def _tickets(device: torch.device, pairs: int) -> torch.Tensor:
     """A zero-on-exit int32 ticket per (row, head) pair (shared with the other kernels' workspaces of this
     size: kernels on one stream run one after another, and each leaves it zero)."""
-    return _core._persistent_workspace(device, max(1024, triton.next_power_of_2(pairs)))
+    return _runtime.persistent_workspace(device, max(1024, triton.next_power_of_2(pairs)))
 
 
 def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -237,4 +237,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _core.op_or_impl(_op, _impl)(q, k, v, mask, scale)
+    return _runtime.op_or_impl(_op, _impl)(q, k, v, mask, scale)

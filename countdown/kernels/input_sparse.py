@@ -25,15 +25,17 @@ Kernel (``_input_sparse_kernel``): a grid of (N tiles of BLOCK_N columns) x (SPL
 of input channels), about ``programs_per_sm`` programs per SM. A program walks its channel range
 BLOCK_K channels a step: it loads x for those channels and all tokens (L2-resident), tests the scores
 against the threshold, and loads the [BLOCK_K, BLOCK_N] weight tile with the rows no token keeps
-masked off (masked rows are never fetched). ``compact`` instead ranks the kept channels of a CHUNK
-(cumsum of the union mask) and loads BLOCK_K *kept* rows a step. Tokens are accumulated with one
-``tl.dot`` ([16, BLOCK_K] x [BLOCK_K, BLOCK_N], tokens padded to 16 rows, masked x values zero), or
-for one token optionally with fp32 FMAs. With SPLIT > 1 the programs of one N tile add their fp32
-partials into a persistent workspace with relaxed atomics; the last one to take the tile's ticket
-casts the tile into y and zeroes the workspace and ticket again, so one launch gives the result
-and leaves the workspace ready for the next call (as ``_core`` does for the FFN ops). Under
-``torch.use_deterministic_algorithms`` (``_core.deterministic()``) each split stores its partials in a
+masked off (masked rows are never fetched). Tokens are accumulated with one ``tl.dot`` ([16, BLOCK_K]
+x [BLOCK_K, BLOCK_N], tokens padded to 16 rows, masked x values zero). With SPLIT > 1 the programs of
+one N tile add their fp32 partials into a persistent workspace (``_runtime.split_k_epilogue``): the last
+one to take the tile's ticket casts the tile into y and zeroes the workspace and ticket again, so one
+launch gives the result and leaves the workspace ready for the next call. Under
+``torch.use_deterministic_algorithms`` (``_runtime.deterministic()``) each split stores its partials in a
 slice of its own and the launcher sums the slices in order: bitwise-repeatable results.
+
+Which kernel serves a call is `countdown.KernelPolicy.input_sparse`: "walk" (this one), "prefetch"
+(``input_sparse_prefetch``) or "auto" (prefetch for one token, walk for 2-16; H100, docs/BENCHMARKS.md
+2026-11-23: prefetch 1-14% faster at batch 1 on every Llama-3-8B shape, 6-15% slower at batch 2-16).
 
 ``input_sparse_unavailable_reason(x, w_t, channel_scale)`` says why the kernel cannot serve a call
 (None when it can); the caller then uses ``countdown.kernels.reference.input_sparse_linear``.
@@ -42,15 +44,14 @@ slice of its own and the launcher sums the slices in order: bitwise-repeatable r
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _core
-from . import input_sparse_prefetch
+from . import _runtime, input_sparse_prefetch
+from ..options import KernelPolicy
 from .input_sparse_checks import MAX_BATCH, problem as _problem
 from .pack import check_threshold
 
@@ -58,28 +59,11 @@ __all__ = ["InputSparseConfig", "input_sparse_linear", "input_sparse_linears", "
            "MAX_BATCH"]
 
 
-# Which kernel ``input_sparse_linear`` runs: "walk" (``_input_sparse_kernel`` below), "prefetch"
-# (``input_sparse_prefetch``: the keep mask is packed into bit words before the weight loop) or "auto":
-# prefetch for one token, walk for 2-16. Measured on the H100 (docs/BENCHMARKS.md, 2026-11-23), prefetch
-# is 1-14% faster at batch 1 on every Llama-3-8B shape and 6-15% slower at batch 2-16. FUSE_QKV: the
-# attention projections q, k and v run as one launch (``countdown.attention``), 37% faster than three
-# at batch 1 and 24% at batch 16. Both are read at call time (so at graph-capture time), so one process
-# can A/B them; the environment gives the initial values.
-VARIANT = os.environ.get("COUNTDOWN_INPUT_SPARSE", "auto")
-FUSE_QKV = os.environ.get("COUNTDOWN_FUSE_QKV", "1") == "1"
-# FUSE_GATE_UP: ``input_sparse_linears`` runs an FFN's gate and up (one x, one threshold) as one launch at
-# batch 1 (at 2-16 tokens the walk kernel's one launch per weight is measured faster on these wide weights).
-FUSE_GATE_UP = os.environ.get("COUNTDOWN_FUSE_GATE_UP", "1") == "1"  # with the prefetch kernel's wide tiles
-VARIANTS = ("auto", "walk", "prefetch")
-
-
 @triton.jit
 def _step(acc, rows, rm, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N,
-          WINA: tl.constexpr, DOT: tl.constexpr, F32: tl.constexpr):
-    """acc += the contribution of input channels ``rows`` [BLOCK_K] (valid where ``rm``).
-
-    Reloads x at those channels for every token (cheap: x is in L1/L2), so the same step serves the
-    masked walk and the compacted one. Rows that no token keeps are not fetched."""
+          WINA: tl.constexpr, F32: tl.constexpr):
+    """acc [B_PAD, BLOCK_N] += the contribution of input channels ``rows`` [BLOCK_K] (valid where ``rm``).
+    Rows that no token keeps are not fetched."""
     xm2 = bm[:, None] & rm[None, :]
     xv = tl.load(x_ptr + offs_b[:, None] * K + rows[None, :], mask=xm2, other=0.0,
                  eviction_policy="evict_last")  # [B_PAD, BLOCK_K]
@@ -92,13 +76,10 @@ def _step(acc, rows, rm, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K
     any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: the union over tokens
     w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=any_keep[:, None] & nm[None, :],
                 other=0.0, eviction_policy="evict_first")
-    if DOT:
-        if F32:  # fp32 inputs, or any input in the interpreter (whose bf16 dot is wrong in triton 3.9)
-            acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xk, w, acc)
-    else:  # one token: [BLOCK_K, BLOCK_N] partials, reduced over K once at the end
-        acc += tl.sum(xk.to(tl.float32), axis=0)[:, None] * w.to(tl.float32)
+    if F32:  # fp32 inputs, or any input in the interpreter (whose bf16 dot is wrong in triton 3.9)
+        acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xk, w, acc)
     return acc
 
 
@@ -108,14 +89,14 @@ def _input_sparse_kernel(
     w_ptr,      # [K, N] W^T, contiguous
     scale_ptr,  # [K] fp32 channel scale (read when WINA)
     thr_ptr,    # [1] threshold tensor (read when THR_PTR)
-    ws_ptr,     # [16, N] fp32 workspace, zero on entry and on exit (used when SPLIT)
+    ws_ptr,     # [16, N] fp32 workspace, zero on entry and on exit (SPLIT); ORDERED: [SPLIT, B, N] slices
     cnt_ptr,    # [>= N tiles] int32 tickets, zero on entry and on exit (used when SPLIT)
     out_ptr,    # [B, N] output, x's dtype
     thr_value,  # float threshold (when not THR_PTR)
     B, K, N, KPP,  # tokens, input channels, output channels, input channels per program
     WINA: tl.constexpr, THR_PTR: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr, COMPACT: tl.constexpr,
-    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr, ORDERED: tl.constexpr = False,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
+    ORDERED: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -130,64 +111,19 @@ def _input_sparse_kernel(
     lo = pid_k * KPP
     hi = tl.minimum(lo + KPP, K)
     kr = tl.arange(0, BLOCK_K)
-    if DOT:
-        acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
+    for k in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k + kr
+        acc = _step(acc, rows, rows < hi, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N, WINA, F32)
 
-    if COMPACT:
-        # Rank the channels any token keeps within a CHUNK, then load BLOCK_K kept rows a step.
-        cr = tl.arange(0, CHUNK)
-        c = lo
-        while c < hi:
-            idx = c + cr
-            inr = idx < hi
-            xm2 = bm[:, None] & inr[None, :]
-            xv = tl.load(x_ptr + offs_b[:, None] * K + idx[None, :], mask=xm2, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            s = tl.abs(xv)
-            if WINA:
-                sc = tl.load(scale_ptr + idx, mask=inr, other=0.0, eviction_policy="evict_last")
-                s = s * sc[None, :]
-            union = tl.max(((s > thr) & xm2).to(tl.int32), axis=0)  # [CHUNK] 0/1
-            pos = tl.cumsum(union, axis=0) - 1
-            n_kept = tl.sum(union, axis=0)
-            k0 = 0
-            while k0 < n_kept:
-                kk = k0 + kr
-                sel = (pos[None, :] == kk[:, None]) & (union[None, :] > 0)  # [BLOCK_K, CHUNK]
-                rows = tl.sum(tl.where(sel, idx[None, :], 0), axis=1)
-                acc = _step(acc, rows, kk < n_kept, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N,
-                            WINA, DOT, F32)
-                k0 += BLOCK_K
-            c += CHUNK
-    else:
-        for k in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
-            rows = k + kr
-            acc = _step(acc, rows, rows < hi, x_ptr, w_ptr, scale_ptr, thr, offs_b, bm, offs_n, nm, K, N,
-                        WINA, DOT, F32)
-
-    if DOT:
-        res = acc
-    else:
-        res = tl.sum(acc, axis=0)[None, :]  # B_PAD == 1
     om = bm[:, None] & nm[None, :]
     off = offs_b[:, None] * N + offs_n[None, :]
     if SPLIT and ORDERED:  # deterministic: this split's own [B, N] slice of ws, summed in order by the caller
-        tl.store(ws_ptr + pid_k * B * N + off, res, mask=om)
+        tl.store(ws_ptr + pid_k * B * N + off, acc, mask=om)
     elif SPLIT:
-        tl.atomic_add(ws_ptr + off, res, mask=om, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds precede this program's ticket
-        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if ticket == tl.num_programs(1) - 1:
-            # atomic reads: the totals live in L2, where the other programs' adds landed
-            tot = tl.atomic_add(ws_ptr + off, tl.zeros_like(res), mask=om, sem="relaxed")
-            tl.debug_barrier()  # all reads done before any thread zeroes (layouts may differ)
-            tl.store(ws_ptr + off, tl.zeros_like(res), mask=om)
-            tl.store(cnt_ptr + pid_n, 0)
-            tl.store(out_ptr + off, tot.to(out_ptr.dtype.element_ty), mask=om)
+        _runtime.split_k_epilogue(acc, ws_ptr + off, out_ptr + off, om, cnt_ptr + pid_n, tl.num_programs(1))
     else:
-        tl.store(out_ptr + off, res.to(out_ptr.dtype.element_ty), mask=om)
+        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=om)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,9 +137,6 @@ class InputSparseConfig:
     block_n: output columns per program.  block_k: input channels (rows of w_t) per step.
     programs_per_sm: the channel split is chosen so that the grid is about this many programs per SM.
     num_stages: software-pipeline depth of the masked walk (loads of later steps in flight).
-    compact: load BLOCK_K kept rows a step (ranked within chunks of ``chunk`` channels) instead of
-             BLOCK_K consecutive rows with the dropped ones masked off.
-    dot: (one token) accumulate with tl.dot on a 16-row tile; False: fp32 FMAs. B > 1 always uses dot.
     """
 
     block_n: int = 256
@@ -211,16 +144,12 @@ class InputSparseConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 2
-    compact: bool = False
-    chunk: int = 128
-    dot: bool = True
 
 
 # The sweep of bench/input_sparse.py on an H100 (docs/KERNELS.md, "Input-sparse GEMV") picked this one
 # at every Llama-3-8B shape, for batch 1 and batch 8, at sparsity 0 and 0.5.
 _GPU_CONFIG = InputSparseConfig(block_n=256, block_k=32, num_warps=4, num_stages=4, programs_per_sm=2)
-_INTERPRET_CONFIG = InputSparseConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, programs_per_sm=8,
-                                      chunk=32)
+_INTERPRET_CONFIG = InputSparseConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, programs_per_sm=8)
 
 
 def pick_config(batch: int, k: int, n: int, device: torch.device) -> InputSparseConfig:
@@ -231,8 +160,8 @@ def pick_config(batch: int, k: int, n: int, device: torch.device) -> InputSparse
 def _grid(cfg: InputSparseConfig, k: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """(N tiles, channel split, channels per program)."""
     n_tiles = triton.cdiv(n, cfg.block_n)
-    step = cfg.chunk if cfg.compact else cfg.block_k
-    target = cfg.programs_per_sm * _core._num_sms(device)
+    step = cfg.block_k
+    target = cfg.programs_per_sm * _runtime.num_sms(device)
     split = max(1, min(target // n_tiles, triton.cdiv(k, step)))
     kpp = triton.cdiv(triton.cdiv(k, split), step) * step
     return n_tiles, triton.cdiv(k, kpp), kpp
@@ -241,34 +170,27 @@ def _grid(cfg: InputSparseConfig, k: int, n: int, device: torch.device) -> tuple
 def _launch(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
             threshold: Optional[torch.Tensor], threshold_value: float, out: torch.Tensor,
             config: Optional[InputSparseConfig] = None) -> torch.Tensor:
-    """Run the kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out.
-    Without a config, ``VARIANT`` picks the kernel."""
-    if VARIANT not in VARIANTS:
-        raise ValueError(f"input_sparse.VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
-    if config is None and (VARIANT == "prefetch" or (VARIANT == "auto" and x.shape[0] == 1)):
-        input_sparse_prefetch.launch(x, [w_t], [channel_scale], [threshold], [threshold_value], [out])
-        return out
+    """Run the walk kernel on validated arguments: x [B, K] contiguous, out [B, N]. Returns out."""
     batch, k = x.shape
     n = w_t.shape[1]
     device = w_t.device
     cfg = config or pick_config(batch, k, n, device)
     n_tiles, split, kpp = _grid(cfg, k, n, device)
-    dot = cfg.dot or batch > 1
-    block_k = max(cfg.block_k, 16) if dot else cfg.block_k  # tl.dot needs K >= 16
+    block_k = max(cfg.block_k, 16)  # tl.dot needs K >= 16
     # one zero-on-exit workspace per (device, N): 16 fp32 rows, then one ticket per tile of >= 16 columns
-    ws = _core._persistent_workspace(device, MAX_BATCH * n + triton.cdiv(n, 16))
+    ws = _runtime.persistent_workspace(device, MAX_BATCH * n + triton.cdiv(n, 16))
     acc_ws = ws[: MAX_BATCH * n].view(torch.float32)
     tickets = ws[MAX_BATCH * n:]
-    parts = _core.ordered_workspace(split, batch * n, device)
+    parts = _runtime.ordered_workspace(split, batch * n, device)
     if parts is not None:
         acc_ws = parts
     _input_sparse_kernel[(n_tiles, split)](
         x, w_t, w_t if channel_scale is None else channel_scale, tickets if threshold is None else threshold,
         acc_ws, tickets, out, float(threshold_value), batch, k, n, kpp,
-        WINA=channel_scale is not None, THR_PTR=threshold is not None, B_PAD=16 if dot else 1,
-        BLOCK_N=cfg.block_n, BLOCK_K=block_k, CHUNK=max(cfg.chunk, block_k), DOT=dot, COMPACT=cfg.compact,
-        SPLIT=split > 1, NUM_STAGES=cfg.num_stages, F32=x.dtype == torch.float32 or device.type != "cuda",
-        ORDERED=parts is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WINA=channel_scale is not None, THR_PTR=threshold is not None, B_PAD=MAX_BATCH,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=split > 1, NUM_STAGES=cfg.num_stages,
+        F32=x.dtype == torch.float32 or device.type != "cuda", ORDERED=parts is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if parts is not None:
         out.copy_(parts.view(split, batch, n).sum(0))
@@ -281,23 +203,12 @@ def _impl(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tens
     return _launch(x, w_t, channel_scale, threshold, threshold_value, out)
 
 
-def _impl_out(x: torch.Tensor, w_t: torch.Tensor, channel_scale: Optional[torch.Tensor],
-              threshold: Optional[torch.Tensor], threshold_value: float, out: torch.Tensor) -> None:
-    _launch(x, w_t, channel_scale, threshold, threshold_value, out)
-
-
 _op = torch.library.custom_op("countdown::input_sparse_linear", _impl, mutates_args=())
-_op_out = torch.library.custom_op("countdown::input_sparse_linear_out", _impl_out, mutates_args=("out",))
 
 
 @_op.register_fake
 def _(x, w_t, channel_scale, threshold, threshold_value):
     return x.new_empty(x.shape[0], w_t.shape[1])
-
-
-@_op_out.register_fake
-def _(x, w_t, channel_scale, threshold, threshold_value, out):
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,41 +223,49 @@ def input_sparse_unavailable_reason(x: torch.Tensor, w_t: torch.Tensor,
     return None if p is None else p[1]
 
 
+def _prefetch(policy: KernelPolicy, tokens: int) -> bool:
+    """Whether ``policy.input_sparse`` sends a call of ``tokens`` tokens to the prefetch kernel."""
+    return policy.input_sparse == "prefetch" or (policy.input_sparse == "auto" and tokens == 1)
+
+
 def input_sparse_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
                         channel_scale: Optional[torch.Tensor] = None,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        policy: KernelPolicy | str | None = None) -> torch.Tensor:
     """y = sum over input channels j with score_j > threshold of x_j * w_t[j, :]; see the module docstring.
 
     x [B, K] / [B, 1, K] / [K] (B <= 16), w_t [K, N] contiguous in x's dtype, channel_scale [K] fp32
-    (score |x| * channel_scale) or None (score |x|). out: optional [B, N] buffer of x's dtype.
+    (score |x| * channel_scale) or None (score |x|). ``policy`` (`countdown.KernelPolicy`, default
+    KernelPolicy()): its ``input_sparse`` picks the walk or the prefetch kernel (the registered ops
+    ``countdown::input_sparse_linear`` and ``countdown::input_sparse_multi``), its ``pdl`` the launch.
     Returns y with x's leading shape + [N], in x's dtype. Raises ValueError / TypeError naming the
     problem when the kernel cannot serve the call (``input_sparse_unavailable_reason``)."""
+    policy = KernelPolicy.of(policy)
     p = _problem(x, w_t, channel_scale)
     if p is not None:
         raise p[0](f"input_sparse_linear: {p[1]}")
     k, n = w_t.shape
+    if _prefetch(policy, x.numel() // k):
+        return input_sparse_prefetch.input_sparse_multi(x, [w_t], [threshold], channel_scales=[channel_scale],
+                                                        policy=policy)[0]
     x2 = x.reshape(-1, k).contiguous()
     thr_t, thr_v = check_threshold(threshold, x.device)
-    if out is None:
-        y = _core.op_or_impl(_op, _impl)(x2, w_t, channel_scale, thr_t, thr_v)
-        return y.reshape(*x.shape[:-1], n)
-    if out.dtype != x.dtype or out.device != x.device or out.numel() != x2.shape[0] * n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {x2.shape[0] * n} elements on {x.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    _core.op_or_impl(_op_out, _impl_out)(x2, w_t, channel_scale, thr_t, thr_v, out.view(x2.shape[0], n))
-    return out
+    y = _runtime.op_or_impl(_op, _impl)(x2, w_t, channel_scale, thr_t, thr_v)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def input_sparse_linears(x: torch.Tensor, w_ts: list[torch.Tensor], threshold: float | torch.Tensor, *,
-                         channel_scale: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-    """[input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]: weights that
-    share x, its mask and its threshold (an FFN's gate and up). One token with ``FUSE_GATE_UP`` (and a
-    VARIANT other than "walk"): one launch of the prefetch kernel for all of them (at most
-    ``input_sparse_prefetch.MAX_WEIGHTS``); otherwise one launch each. Same shapes and errors as
+                         channel_scale: Optional[torch.Tensor] = None,
+                         policy: KernelPolicy | str | None = None) -> list[torch.Tensor]:
+    """[input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale, policy=policy) for w_t in w_ts]:
+    weights that share x, its mask and its threshold (an FFN's gate and up). One token with
+    ``policy.fuse_gate_up`` and the prefetch kernel: one launch for all of them (at most
+    ``input_sparse_prefetch.MAX_WEIGHTS``; at 2-16 tokens the walk kernel's one launch per weight is
+    measured faster on these wide weights); otherwise one launch each. Same shapes and errors as
     ``input_sparse_linear``; returns one output per weight."""
+    policy = KernelPolicy.of(policy)
     w_ts = list(w_ts)
     single = x.dim() == 1 or x.numel() == x.shape[-1]
-    if (FUSE_GATE_UP and VARIANT != "walk" and single and 1 < len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS):
+    if policy.fuse_gate_up and _prefetch(policy, 1) and single and 1 < len(w_ts) <= input_sparse_prefetch.MAX_WEIGHTS:
         return input_sparse_prefetch.input_sparse_multi(x, w_ts, [threshold] * len(w_ts),
-                                                        channel_scales=[channel_scale] * len(w_ts))
-    return [input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale) for w_t in w_ts]
+                                                        channel_scales=[channel_scale] * len(w_ts), policy=policy)
+    return [input_sparse_linear(x, w_t, threshold, channel_scale=channel_scale, policy=policy) for w_t in w_ts]

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _core
-from .pack import SUPPORTED_DTYPES
-
-MAX_BATCH = 16  # tokens padded to one 16-row MMA tile
+from .pack import MAX_BATCH, SUPPORTED_DTYPES, interpret_mode
 
 
 def problem(x, w_t, channel_scale) -> tuple[type[Exception], str] | None:
@@ -17,7 +14,7 @@ def problem(x, w_t, channel_scale) -> tuple[type[Exception], str] | None:
         return TypeError, "x and w_t must be torch.Tensors"
     if x.dtype not in SUPPORTED_DTYPES or w_t.dtype != x.dtype:
         return TypeError, f"dtypes x {x.dtype} / w_t {w_t.dtype} not supported (bf16, fp16 or fp32, matching)"
-    if x.device.type != "cuda" and not _core.interpret_mode():
+    if x.device.type != "cuda" and not interpret_mode():
         return ValueError, f"tensors are on {x.device.type}, the kernel needs CUDA (or TRITON_INTERPRET=1)"
     if w_t.dim() != 2:
         return ValueError, f"w_t must be 2-D [K, N] (W transposed), got shape {tuple(w_t.shape)}"

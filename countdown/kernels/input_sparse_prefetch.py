@@ -15,12 +15,9 @@ before the first weight load, which makes long programs (no channel split at all
 ticket, no read-back after the loop) and one launch for several weights (q, k, v) simple. Each
 program first loads its whole x slice, tests it, and packs the union of the tokens' keep masks into
 one bit word per step (bit r of word s: channel lo + s * BLOCK_K + r is kept by some token). Inside
-the loop the weight mask comes from that register word and the loop counter, never from a load:
-
-    pipe "auto"   ``tl.range(num_stages=...)``: Triton's pipeliner turns the weight (and x) loads into
-                  async copies NUM_STAGES - 1 steps ahead (checked in the sm_90 TTGIR)
-    pipe "manual" the next step's weight tile is loaded into registers before the current one is
-                  reduced (two tiles in flight per program, whatever the compiler does)
+the loop the weight mask comes from that register word and the loop counter, never from a load, and
+``tl.range(num_stages=...)`` lets Triton's pipeliner turn the weight (and x) loads into async copies
+NUM_STAGES - 1 steps ahead (checked in the sm_90 TTGIR).
 
 x is loaded again inside the loop for the dot's A operand (the same lines the prologue just read: an
 L1/L2 hit that no weight load waits on).
@@ -41,8 +38,8 @@ Grid: (sum of N tiles of BLOCK_N columns) x (SPLIT contiguous ranges of channels
 from N: about ``programs_per_sm`` programs per SM, but never fewer than ``min_kpp`` channels per
 program, so a narrow weight (k/v, N = 1024) gets fewer, longer programs instead of 66 two-step ones.
 With SPLIT == 1 a program owns the full K of its tile and stores y directly (no atomics, no ticket).
-With SPLIT > 1 partials go through the persistent zero-on-exit workspace and a ticket per tile, as in
-the walk kernel; under ``torch.use_deterministic_algorithms`` each split stores them in a slice of its
+With SPLIT > 1 partials go through the persistent zero-on-exit workspace and a ticket per tile
+(``_runtime.split_k_epilogue``); under ``torch.use_deterministic_algorithms`` each split stores them in a slice of its
 own instead, and the launcher sums the slices in order (bitwise-repeatable results).
 """
 
@@ -56,11 +53,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _core
+from . import _runtime
+from ..options import KernelPolicy
 from .input_sparse_checks import MAX_BATCH, problem as _problem
 from .pack import check_threshold
 
-__all__ = ["PrefetchConfig", "input_sparse_linear_prefetch", "input_sparse_multi", "MAX_WEIGHTS"]
+__all__ = ["PrefetchConfig", "input_sparse_multi", "MAX_WEIGHTS"]
 
 MAX_WEIGHTS = 3  # q, k, v
 _PROLOGUE_ELEMENTS = 4096  # x values one prologue chunk holds in registers (per program)
@@ -137,12 +135,12 @@ def _prefetch_kernel(
     T0, T1,                # N tiles of weights 0 and 1
     NSEG: tl.constexpr, WINA: tl.constexpr, THR_PTR: tl.constexpr, BP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NCH: tl.constexpr, XS: tl.constexpr,
-    SPLIT: tl.constexpr, PIPE: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, F32: tl.constexpr,
     PDL: tl.constexpr = False, ORDERED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    _core._pdl_prologue(PDL)
+    _runtime.pdl_prologue(PDL)
     # which weight this N tile belongs to (runtime branch on the program id; all pointers one type)
     w_ptr, sc_ptr, o_ptr, t_ptr, thr_v = w0_ptr, s0_ptr, o0_ptr, t0_ptr, tv0
     N = pid * 0 + N0  # a tensor in every branch, whatever Triton specialised N0 to
@@ -187,23 +185,11 @@ def _prefetch_kernel(
     bm = offs_b < B
     kr = tl.arange(0, BLOCK_K)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    if PIPE == 0:
-        for k in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
-            rows = k + kr
-            w = _w_tile(w_ptr, rows, _row_mask(words, sidx, (k - lo) // BLOCK_K, kr), offs_n, nm, N)
-            xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, WINA)
-            acc = _mma(acc, xk, w, F32)
-    else:
-        # two tiles in flight: the next step's rows are requested before this step's are reduced
-        nxt = _w_tile(w_ptr, lo + kr, _row_mask(words, sidx, 0, kr), offs_n, nm, N)
-        nsteps = tl.cdiv(hi - lo, BLOCK_K)
-        for i in tl.range(0, nsteps, num_stages=1):
-            cur = nxt
-            rows = lo + i * BLOCK_K + kr
-            # step nsteps has no bits set: an all-masked load, no memory traffic
-            nxt = _w_tile(w_ptr, rows + BLOCK_K, _row_mask(words, sidx, i + 1, kr), offs_n, nm, N)
-            xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, WINA)
-            acc = _mma(acc, xk, cur, F32)
+    for k in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+        rows = k + kr
+        w = _w_tile(w_ptr, rows, _row_mask(words, sidx, (k - lo) // BLOCK_K, kr), offs_n, nm, N)
+        xk = _x_tile(x_ptr, sc_ptr, thr, rows, hi, offs_b, bm, K, WINA)
+        acc = _mma(acc, xk, w, F32)
 
     om = bm[:, None] & nm[None, :]
     off = offs_b[:, None] * N + offs_n[None, :]
@@ -217,17 +203,7 @@ def _prefetch_kernel(
                 n_total += N2
         tl.store(ws_ptr + pid_k * 16 * n_total + 16 * col0 + off, acc, mask=om)
     elif SPLIT:
-        wso = ws_ptr + 16 * col0 + off
-        tl.atomic_add(wso, acc, mask=om, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds precede this program's ticket
-        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if ticket == tl.num_programs(1) - 1:
-            # atomic reads: the totals live in L2, where the other programs' adds landed
-            tot = tl.atomic_add(wso, tl.zeros_like(acc), mask=om, sem="relaxed")
-            tl.debug_barrier()  # all reads done before any thread zeroes (layouts may differ)
-            tl.store(wso, tl.zeros_like(acc), mask=om)
-            tl.store(cnt_ptr + pid, 0)
-            tl.store(o_ptr + off, tot.to(o_ptr.dtype.element_ty), mask=om)
+        _runtime.split_k_epilogue(acc, ws_ptr + 16 * col0 + off, o_ptr + off, om, cnt_ptr + pid, tl.num_programs(1))
     else:
         tl.store(o_ptr + off, acc.to(o_ptr.dtype.element_ty), mask=om)
 
@@ -245,8 +221,7 @@ class PrefetchConfig:
     over all N tiles, but ``min_kpp`` caps it: no program gets fewer channels than that (a narrow N
     gets fewer splits; the split is 1, no atomics, when the N tiles alone fill the GPU).
     max_split: a cap on the split (1: every program owns the full K of its tile), None for none.
-    num_stages: pipeliner depth (pipe "auto").  pipe: "auto" (tl.range pipelining) or "manual"
-    (explicit next-tile register prefetch)."""
+    num_stages: pipeliner depth (``tl.range`` pipelining)."""
 
     block_n: int = 256
     block_k: int = 32
@@ -255,19 +230,16 @@ class PrefetchConfig:
     programs_per_sm: int = 2
     min_kpp: int = 128
     max_split: Optional[int] = None
-    pipe: str = "auto"
 
     def __post_init__(self):
         if self.block_k not in (16, 32, 64):
             raise ValueError(f"block_k must be 16, 32 or 64 (one bit word per step), got {self.block_k}")
-        if self.pipe not in ("auto", "manual"):
-            raise ValueError(f"pipe must be 'auto' or 'manual', got {self.pipe!r}")
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
 
 
 # bench/input_sparse.py --variants times these against the walk kernel on the H100 (docs/BENCHMARKS.md):
-# the default config is the "pf" column, used for one token (input_sparse.VARIANT "auto") and for q/k/v;
+# the default config is the "pf" column, used for one token (KernelPolicy.input_sparse "auto") and for q/k/v;
 # the wide one ("pf-k64-s3") for a total width past WIDE_N (TEAL's gate + up in one launch: 49.0 µs
 # against 58.8 with the default tiles and 54.5 as two launches, batch 1, s = 0.5; a single gate/up or
 # down within 1% either way).
@@ -294,7 +266,7 @@ def grid(cfg: PrefetchConfig, k: int, ns: Sequence[int], device: torch.device,
     """(N tiles over all weights, channel split, channels per program) for K = k and widths ``ns``.
     A program's range is capped at MAX_PROLOGUE_CHUNKS prologue chunks (its x slice is unrolled)."""
     n_tiles = sum(triton.cdiv(n, cfg.block_n) for n in ns)
-    target = cfg.programs_per_sm * _core._num_sms(device)
+    target = cfg.programs_per_sm * _runtime.num_sms(device)
     split = max(1, min(target // n_tiles, triton.cdiv(k, max(cfg.min_kpp, cfg.block_k)), cfg.max_split or k))
     split = max(split, triton.cdiv(k, MAX_PROLOGUE_CHUNKS * _prologue_steps(batch, cfg.block_k) * cfg.block_k))
     kpp = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
@@ -304,16 +276,16 @@ def grid(cfg: PrefetchConfig, k: int, ns: Sequence[int], device: torch.device,
 def _workspace(device: torch.device, n_total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 [16 * n_total], int32 tickets) in one persistent zero-on-exit buffer per total width
     (calls of the same width share it: they run in stream order, and each leaves it zero)."""
-    ws = _core._persistent_workspace(device, MAX_BATCH * n_total + triton.cdiv(n_total, 16) + MAX_WEIGHTS)
+    ws = _runtime.persistent_workspace(device, MAX_BATCH * n_total + triton.cdiv(n_total, 16) + MAX_WEIGHTS)
     return ws[: MAX_BATCH * n_total].view(torch.float32), ws[MAX_BATCH * n_total:]
 
 
 def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequence[Optional[torch.Tensor]],
            thresholds: Sequence[Optional[torch.Tensor]], threshold_values: Sequence[float],
-           outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig] = None) -> None:
+           outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig] = None, *, pdl: bool = True) -> None:
     """Run the kernel on validated arguments: x [B, K] contiguous, 1 to 3 weights [K, N_s] sharing x,
     outs [B, N_s]. Channel scales all None or all tensors; thresholds all None (then the float values
-    are used) or all tensors."""
+    are used) or all tensors. pdl: programmatic dependent launch where the GPU has it."""
     nseg = len(w_ts)
     batch, k = x.shape
     ns = [w.shape[1] for w in w_ts]
@@ -324,7 +296,7 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
     bp = 1 if batch == 1 else MAX_BATCH
     xs = min(nstep, _prologue_steps(batch, cfg.block_k))
     acc_ws, tickets = _workspace(device, sum(ns))
-    parts = _core.ordered_workspace(split, MAX_BATCH * sum(ns), device)
+    parts = _runtime.ordered_workspace(split, MAX_BATCH * sum(ns), device)
     if parts is not None:
         acc_ws = parts
     wina = channel_scales[0] is not None
@@ -345,9 +317,9 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
     _prefetch_kernel[(n_tiles, split)](
         x, *ws3, *sc3, *th3, *o3, *tv3, acc_ws, tickets, batch, k, *n3, kpp, t0, t1,
         NSEG=nseg, WINA=wina, THR_PTR=thr_ptr, BP=bp, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NCH=nstep // xs, XS=xs, SPLIT=split > 1, PIPE=0 if cfg.pipe == "auto" else 1, NUM_STAGES=cfg.num_stages,
+        NCH=nstep // xs, XS=xs, SPLIT=split > 1, NUM_STAGES=cfg.num_stages,
         F32=x.dtype == torch.float32 or device.type != "cuda", ORDERED=parts is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_core.pdl_meta(device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_runtime.pdl_meta(device, pdl),
     )
     if parts is not None:  # each split's slice: 16 rows per column of every weight, the first B of them written
         slices = parts.view(split, MAX_BATCH * sum(ns))
@@ -358,16 +330,8 @@ def launch(x: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequen
 
 
 # --------------------------------------------------------------------------------------------
-# entry points (the walk kernel's registered ops dispatch here when input_sparse.VARIANT says so;
+# entry point (``input_sparse.input_sparse_linear`` comes here when KernelPolicy.input_sparse says so;
 # ``input_sparse_multi`` is itself the registered op ``countdown::input_sparse_multi`` under torch.compile)
-
-
-def input_sparse_linear_prefetch(x: torch.Tensor, w_t: torch.Tensor, threshold: float | torch.Tensor, *,
-                                 channel_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                                 config: Optional[PrefetchConfig] = None) -> torch.Tensor:
-    """``input_sparse.input_sparse_linear`` through the prefetch kernel (same arguments, same result)."""
-    return input_sparse_multi(x, [w_t], [threshold], channel_scales=[channel_scale],
-                              outs=None if out is None else [out], config=config)[0]
 
 
 def _multi_problem(x, w_ts, thresholds, channel_scales) -> tuple[type[Exception], str] | None:
@@ -392,14 +356,17 @@ def _multi_problem(x, w_ts, thresholds, channel_scales) -> tuple[type[Exception]
 def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds: Sequence[float | torch.Tensor],
                        *, channel_scales: Optional[Sequence[Optional[torch.Tensor]]] = None,
                        outs: Optional[Sequence[torch.Tensor]] = None,
-                       config: Optional[PrefetchConfig] = None) -> list[torch.Tensor]:
+                       config: Optional[PrefetchConfig] = None,
+                       policy: KernelPolicy | str | None = None) -> list[torch.Tensor]:
     """[input_sparse_linear(x, w_ts[i], thresholds[i], channel_scale=channel_scales[i]) for each i], in
     one launch (q, k and v of one attention layer: one x, up to three input-major weights).
 
     x [B, K] / [B, 1, K] / [K] (B <= 16); w_ts: 1 to 3 tensors [K, N_i] contiguous in x's dtype;
     thresholds: one per weight, all Python floats or all 1-element float tensors on x's device;
     channel_scales: None, or one per weight, all None or all [K] fp32; outs: None or one contiguous
-    [B, N_i] buffer per weight. Returns the outputs, each with x's leading shape + [N_i]."""
+    [B, N_i] buffer per weight; config: launch parameters (default: ``pick_config``); policy: its ``pdl``
+    (`countdown.KernelPolicy`). Returns the outputs, each with x's leading shape + [N_i]."""
+    pdl = KernelPolicy.of(policy).pdl
     w_ts = list(w_ts)
     thresholds = list(thresholds)
     channel_scales = [None] * len(w_ts) if channel_scales is None else list(channel_scales)
@@ -412,8 +379,8 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
     thr = [check_threshold(t, x.device) for t in thresholds]
     if outs is None and config is None:
         # the registered op: one opaque node under torch.compile (attention's fused q/k/v)
-        ys = _core.op_or_impl(_multi_op, _multi_impl)(x2, w_ts, channel_scales, [t for t, _ in thr],
-                                                      [v for _, v in thr])
+        ys = _runtime.op_or_impl(_multi_op, _multi_impl)(x2, w_ts, channel_scales, [t for t, _ in thr],
+                                                         [v for _, v in thr], pdl)
         return [y.reshape(*x.shape[:-1], y.shape[1]) for y in ys]
     if outs is None:
         outs2 = [torch.empty(batch, w.shape[1], dtype=x.dtype, device=x.device) for w in w_ts]
@@ -426,7 +393,7 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
                 raise ValueError(f"input_sparse_multi: out must be a contiguous {x.dtype} tensor of {batch * n} "
                                  f"elements on {x.device}, got {o.dtype} {tuple(o.shape)} on {o.device}")
         outs2 = [o.view(batch, o.numel() // batch) for o in outs]
-    _launch_all(x2, w_ts, channel_scales, [t for t, _ in thr], [v for _, v in thr], outs2, config)
+    _launch_all(x2, w_ts, channel_scales, [t for t, _ in thr], [v for _, v in thr], outs2, config, pdl)
     if outs is not None:
         return list(outs)
     return [o.reshape(*x.shape[:-1], o.shape[1]) for o in outs2]
@@ -434,25 +401,26 @@ def input_sparse_multi(x: torch.Tensor, w_ts: Sequence[torch.Tensor], thresholds
 
 def _launch_all(x2: torch.Tensor, w_ts: Sequence[torch.Tensor], channel_scales: Sequence[Optional[torch.Tensor]],
                 thresholds: Sequence[Optional[torch.Tensor]], threshold_values: Sequence[float],
-                outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig]) -> None:
+                outs: Sequence[torch.Tensor], config: Optional[PrefetchConfig], pdl: bool = True) -> None:
     """`launch`, except that a width-1 weight among several runs in its own launch: Triton turns an
     int argument equal to 1 into a constant, and the per-weight branch needs all widths as values of
     one type."""
     if any(w.shape[1] == 1 for w in w_ts) and len(w_ts) > 1:
         for i, w in enumerate(w_ts):
-            launch(x2, [w], [channel_scales[i]], [thresholds[i]], [threshold_values[i]], [outs[i]], config)
+            launch(x2, [w], [channel_scales[i]], [thresholds[i]], [threshold_values[i]], [outs[i]], config, pdl=pdl)
     else:
-        launch(x2, w_ts, channel_scales, thresholds, threshold_values, outs, config)
+        launch(x2, w_ts, channel_scales, thresholds, threshold_values, outs, config, pdl=pdl)
 
 
 def _multi_impl(x: torch.Tensor, w_ts: list[torch.Tensor], channel_scales: list[Optional[torch.Tensor]],
-                thresholds: list[Optional[torch.Tensor]], threshold_values: list[float]) -> list[torch.Tensor]:
+                thresholds: list[Optional[torch.Tensor]], threshold_values: list[float],
+                pdl: bool = True) -> list[torch.Tensor]:
     """``countdown::input_sparse_multi`` on validated arguments: x [B, K] contiguous, w_ts 1 to 3
     [K, N_i]; one channel scale per weight, all None (TEAL) or all [K] fp32 (WINA); one threshold per
-    weight, all None (then the float ``threshold_values`` are used) or all [1] float tensors.
-    Returns fresh [B, N_i] outputs."""
+    weight, all None (then the float ``threshold_values`` are used) or all [1] float tensors; pdl:
+    programmatic dependent launch where the GPU has it. Returns fresh [B, N_i] outputs."""
     outs = [torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device) for w in w_ts]
-    _launch_all(x, w_ts, channel_scales, thresholds, threshold_values, outs, None)
+    _launch_all(x, w_ts, channel_scales, thresholds, threshold_values, outs, None, pdl)
     return outs
 
 
@@ -460,5 +428,5 @@ _multi_op = torch.library.custom_op("countdown::input_sparse_multi", _multi_impl
 
 
 @_multi_op.register_fake
-def _(x, w_ts, channel_scales, thresholds, threshold_values):
+def _(x, w_ts, channel_scales, thresholds, threshold_values, pdl=True):
     return [x.new_empty(x.shape[0], w.shape[1]) for w in w_ts]

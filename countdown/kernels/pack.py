@@ -1,15 +1,17 @@
-"""Weight layout for the sparse-FFN ops, and the argument checks shared by their entry points.
+"""The argument checks shared by the sparse-FFN ops' entry points, and where the kernels apply.
 
-``pack_ffn_weights`` is run once, at sparsify time. Nothing here needs Triton: the reference path
-and ``kernel_unavailable_reason`` (the one place that says where the kernels apply) work without it.
+The ops read W_gate, W_up [I, H] as nn.Linear stores them and W_down transposed, ``w_down_t`` [I, H]
+(`countdown.ffn.use_input_major` keeps a sparse FFN's W_down that way), so a skipped neuron is a skipped
+row. Nothing here needs Triton: the reference path and ``kernel_unavailable_reason`` (the one place
+that says where the kernels apply) work without it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
-
 import torch
+
+from ..options import MAX_BATCH  # decode tokens per call (the batched kernels pad the batch to 16)
 
 try:  # optional: CPU-only installs keep the reference path
     import triton
@@ -23,51 +25,6 @@ except ImportError:
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")  # the kernels' activation codes are indices here
 MAX_HIDDEN = 16384  # the batch-1 kernel keeps an output row [H] in registers
-MAX_BATCH = 16  # decode tokens per call (the batched kernels pad the batch to 16)
-
-
-class PackedFFN(NamedTuple):
-    """Weights of one gated FFN, laid out for the kernels. All [I, H], row-major, one dtype.
-
-    w_gate    W_gate as stored by nn.Linear (row i = neuron i's gate weights)
-    w_up      W_up as stored by nn.Linear
-    w_down_t  W_down transposed: row i = column i of W_down, the output direction of neuron i
-    """
-
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
-    w_down_t: torch.Tensor
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w_down_t.shape[1]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.w_down_t.shape[0]
-
-
-def pack_ffn_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> PackedFFN:
-    """Lay out nn.Linear weights W_gate [I, H], W_up [I, H], W_down [H, I] for the kernels.
-
-    W_gate and W_up are kept (made contiguous if they are not); W_down is transposed once into a
-    contiguous [I, H] copy. The dtype is kept (bf16, fp16 or fp32; all three must match).
-    """
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-        if w.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
-    inter, hidden = w_gate.shape
-    if tuple(w_up.shape) != (inter, hidden):
-        raise ValueError(f"w_up must have w_gate's shape {(inter, hidden)} ([I, H]), got {tuple(w_up.shape)}")
-    if tuple(w_down.shape) != (hidden, inter):
-        raise ValueError(f"w_down must be [H, I] = {(hidden, inter)} (nn.Linear layout), got {tuple(w_down.shape)}")
-    if not (w_gate.dtype == w_up.dtype == w_down.dtype):
-        raise TypeError(f"weights must share one dtype, got {w_gate.dtype}, {w_up.dtype}, {w_down.dtype}")
-    if not (w_gate.device == w_up.device == w_down.device):
-        raise ValueError(f"weights must be on one device, got {w_gate.device}, {w_up.device}, {w_down.device}")
-    return PackedFFN(w_gate.contiguous(), w_up.contiguous(), w_down.t().contiguous())
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from . import _core, batch_ffn
+from . import _core, _runtime, batch_ffn
+from ..options import KernelPolicy
 from .pack import check_gated_call, check_threshold, check_vector
 
 
@@ -26,9 +27,9 @@ __all__ = ["predicted_sparse_ffn"]
 
 def _predicted_impl(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                     w_down_t: torch.Tensor, threshold: Optional[torch.Tensor], threshold_value: float,
-                    act: str) -> torch.Tensor:
+                    act: str, pdl: bool = True) -> torch.Tensor:
     return _core.launch(_core.KIND_SCORE, False, x, score, w_gate, w_up, w_down_t, threshold, threshold_value,
-                        act, False, x.dtype)
+                        act, False, x.dtype, pdl=pdl)
 
 
 _predicted_op = torch.library.custom_op("countdown::predicted_sparse_ffn", _predicted_impl,
@@ -36,14 +37,16 @@ _predicted_op = torch.library.custom_op("countdown::predicted_sparse_ffn", _pred
 
 
 @_predicted_op.register_fake
-def _(x, score, w_gate, w_up, w_down_t, threshold, threshold_value, act):
+def _(x, score, w_gate, w_up, w_down_t, threshold, threshold_value, act, pdl=True):
     return x.new_empty(w_down_t.shape[1])
 
 
 def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                          w_down_t: torch.Tensor, threshold: float | torch.Tensor, *,
-                         act: str = "silu") -> torch.Tensor:
-    """D-COUNTDOWN practical; see the module docstring."""
+                         act: str = "silu", policy: KernelPolicy | str | None = None) -> torch.Tensor:
+    """D-COUNTDOWN practical; see the module docstring. policy (`countdown.KernelPolicy`): its ``pdl``
+    (batch 1) and ``compact_max_batch`` (batch 2-16)."""
+    policy = KernelPolicy.of(policy)
     xv, batch, inter = check_gated_call(x, w_gate, w_up, w_down_t, act)
     sv = check_vector("score", score, inter, x.device, batch, allow_bool=True)
     if sv.dtype == torch.bool:
@@ -51,8 +54,9 @@ def predicted_sparse_ffn(x: torch.Tensor, score: torch.Tensor, w_gate: torch.Ten
     else:
         thr_t, thr_v = check_threshold(threshold, x.device, per_neuron=inter)
     if batch > 1:
-        y = batch_ffn.batch_sparse_ffn(_core.KIND_SCORE, False, xv, sv, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+        y = batch_ffn.batch_sparse_ffn(_core.KIND_SCORE, False, xv, sv, w_gate, w_up, w_down_t, thr_t, thr_v, act,
+                                       compact_max_batch=policy.compact_max_batch)
     else:
-        run = _core.op_or_impl(_predicted_op, _predicted_impl)
-        y = run(xv.reshape(-1), sv.reshape(-1), w_gate, w_up, w_down_t, thr_t, thr_v, act)
+        run = _runtime.op_or_impl(_predicted_op, _predicted_impl)
+        y = run(xv.reshape(-1), sv.reshape(-1), w_gate, w_up, w_down_t, thr_t, thr_v, act, policy.pdl)
     return y.reshape(x.shape)

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import _core, batch_ffn
+from . import _core, _runtime, batch_ffn
+from ..options import KernelPolicy
 from .pack import (check_down, check_gated_call, check_threshold, check_vector, check_weight,
                    decode_batch, require_kernel)
 
@@ -29,23 +30,24 @@ __all__ = ["sparse_down", "coefficient_ffn"]
 
 
 def _sparse_down_impl(t: torch.Tensor, w_down_t: torch.Tensor, threshold: Optional[torch.Tensor],
-                      threshold_value: float) -> torch.Tensor:
+                      threshold_value: float, pdl: bool = True) -> torch.Tensor:
     return _core.launch(_core.KIND_T, False, w_down_t, t, None, None, w_down_t, threshold, threshold_value,
-                        "silu", False, w_down_t.dtype)
+                        "silu", False, w_down_t.dtype, pdl=pdl)
 
 
 _sparse_down_op = torch.library.custom_op("countdown::sparse_down", _sparse_down_impl, mutates_args=())
 
 
 @_sparse_down_op.register_fake
-def _(t, w_down_t, threshold, threshold_value):
+def _(t, w_down_t, threshold, threshold_value, pdl=True):
     return w_down_t.new_empty(w_down_t.shape[1])
 
 
 def _coefficient_ffn_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                          threshold: Optional[torch.Tensor], threshold_value: float, act: str) -> torch.Tensor:
+                          threshold: Optional[torch.Tensor], threshold_value: float, act: str,
+                          pdl: bool = True) -> torch.Tensor:
     return _core.launch(_core.KIND_T, True, x, None, w_gate, w_up, w_down_t, threshold, threshold_value,
-                        act, False, x.dtype)
+                        act, False, x.dtype, pdl=pdl)
 
 
 _coefficient_ffn_op = torch.library.custom_op("countdown::coefficient_ffn", _coefficient_ffn_impl,
@@ -53,12 +55,15 @@ _coefficient_ffn_op = torch.library.custom_op("countdown::coefficient_ffn", _coe
 
 
 @_coefficient_ffn_op.register_fake
-def _(x, w_gate, w_up, w_down_t, threshold, threshold_value, act):
+def _(x, w_gate, w_up, w_down_t, threshold, threshold_value, act, pdl=True):
     return x.new_empty(w_down_t.shape[1])
 
 
-def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """y = sum over i with |t_i| > threshold of t_i * w_down_t[i, :]; y has t's leading shape + [H]."""
+def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torch.Tensor, *,
+                policy: KernelPolicy | str | None = None) -> torch.Tensor:
+    """y = sum over i with |t_i| > threshold of t_i * w_down_t[i, :]; y has t's leading shape + [H].
+    policy (`countdown.KernelPolicy`): its ``pdl`` (batch 1) and ``compact_max_batch`` (batch 2-16)."""
+    policy = KernelPolicy.of(policy)
     inter, hidden = check_down(w_down_t)
     if w_down_t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"w_down_t has dtype {w_down_t.dtype}; supported: bfloat16, float16, float32")
@@ -69,21 +74,27 @@ def sparse_down(t: torch.Tensor, w_down_t: torch.Tensor, threshold: float | torc
     tv = check_vector("t", t, inter, w_down_t.device, decode_batch(t.shape)[0])
     thr_t, thr_v = check_threshold(threshold, w_down_t.device, per_neuron=inter)
     if tv.shape[0] > 1:
-        y = batch_ffn.batch_sparse_ffn(_core.KIND_T, False, None, tv, None, None, w_down_t, thr_t, thr_v)
+        y = batch_ffn.batch_sparse_ffn(_core.KIND_T, False, None, tv, None, None, w_down_t, thr_t, thr_v,
+                                       compact_max_batch=policy.compact_max_batch)
     else:
-        y = _core.op_or_impl(_sparse_down_op, _sparse_down_impl)(tv.reshape(-1), w_down_t, thr_t, thr_v)
+        y = _runtime.op_or_impl(_sparse_down_op, _sparse_down_impl)(tv.reshape(-1), w_down_t, thr_t, thr_v,
+                                                                    policy.pdl)
     return y.reshape(*t.shape[:-1], hidden)
 
 
 def coefficient_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                    threshold: float | torch.Tensor, *, act: str = "silu") -> torch.Tensor:
+                    threshold: float | torch.Tensor, *, act: str = "silu",
+                    policy: KernelPolicy | str | None = None) -> torch.Tensor:
     """D-COUNTDOWN ideal in one kernel: t = act(W_gate x) * (W_up x) for every neuron, then the down
-    projection over |t_i| > threshold. Reads all of W_gate and W_up, and only the kept rows of w_down_t."""
+    projection over |t_i| > threshold. Reads all of W_gate and W_up, and only the kept rows of w_down_t.
+    policy: as `sparse_down`'s."""
+    policy = KernelPolicy.of(policy)
     xv, batch, inter = check_gated_call(x, w_gate, w_up, w_down_t, act)
     thr_t, thr_v = check_threshold(threshold, x.device, per_neuron=inter)
     if batch > 1:
-        y = batch_ffn.batch_sparse_ffn(_core.KIND_T, True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v, act)
+        y = batch_ffn.batch_sparse_ffn(_core.KIND_T, True, xv, None, w_gate, w_up, w_down_t, thr_t, thr_v, act,
+                                       compact_max_batch=policy.compact_max_batch)
     else:
-        run = _core.op_or_impl(_coefficient_ffn_op, _coefficient_ffn_impl)
-        y = run(xv.reshape(-1), w_gate, w_up, w_down_t, thr_t, thr_v, act)
+        run = _runtime.op_or_impl(_coefficient_ffn_op, _coefficient_ffn_impl)
+        y = run(xv.reshape(-1), w_gate, w_up, w_down_t, thr_t, thr_v, act, policy.pdl)
     return y.reshape(x.shape)
