@@ -1,4 +1,4 @@
-"""q, k and v of a layer in one input-sparse launch: attention-input sparsity (FUSE_QKV, on by default)
+"""q, k and v of a layer in one input-sparse launch: attention-input sparsity (KernelPolicy.fuse_qkv, on by default)
 and dense models (`countdown.attention.fuse_qkv`, opt-in); same tokens as without it.
 
 Runs the kernels everywhere (``kernels="always"``; Triton's interpreter on a CPU). The compiled decode
@@ -18,7 +18,7 @@ from countdown.models import UnsupportedModelError
 from tiny_models import tiny_model, tokens
 
 pytest.importorskip("triton")
-from countdown.kernels import input_sparse, input_sparse_prefetch  # noqa: E402
+from countdown.kernels import input_sparse_prefetch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,10 +41,10 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_defaults_are_the_measured_winners():
-    assert input_sparse.FUSE_QKV is True and input_sparse.VARIANT == "auto"
+    assert countdown.KernelPolicy().fuse_qkv is True and countdown.KernelPolicy().input_sparse == "auto"
 
 
-def test_input_sparse_qkv_gives_the_reference_tokens_in_one_launch_per_layer(monkeypatch, launches):
+def test_input_sparse_qkv_gives_the_reference_tokens_in_one_launch_per_layer(launches):
     model = tiny_model("llama").to(DEVICE)
     prompt = tokens(1, 8, seed=4).to(DEVICE)
     countdown.sparsify(model, "dense", 0.0, calibration=tokens(4, 24), attention=0.5, kernels="always",
@@ -54,11 +54,12 @@ def test_input_sparse_qkv_gives_the_reference_tokens_in_one_launch_per_layer(mon
 
     countdown.set_kernels(model, "off")
     reference = countdown.generate(model, prompt, max_new_tokens=new, eos_token_id=[])
-    countdown.set_kernels(model, "always")
-    monkeypatch.setattr(input_sparse, "FUSE_QKV", False)
+    countdown.set_kernels(model, countdown.KernelPolicy("always", fuse_qkv=False))
     unfused = countdown.generate(model, prompt, max_new_tokens=new, eos_token_id=[])
     assert 3 not in launches
-    monkeypatch.setattr(input_sparse, "FUSE_QKV", True)
+    attn = attention_modules(model)[0]
+    assert "fuse_qkv is off" in attn.qkv_skip_reason(torch.randn(1, 1, attn.q_proj.in_features, device=DEVICE))
+    countdown.set_kernels(model, "always")
     fused = countdown.generate(model, prompt, max_new_tokens=new, eos_token_id=[])
     assert torch.equal(fused, reference) and torch.equal(unfused, reference)
     # prefill is dense (positions="decode"); each later step: one launch of 3 weights per layer
@@ -160,7 +161,7 @@ def test_prefill_and_auto_on_cpu_take_the_model_path(launches):
     countdown.generate(model, tokens(1, 4), max_new_tokens=3, eos_token_id=[])
     assert launches == []
     countdown.set_kernels(model, "always")
-    assert attn.qkv_skip_reason(x) is None and attn.q_proj.kernels == "always"
+    assert attn.qkv_skip_reason(x) is None and attn.q_proj.kernels.mode == "always"
     assert "17 tokens" in attn.qkv_skip_reason(torch.randn(1, 17, attn.q_proj.in_features))
     with torch.no_grad():
         model(input_ids=tokens(1, 17))
@@ -182,7 +183,7 @@ def test_fuse_sparsify_unsparsify_unfuse_compose():
     attention.fuse_qkv(model, kernels="always")
     countdown.unsparsify(model)
     assert isinstance(attn, QKVFusedAttention)
-    assert all(type(p) is FusedQKVLinear and p.kernels == "always" for p in attn.qkv_projections())
+    assert all(type(p) is FusedQKVLinear and p.kernels.mode == "always" for p in attn.qkv_projections())
     attention.unfuse_qkv(model)
     assert same(snapshot(model), before)
 

@@ -105,6 +105,31 @@ def test_kernel_path_reasons_for_auto_tracking_and_batches():
         countdown.set_kernels(model, "fast")
 
 
+def test_one_kernel_policy_travels_with_every_sparse_module(launches):
+    """sparsify(kernels=)/set_kernels store one KernelPolicy (a mode string is one too) on every sparse FFN
+    and attention projection, and its variant fields reach the kernels: TEAL's gate and up of one token
+    go as one launch with fuse_gate_up, as two without."""
+    model = tiny_model("llama").to(DEVICE)
+    policy = countdown.KernelPolicy("always", fuse_gate_up=False)
+    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 24), attention=0.5, kernels=policy,
+                       progress=False)
+    modules = [m for m in model.modules() if isinstance(getattr(m, "kernels", None), countdown.KernelPolicy)]
+    assert len(modules) == 2 * 5 and all(m.kernels is policy for m in modules)  # 2 layers: 1 FFN + 4 projections
+    ffn_module = sparse_modules(model)[0]
+    x = torch.randn(1, 1, 32, device=DEVICE)
+    ffn_module(x)
+    assert 2 not in launches
+    assert countdown.set_kernels(model, "always") == len(modules)
+    assert all(m.kernels == countdown.KernelPolicy("always") for m in modules)
+    launches.clear()
+    ffn_module(x)
+    assert launches[0] == 2  # gate and up in one launch (fuse_gate_up, the default)
+    with pytest.raises(TypeError, match="KernelPolicy"):
+        countdown.set_kernels(model, 3)
+    with pytest.raises(ValueError, match="compact_max_batch"):
+        countdown.KernelPolicy(compact_max_batch=17)
+
+
 def test_kernel_path_refreshes_transposed_weight_after_set_kernels():
     model = _sparse_model("llama", "d-countdown-ideal")
     module = sparse_modules(model)[0]

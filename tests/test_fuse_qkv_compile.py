@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import countdown
-from countdown import attention, decode, gqa_decode
+from countdown import DecodeOptions, attention
 from countdown.decode import Decoder
 from tiny_models import tiny_model, tokens
 
@@ -74,16 +74,13 @@ def test_the_op_has_a_fake_implementation_and_a_schema():
 
 
 @pytest.mark.parametrize("method, triton_attention", [("teal", False), ("m-countdown", False), ("teal", True)])
-def test_compiled_step_with_gqa_attention_is_one_graph_and_keeps_the_tokens(method, triton_attention, fullgraph,
-                                                                            monkeypatch):
+def test_compiled_step_with_gqa_attention_is_one_graph_and_keeps_the_tokens(method, triton_attention, fullgraph):
     model = tiny_model("llama").to(DEVICE)
     countdown.sparsify(model, method, 0.5, calibration=tokens(4, 24), attention=0.5, kernels="always",
                        progress=False)
     prompt = tokens(1, 20, seed=7).to(DEVICE)
-    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", False)
-    reference = Decoder(model, 32).generate(prompt, 5).tokens
-    monkeypatch.setattr(decode, "GQA_DECODE_ATTENTION", True)
-    monkeypatch.setattr(gqa_decode, "TRITON_KERNEL", "always" if triton_attention else "off")  # countdown::decode_attention
-    got = Decoder(model, 32, compile=True).generate(prompt, 5).tokens
+    reference = Decoder(model, 32, options=DecodeOptions(gqa_attention=False)).generate(prompt, 5).tokens
+    options = DecodeOptions(compile=True, attention_kernel="always" if triton_attention else "off")  # decode_attention op
+    got = Decoder(model, 32, options=options).generate(prompt, 5).tokens
     assert torch.equal(got, reference)
     assert not torch._dynamo.utils.counters["graph_break"]

@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import num_sms, ordered_workspace, pdl_meta, pdl_prologue, persistent_workspace, split_k_epilogue
+from . import _runtime
+from ._runtime import num_sms, pdl_meta, pdl_prologue, persistent_workspace, split_k_epilogue
 from .pack import ACTIVATIONS
 
 KIND_T, KIND_GATE, KIND_UP, KIND_SCORE = 0, 1, 2, 3
@@ -367,7 +368,7 @@ def launch(
     ws = persistent_workspace(device, hidden + 1)  # fp32 y, then the int32 ticket
     acc_ws = ws[:hidden].view(torch.float32)
     counter = ws[hidden:]
-    rows = ordered_workspace(programs, hidden, device)  # deterministic mode: one row per program
+    rows = _runtime.ordered_workspace(programs, hidden, device)  # deterministic mode: one row per program
     if out is None:
         out = torch.empty(hidden, dtype=out_dtype, device=device)
     w_gate = w_down_t if w_gate is None else w_gate

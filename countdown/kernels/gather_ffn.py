@@ -13,7 +13,7 @@
 
 Shapes: x [H] / [B, H] / [B, 1, H] with B <= 16 tokens (B >= 2 runs ``batch_ffn``: each token keeps
 its own neurons, the union's rows are read once), a [I] / [B, I] / [B, 1, I] (any float dtype), w_dense /
-w_sparse / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
+w_sparse / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; W_down transposed).
 threshold: Python float, 1-element float tensor, or [I] contiguous float32 tensor of per-neuron
 thresholds thr_i, the same for every token (CHESS: thr_i = τ / E|u_i|). Output: x's shape and dtype;
 fp32 accumulation.

@@ -150,10 +150,10 @@ def _decode_attention_kernel(
             tl.atomic_xchg(cnt_ptr + pair, 0)  # zero again for the next call (and the next graph replay)
 
 
-def _splits(pairs: int, length: int, device: torch.device) -> int:
-    """Programs per (row, head) pair: enough to fill the GPU, each with at least SLOTS_PER_SPLIT slots."""
+def _splits(pairs: int, length: int, device: torch.device, slots_per_split: int) -> int:
+    """Programs per (row, head) pair: enough to fill the GPU, each with at least ``slots_per_split`` slots."""
     sms = _runtime.num_sms(device) if device.type == "cuda" else INTERPRETER_SMS
-    return max(1, min(triton.cdiv(length, SLOTS_PER_SPLIT), triton.cdiv(PROGRAMS_PER_SM * sms, pairs)))
+    return max(1, min(triton.cdiv(length, slots_per_split), triton.cdiv(PROGRAMS_PER_SM * sms, pairs)))
 
 
 def _tickets(device: torch.device, pairs: int) -> torch.Tensor:
@@ -162,13 +162,16 @@ def _tickets(device: torch.device, pairs: int) -> torch.Tensor:
     return _runtime.persistent_workspace(device, max(1024, triton.next_power_of_2(pairs)))
 
 
-def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-          scale: float) -> torch.Tensor:
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float, *,
+           slots_per_split: int = SLOTS_PER_SPLIT, skip_hidden_from: int = SKIP_HIDDEN_FROM) -> torch.Tensor:
+    """Run the kernel on validated arguments (shapes in the module docstring); returns out [B, H, G, D].
+    slots_per_split: the fewest cache slots a program takes; skip_hidden_from: the cache length from which
+    the K/V loads wait for the mask (defaults: the tuned module constants; benches pass others)."""
     batch, heads, group, dim = q.shape
     length = k.shape[2]
     out = torch.empty(batch, heads, group, dim, dtype=q.dtype, device=q.device)
     pairs = batch * heads
-    splits = _splits(pairs, length, q.device)
+    splits = _splits(pairs, length, q.device, slots_per_split)
     sps = triton.cdiv(triton.cdiv(length, splits), BLOCK_L) * BLOCK_L
     splits = triton.cdiv(length, sps)
     g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(dim))
@@ -187,10 +190,15 @@ def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
         v.stride(0), v.stride(1), v.stride(2), smb, sml,
         heads, group, length, dim, sps, splits, float(scale) * LOG2E.value,
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_L=BLOCK_L, SPLITS_PAD=triton.next_power_of_2(splits), MASK=kind,
-        SKIP_HIDDEN=kind != 0 and length >= SKIP_HIDDEN_FROM,
+        SKIP_HIDDEN=kind != 0 and length >= skip_hidden_from,
         F32=q.dtype == torch.float32 or q.device.type != "cuda", num_warps=4,
     )
     return out
+
+
+def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+          scale: float) -> torch.Tensor:
+    return launch(q, k, v, mask, scale)
 
 
 _op = torch.library.custom_op("countdown::decode_attention", _impl, mutates_args=())

@@ -102,7 +102,7 @@ def check_weight(name: str, w: torch.Tensor, shape: tuple[int, int], dtype: torc
     if w.device != device:
         raise ValueError(f"{name} is on {w.device}, expected {device}")
     if not w.is_contiguous():
-        raise ValueError(f"{name} must be contiguous row-major [I, H] (use pack_ffn_weights), "
+        raise ValueError(f"{name} must be contiguous row-major [I, H] (W.t().contiguous() for W_down), "
                          f"got strides {w.stride()}")
 
 
@@ -175,7 +175,7 @@ def check_input(x: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, 
 
 def check_down(w_down_t: torch.Tensor) -> tuple[int, int]:
     if not isinstance(w_down_t, torch.Tensor) or w_down_t.dim() != 2:
-        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed, see pack_ffn_weights)")
+        raise ValueError("w_down_t must be a 2-D tensor [I, H] (W_down transposed)")
     return w_down_t.shape
 
 

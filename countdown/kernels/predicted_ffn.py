@@ -6,7 +6,7 @@
 
 Shapes: x [H] / [B, H] / [B, 1, H] with B <= 16 tokens (B >= 2 runs ``batch_ffn``: each token keeps
 its own neurons, the union's rows are read once), score [I] / [B, I] / [B, 1, I] (float, bool or uint8),
-w_gate / w_up / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; see pack_ffn_weights).
+w_gate / w_up / w_down_t [I, H] contiguous in x's dtype (bf16, fp16, fp32; W_down transposed).
 threshold: Python float, 1-element float tensor or [I] float32 per-neuron thresholds. Output: x's shape and dtype; fp32 accumulation.
 Nothing of a neuron that fails the test is read: cost scales with the kept fraction.
 """

@@ -8,7 +8,7 @@
 Shapes (H hidden, I intermediate): t [I] / [B, I] / [B, 1, I] with B <= 16 tokens (any float dtype;
 B >= 2 runs ``batch_ffn``: each token keeps its own neurons, the union's rows are read once), x [H]
 (same leading shape), w_gate / w_up / w_down_t [I, H] contiguous in the weights' dtype (bf16, fp16,
-fp32), see ``pack_ffn_weights``. threshold: Python float or 1-element float tensor on the device
+fp32; w_down_t is W_down transposed). threshold: Python float or 1-element float tensor on the device
 (a tensor lets one CUDA graph serve every threshold value), or an [I] contiguous float32 tensor of
 per-neuron thresholds shared by the tokens (S-COUNTDOWN: ½ t_i² n_i² > τ is |t_i| > sqrt(2τ) / n_i). Output: [..., H] in the weights'
 dtype; accumulation is fp32. Rows of w_down_t whose neuron fails the test are never read.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 SPARSITIES = (0.0, 0.5, 0.9, 0.99)
 
-if not ON_GPU and not _core.interpret_mode():
+if not ON_GPU and not kernels.interpret_mode():
     raise RuntimeError(
         "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1, and there "
         "is no GPU: the kernels cannot run. Set TRITON_INTERPRET=1 in the environment (or in "
@@ -32,15 +33,32 @@ else:
 SMALL = SHAPES[0] if ON_GPU else SHAPES[1]
 
 
+class FFNWeights(NamedTuple):
+    """One gated FFN as the ops read it: W_gate, W_up [I, H] (nn.Linear's layout), W_down transposed [I, H]."""
+
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down_t: torch.Tensor
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_down_t.shape[0]
+
+
+def layout(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> FFNWeights:
+    """nn.Linear weights W_gate [I, H], W_up [I, H], W_down [H, I] in the ops' layout."""
+    return FFNWeights(w_gate.contiguous(), w_up.contiguous(), w_down.t().contiguous())
+
+
 def weights(hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
-    """Fresh random (non-zero) FFN weights, packed; x-scaled so activations are O(1)."""
+    """Fresh random (non-zero) FFN weights in the ops' layout; x-scaled so activations are O(1)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     wg = torch.randn(inter, hidden, generator=g) / hidden**0.5
     wu = torch.randn(inter, hidden, generator=g) / hidden**0.5
     wd = torch.randn(hidden, inter, generator=g) / inter**0.5
     x = torch.randn(hidden, generator=g)
     to = dict(dtype=dtype, device=DEVICE)
-    return x.to(**to), kernels.pack_ffn_weights(wg.to(**to), wu.to(**to), wd.to(**to))
+    return x.to(**to), layout(wg.to(**to), wu.to(**to), wd.to(**to))
 
 
 threshold_for = reference.midpoint_threshold  # kernel and reference cannot disagree at it

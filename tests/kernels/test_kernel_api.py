@@ -1,4 +1,4 @@
-"""Argument checks, weight packing, path selection, and torch.library registration."""
+"""Argument checks, path selection, and torch.library registration."""
 
 from __future__ import annotations
 
@@ -6,27 +6,6 @@ import pytest
 import torch
 
 from kernel_cases import DEVICE, ON_GPU, SHAPES, kernels, reference, rel_err, threshold_for, weights
-
-
-def test_pack_layout():
-    wg = torch.randn(12, 8)
-    wu = torch.randn(12, 8)
-    wd = torch.randn(8, 12)
-    p = kernels.pack_ffn_weights(wg, wu, wd)
-    assert p.w_down_t.shape == (12, 8) and p.w_down_t.is_contiguous()
-    assert torch.equal(p.w_down_t, wd.t())
-    assert (p.hidden_size, p.intermediate_size) == (8, 12)
-
-
-@pytest.mark.parametrize("bad,exc,msg", [
-    (lambda wg, wu, wd: (wg, wu, wd.t()), ValueError, "w_down must be"),
-    (lambda wg, wu, wd: (wg, wu[:5], wd), ValueError, "w_up must have"),
-    (lambda wg, wu, wd: (wg, wu.half(), wd), TypeError, "one dtype"),
-    (lambda wg, wu, wd: (wg[0], wu, wd), ValueError, "2-D"),
-])
-def test_pack_errors(bad, exc, msg):
-    with pytest.raises(exc, match=msg):
-        kernels.pack_ffn_weights(*bad(torch.randn(12, 8), torch.randn(12, 8), torch.randn(8, 12)))
 
 
 def test_argument_errors():

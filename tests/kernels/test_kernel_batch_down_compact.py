@@ -1,7 +1,7 @@
 """The compacting down kernel of the batched path (``batch_ffn._down_compact_kernel``) against the reference.
 
-Every op that ends in the batched down projection runs with ``COMPACT_MAX_BATCH`` raised so that the
-public ops pick the compact configuration; launch configurations, per-neuron thresholds, empty and
+Every op that ends in the batched down projection runs with ``KernelPolicy(compact_max_batch=16)`` so that
+the public ops pick the compact configuration; launch configurations, per-neuron thresholds, empty and
 full unions, and rows nobody keeps (poisoned with NaN: the kernel must never read them).
 """
 
@@ -16,27 +16,28 @@ from kernel_cases import DEVICE, kernels, reference, rel_err, threshold_for, tol
 from test_kernel_batch_ops import HIDDEN, INTER, _proj, batch_weights, check_launch_poisoned, run_op
 from test_kernel_thresholds import vector_threshold
 
+from countdown import KernelPolicy
 from countdown.kernels import _core, batch_ffn
 
 BASE = batch_ffn.pick_config(DEVICE)
 COMPACT = dataclasses.replace(BASE, compact=True, scan_elems=64)
 
 
+ALWAYS_COMPACT = KernelPolicy(compact_max_batch=16)
+
+
 @pytest.fixture
 def compact_ops(monkeypatch):
-    """The public ops run the compact down kernel for every batch size; the test asserts it ran."""
-    monkeypatch.setattr(batch_ffn, "COMPACT_MAX_BATCH", 16)
-    monkeypatch.setattr(batch_ffn, "_INDEX_SCRATCH", {})
-    yield
+    """The public ops (given ALWAYS_COMPACT) run the compact down kernel; the test asserts it ran."""
+    monkeypatch.setattr(batch_ffn, "_INDEX_SCRATCH", {})  # a fresh cache, to see the kernel allocate it
+    yield ALWAYS_COMPACT
     assert batch_ffn._INDEX_SCRATCH, "the compact down kernel did not run"
 
 
-def test_pick_config_by_batch(monkeypatch):
-    assert batch_ffn.COMPACT_MAX_BATCH == 4  # the H100 A/B's choice: compact for 2-4 tokens
+def test_pick_config_by_batch():
+    assert KernelPolicy().compact_max_batch == batch_ffn.COMPACT_MAX_BATCH == 4  # H100 A/B: compact for 2-4 tokens
     assert not batch_ffn.GPU_CONFIG.compact and batch_ffn.GPU_COMPACT_CONFIG.compact
-    monkeypatch.setattr(batch_ffn, "COMPACT_MAX_BATCH", 0)
-    assert not batch_ffn.pick_config(DEVICE, 2).compact
-    monkeypatch.setattr(batch_ffn, "COMPACT_MAX_BATCH", 4)
+    assert not batch_ffn.pick_config(DEVICE, 2, compact_max_batch=0).compact
     assert batch_ffn.pick_config(DEVICE, 4).compact
     assert not batch_ffn.pick_config(DEVICE, 5).compact
     assert not batch_ffn.pick_config(DEVICE).compact
@@ -50,7 +51,7 @@ OPS = ("cats", "mcd_fused", "sparse_down", "coefficient", "predicted", "predicte
 def test_compact_ops_match_reference(compact_ops, op, batch):
     x, p = batch_weights(batch, torch.bfloat16, seed=batch * 17 + len(op))
     sparsity = 0.9 if batch == 2 else 0.7  # a small union (the case the kernel is for) and a large one
-    out, ref, keep = run_op(op, x, p, sparsity=sparsity, thr_tensor=batch % 2 == 1, seed=batch)
+    out, ref, keep = run_op(op, x, p, sparsity=sparsity, thr_tensor=batch % 2 == 1, seed=batch, policy=compact_ops)
     assert out.shape == (batch, HIDDEN) and out.dtype == torch.bfloat16
     assert not (keep == keep[:1]).all()
     assert rel_err(out, ref) <= tol(torch.bfloat16)
@@ -59,7 +60,7 @@ def test_compact_ops_match_reference(compact_ops, op, batch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_compact_dtypes(compact_ops, dtype):
     x, p = batch_weights(3, dtype, seed=5)
-    out, ref, _ = run_op("predicted", x, p, sparsity=0.8, seed=4)
+    out, ref, _ = run_op("predicted", x, p, sparsity=0.8, seed=4, policy=compact_ops)
     assert rel_err(out, ref) <= tol(dtype)
 
 
@@ -120,16 +121,17 @@ def test_compact_unkept_rows_are_never_read(compact_ops):
     ref = reference.predicted_sparse_ffn(x, keep, p.w_gate, p.w_up, p.w_down_t, 0.0)
     poisoned = p.w_down_t.clone()
     poisoned[~union] = float("nan")
-    y = kernels.predicted_sparse_ffn(x, keep, p.w_gate, p.w_up, poisoned, 0.0)
+    y = kernels.predicted_sparse_ffn(x, keep, p.w_gate, p.w_up, poisoned, 0.0, policy=compact_ops)
     assert rel_err(y, ref) <= tol(torch.float32)
 
 
 def test_compact_empty_and_full_unions(compact_ops):
     x, p = batch_weights(3, torch.float32, seed=1)
-    y = kernels.predicted_sparse_ffn(x, torch.randn(3, INTER, device=DEVICE), p.w_gate, p.w_up, p.w_down_t, 1e9)
+    y = kernels.predicted_sparse_ffn(x, torch.randn(3, INTER, device=DEVICE), p.w_gate, p.w_up, p.w_down_t, 1e9,
+                                     policy=compact_ops)
     assert torch.equal(y, torch.zeros_like(y))
     # token 0 keeps every neuron (a full union: every program packs all its neurons), token 1 none
     keep = torch.stack([torch.ones(INTER, dtype=torch.bool), torch.zeros(INTER, dtype=torch.bool)]).to(DEVICE)
-    y = kernels.predicted_sparse_ffn(x[:2], keep, p.w_gate, p.w_up, p.w_down_t, 0.0)
+    y = kernels.predicted_sparse_ffn(x[:2], keep, p.w_gate, p.w_up, p.w_down_t, 0.0, policy=compact_ops)
     assert torch.equal(y[1], torch.zeros_like(y[1]))
     assert rel_err(y[:1], reference.dense_ffn(x[:1], p.w_gate, p.w_up, p.w_down_t)) <= tol(torch.float32)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernel_cases import DEVICE, ON_GPU, SHAPES, kernels, reference, rel_err, threshold_for, tol
+from kernel_cases import DEVICE, ON_GPU, SHAPES, kernels, layout, reference, rel_err, threshold_for, tol
 
 from countdown.kernels import _core, batch_ffn
 
@@ -24,15 +24,16 @@ def batch_weights(batch: int, dtype: torch.dtype, seed: int, hidden: int = HIDDE
     wd = torch.randn(hidden, inter, generator=g) / inter**0.5
     x = torch.randn(batch, hidden, generator=g)
     to = dict(dtype=dtype, device=DEVICE)
-    return x.to(**to), kernels.pack_ffn_weights(wg.to(**to), wu.to(**to), wd.to(**to))
+    return x.to(**to), layout(wg.to(**to), wu.to(**to), wd.to(**to))
 
 
 def _proj(x, w):
     return x.float() @ w.float().t()
 
 
-def run_op(op: str, x, p, sparsity: float, thr_tensor: bool = False, seed: int = 0):
-    """(kernel output, reference output, per-token keep mask [B, I]) for one op on one batch."""
+def run_op(op: str, x, p, sparsity: float, thr_tensor: bool = False, seed: int = 0, policy=None):
+    """(kernel output, reference output, per-token keep mask [B, I]) for one op on one batch, under the
+    kernel ``policy`` (default: KernelPolicy())."""
     g, u = _proj(x, p.w_gate), _proj(x, p.w_up)
     args: tuple
     if op in ("cats", "cats_fused"):
@@ -71,7 +72,7 @@ def run_op(op: str, x, p, sparsity: float, thr_tensor: bool = False, seed: int =
     name = {"cats": "gather_ffn", "mcd": "gather_ffn", "cats_fused": "fused_gather_ffn",
             "mcd_fused": "fused_gather_ffn", "coefficient": "coefficient_ffn",
             "predicted": "predicted_sparse_ffn", "predicted_bool": "predicted_sparse_ffn"}.get(op, op)
-    out = getattr(kernels, name)(*args, **kw)
+    out = getattr(kernels, name)(*args, **kw, policy=policy)
     ref = getattr(reference, name)(*args, **kw)
     return out, ref, keep
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernel_cases import DEVICE, ON_GPU, SHAPES, SMALL, kernels, reference, rel_err, threshold_for, tol
+from kernel_cases import DEVICE, ON_GPU, SHAPES, SMALL, kernels, layout, reference, rel_err, threshold_for, tol
 
 from countdown.kernels import _core, batch_ffn
 
@@ -23,7 +23,7 @@ def make(batch: int, hidden: int, inter: int, dtype: torch.dtype, seed: int):
     x = torch.randn(max(batch, 1), hidden, generator=g)
     x = x[0] if batch == 0 else x
     to = dict(dtype=dtype, device=DEVICE)
-    return x.to(**to), kernels.pack_ffn_weights(wg.to(**to), wu.to(**to), wd.to(**to))
+    return x.to(**to), layout(wg.to(**to), wu.to(**to), wd.to(**to))
 
 
 def vector_threshold(score: torch.Tensor, sparsity: float, seed: int) -> torch.Tensor:
