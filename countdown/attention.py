@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, parallel
-from .ffn import (KERNEL_MODES, SparsityMeter, SparsitySpec, dense_positions, is_input_major,
-                  relayout_allowed, use_input_major)
+from .ffn import KERNEL_MODES, SparsityMeter, is_input_major, relayout_allowed, use_input_major
 from .models import ATTENTION_SITES as SITES
 from .models import AttentionSite, attention_sites
+from .spec import SparsitySpec, dense_positions
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 MAX_FUSED_TOKENS = 16  # the kernel serves decode steps of 1 to 16 tokens (batch x positions)

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .ffn import POSITIONS
 from .methods import KERNEL_METHODS, METHODS, SPARSE_METHODS
+from .spec import OFFICIAL_PROTOCOL, POSITIONS, Protocol
 
 # the paper's methods and TEAL; the other kernelled methods reuse these ops (docs/KERNELS.md)
 BENCH_METHODS = ("cats", "m-countdown", "d-countdown-ideal", "d-countdown", "teal")
@@ -151,19 +151,15 @@ def run(
                       "a finer grid with task accuracies: countdown sweep")
 
 
-def _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official: bool) -> dict:
-    """The evaluation protocol options as sparsify/run_grid keywords (--official sets the official ones)."""
-    from .ffn import OFFICIAL_PROTOCOL, check_protocol
-
-    protocol = dict(positions=positions, count_rule=count_rule, ties=ties, threshold_rule=threshold_rule,
-                    threshold_adjust=threshold_adjust)
+def _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official: bool) -> Protocol:
+    """The evaluation protocol of the options, checked (--official: the official one, whole)."""
     if official:
-        protocol.update(OFFICIAL_PROTOCOL)
-    check_protocol(**protocol)
-    return protocol
+        return OFFICIAL_PROTOCOL
+    return Protocol(positions=positions, count_rule=count_rule, ties=ties, threshold_rule=threshold_rule,
+                    threshold_adjust=threshold_adjust)
 
 
-def _protocol_words(protocol: dict, attention) -> str:
+def _protocol_words(protocol: Protocol, attention) -> str:
     words = ", ".join(f"{k}={v}" for k, v in protocol.items() if k != "threshold_adjust" or v)
     return words + (f", attention inputs {attention:.0%}" if attention else "")
 
