@@ -109,6 +109,10 @@ def task_datasets(tasks: list[str]) -> dict[str, list[str]]:
     if not others:
         return {}
     index = _task_manager(True).task_index
+    unknown = [t for t in others if t not in index]
+    if unknown:
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown))}: neither one of countdown's offline tasks "
+                         f"(`countdown tasks`), '{PAPER_ALIAS}', nor an lm-eval task, group or tag")
     out: dict[str, list[str]] = {}
 
     def visit(name: str, depth: int) -> None:
