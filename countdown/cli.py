@@ -420,7 +420,8 @@ def bench_cmd(
     import torch
 
     from .loading import RANDOM_PREFIX, random_inputs, resolve_device
-    from .speed import bench_markdown, measure_bench, parse_batches
+    from .report import bench_markdown
+    from .speed import measure_bench, parse_batches
 
     started = time.perf_counter()
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from countdown.cli import app
 from countdown.loading import RANDOM_SHAPES
 from countdown.predictor import random_predictors
-from countdown.speed import BenchResult, bench_markdown, measure_bench, parse_batches, routes_markdown
+from countdown.report import bench_markdown, routes_markdown
+from countdown.speed import BenchResult, measure_bench, parse_batches
 from tiny_models import tiny_model, tokens
 
 runner = CliRunner()
