@@ -138,6 +138,35 @@ def test_bad_protocol_options_are_named(bad):
     assert not countdown.is_sparsified(model)
 
 
+def test_protocol_is_one_object_and_keywords_still_work():
+    official = countdown.OFFICIAL_PROTOCOL
+    assert isinstance(official, countdown.Protocol) and official == dict(official) and hash(official) == hash(
+        countdown.Protocol(**official))
+    as_object = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk",
+                                                           protocol=official))
+    as_keywords = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk",
+                                                             **official))
+    assert as_object == as_keywords and as_object.ties == "strict" and as_object.threshold_rule == "mean-kth"
+    # a keyword overrides the object's option, the others stay; a plain dict serves as a protocol too
+    mixed = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk",
+                                                       protocol=dict(official), ties="exact"))
+    assert (mixed.ties, mixed.count_rule, mixed.positions, mixed.threshold_rule) == ("exact", "floor", "decode",
+                                                                                     "mean-kth")
+    default = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk"))
+    assert (default.positions, default.ties, default.threshold_rule) == ("decode", "exact", "pooled")
+
+
+def test_protocol_refuses_bad_options_when_made():
+    with pytest.raises(ValueError, match="ties must be one of"):
+        countdown.Protocol(ties="loose")
+    with pytest.raises(TypeError, match="the protocol options are positions, count_rule"):
+        countdown.OFFICIAL_PROTOCOL.replace(tie="exact")
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="unknown protocol option 'tie'"):
+        countdown.sparsify(model, "cats", 0.5, mode="topk", tie="exact")
+    assert not countdown.is_sparsified(model)
+
+
 # -- artifact --------------------------------------------------------------------------------------
 def test_artifact_round_trips_the_protocol(tmp_path):
     model, ids = tiny_model("llama"), tokens(2, 12)
