@@ -1,15 +1,16 @@
 """End-to-end decode speed: tokens/s of dense and sparsified models through the same fast loop.
 
-`measure_bench` (behind ``countdown bench``) runs dense and every (method, sparsity) at every batch
-size in one process on one model object, so the only difference from the dense baseline is the FFN,
-and each speed-up divides by the dense tokens/s of the same batch and route. Per point it times
+`measure_bench` (behind ``countdown bench``; a `BenchPlan` run by `run_bench`) runs dense and every
+(method, sparsity) at every batch size in one process on one model object, so the only difference
+from the dense baseline is the FFN, and each speed-up divides by the dense tokens/s of the same batch
+and route. Per point it times
 `countdown.decode.Decoder` (the fast loop: static KV cache, CUDA graph, optionally torch.compile) and
 `countdown.generate` on the same decoder (the user's call, prefill included); per configuration, GPU
 memory after sparsify, the forward time of a long prompt (prefill) and, on request, plain
 ``model.generate``. Beside each batch-1 speed-up stands the ideal one from bytes: a decode step reads
 every weight once (the input embedding only one row) plus the KV cache, and a sparse FFN reads only
 the fraction of its weights its kernel needs at the sparsity measured on the generated tokens (plus
-the predictor, for D-COUNTDOWN).
+the predictor, for D-COUNTDOWN). The tables of a result are `countdown.report.bench_markdown`'s.
 """
 
 from __future__ import annotations
