@@ -419,7 +419,7 @@ def bench_cmd(
 
     import torch
 
-    from .loading import RANDOM_PREFIX, random_inputs, resolve_device
+    from .loading import RANDOM_PREFIX, resolve_device
     from .report import bench_markdown
     from .speed import measure_bench, parse_batches
 
@@ -438,15 +438,8 @@ def bench_cmd(
     dev = resolve_device(device)
     dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
     m, tok = _load(model, str(dev), dtype)
-    if model.startswith(RANDOM_PREFIX):
-        prompts, calib = random_inputs(m, prompt_len, calib_windows, batch=max(batches))
-        predictors_for = _random_predictors(m) if "d-countdown" in method_list else None
-        note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
-    else:
-        prompts = _tokens(tok, _text(text, "evaluation"), prompt_len * max(batches), prompt_len)[:max(batches)]
-        calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
-        predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
-        note = f"real weights; prompt and calibration from '{text}'"
+    prompts, calib, predictors_for, note = _bench_inputs(m, tok, model, text, prompt_len, calib_windows, max(batches),
+                                                         "d-countdown" in method_list, out)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     loop = "CUDA graph" if dev.type == "cuda" else "eager"
     compiled = ("" if not compile_list else ", compiled at batch " + ",".join(map(str, compile_list)))
@@ -479,6 +472,22 @@ def bench_cmd(
         console.print(f"wrote {out}/speed.json, speed.md, speedup.png")
     console.print(f"total {time.perf_counter() - started:.0f}s\n", highlight=False)
     console.print(bench_markdown(result, title), highlight=False, soft_wrap=True)
+
+
+def _bench_inputs(m, tok, model: str, text: str, prompt_len: int, calib_windows: int, max_batch: int,
+                  predictors: bool, out: Optional[Path]):
+    """(prompts [max_batch, prompt_len], calibration windows, predictors_for or None, a note for the title):
+    random token ids and untrained predictors for a random-weight model, else the text's tokens."""
+    from .loading import RANDOM_PREFIX, random_inputs
+
+    if model.startswith(RANDOM_PREFIX):
+        prompts, calib = random_inputs(m, prompt_len, calib_windows, batch=max_batch)
+        note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
+        return prompts, calib, _random_predictors(m) if predictors else None, note
+    prompts = _tokens(tok, _text(text, "evaluation"), prompt_len * max_batch, prompt_len)[:max_batch]
+    calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
+    predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if predictors else None
+    return prompts, calib, predictors_for, f"real weights; prompt and calibration from '{text}'"
 
 
 def _compile_batches(value: str, batches: list[int]) -> list[int]:
