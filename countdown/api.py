@@ -166,9 +166,7 @@ def _protocol_for(method: Method, predictors: PredictorInput | None, protocol: M
     if protocol.threshold_rule is None:
         default = getattr(predictors, "keep_rule", "pooled") if method.needs_predictor else "pooled"
         protocol = protocol.replace(threshold_rule=default)
-    if protocol.threshold_rule == "zero" and not method.needs_predictor:
-        raise ValueError(f"threshold_rule='zero' keeps predictor logits > 0 (D-COUNTDOWN's official rule); "
-                         f"method {method.name!r} has no predictor: use 'pooled', 'mean-kth' or 'median-kth'")
+    protocol.check_method(method)
     return protocol
 
 

@@ -616,9 +616,9 @@ def calibrate_cmd(
     from .api import save_sparsity, sparsify
     from .methods import check_sparsity, get_method
 
-    get_method(method)
     check_sparsity(sparsity)
     protocol = Protocol(positions=positions, threshold_rule=threshold_rule, threshold_adjust=threshold_adjust)
+    protocol.check_method(get_method(method))
     _check_attention(attention)
     _check_text(text)
     _at_least(("--calib-windows", calib_windows, 1), ("--context", context, 2))
@@ -667,8 +667,9 @@ def eval_cmd(
 
     if sparsity_file is not None and method is not None:
         raise ValueError("give either --sparsity-file (an artifact from `countdown calibrate`) or --method, not both")
-    if method is not None:
-        get_method(method)
+    if method is not None and get_method(method).stats:
+        raise ValueError(f"--method {method} measures per-neuron statistics on calibration text, which `eval` "
+                         f"does not take: run `countdown calibrate --method {method}` and pass --sparsity-file")
     check_sparsity(sparsity)
     if positions not in POSITIONS:
         raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {positions!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .methods import keep_count
+from .methods import Method, keep_count
 
 POSITIONS = ("all", "decode")
 COUNT_RULES = ("floor", "round")  # neurons dropped per token: int(D*s) (official) or round(D*s)
@@ -127,6 +127,12 @@ class Protocol(Mapping):
         check_protocol(self.positions, self.count_rule, self.ties, self.threshold_rule or THRESHOLD_RULES[0],
                        self.threshold_adjust)
         object.__setattr__(self, "threshold_adjust", float(self.threshold_adjust))
+
+    def check_method(self, method: Method) -> None:
+        """Refuse a threshold rule the method cannot use: "zero" keeps predictor logits > 0."""
+        if self.threshold_rule == "zero" and not method.needs_predictor:
+            raise ValueError(f"threshold_rule='zero' keeps predictor logits > 0 (D-COUNTDOWN's official rule); "
+                             f"method {method.name!r} has no predictor: use 'pooled', 'mean-kth' or 'median-kth'")
 
     def replace(self, **options) -> Protocol:
         """A copy with some options changed; an unknown option name is a TypeError naming the known ones."""

@@ -142,6 +142,8 @@ OUT = ["-o", "unused.safetensors"]
         (["calibrate", "--sparsity", "-0.1", *OUT], "[0, 1)"),
         (["calibrate", "--method", "d-countdown", *OUT], "needs --predictors"),
         (["calibrate", "--threshold-rule", "median", *OUT], "threshold_rule must be one of"),
+        (["calibrate", "--method", "cats", "--threshold-rule", "zero", *OUT], "method 'cats' has no predictor"),
+        (["eval", "--method", "chess"], "run `countdown calibrate --method chess`"),
         (["calibrate", "--model", "nonexistent-model", *OUT], "is not a built-in model (smollm2"),
         (["bench", "--methods", "catz"], "unknown method 'catz'"),
         (["bench", "--sparsities", "2"], "[0, 1)"),
