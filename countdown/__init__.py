@@ -25,13 +25,14 @@ from .attention import fuse_qkv, unfuse_qkv
 from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
-from .ffn import OFFICIAL_PROTOCOL, SparsitySpec, is_sparsified, sparsity_spec
+from .ffn import is_sparsified, sparsity_spec
 from .generation import generate
 from .loading import load
 from .methods import METHODS, get_method
 from .options import DecodeOptions, KernelPolicy
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
 from .predictor import Predictors, load_predictors, save_predictors, train_predictors
+from .spec import OFFICIAL_PROTOCOL, Protocol, SparsitySpec
 
 __all__ = [
     "AlreadySparsifiedError",
@@ -43,6 +44,7 @@ __all__ = [
     "OFFICIAL_PROTOCOL",
     "PerplexityResult",
     "Predictors",
+    "Protocol",
     "SUPPORTED_MODEL_TYPES",
     "SparsitySpec",
     "UnsupportedModelError",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -12,11 +12,12 @@ from . import artifact, ffn, parallel
 from . import attention as attention_mod
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
-from .ffn import SparsitySpec, check_protocol, is_sparsified
+from .ffn import is_sparsified
 from .methods import Method, check_ffn_kind, check_sparsity, get_method
 from .options import KernelPolicy
 from .models import FFNSite, ffn_sites, fingerprint
 from .predictor import Predictors
+from .spec import Protocol, SparsitySpec, check_protocol
 
 MODES = ("threshold", "topk")
 
@@ -84,11 +85,7 @@ def sparsify(
     calibration: CalibrationInput | None = None,
     tokenizer=None,
     mode: str | None = None,
-    positions: str = "decode",
-    count_rule: str = "floor",
-    ties: str = "exact",
-    threshold_rule: str | None = None,
-    threshold_adjust: float = 0.0,
+    protocol: Protocol | Mapping[str, object] | None = None,
     seq_len: int = 512,
     max_windows: int | None = 32,
     batch_size: int = 1,
@@ -96,25 +93,31 @@ def sparsify(
     attention: float | None = None,
     progress: bool = True,
     kernels: str | KernelPolicy = "auto",
+    **protocol_options,
 ) -> nn.Module:
     """Replace every FFN of ``model`` by a sparse one and return the same model object.
 
     ``mode="topk"`` keeps exactly the ``1 - sparsity`` highest-scoring neurons of every token (needs no
     calibration); ``mode="threshold"`` masks scores below per-layer thresholds calibrated on
-    ``calibration`` (texts with ``tokenizer``, token batches, or a `Calibration`). Default: threshold
-    when calibration is given, else top-k. ``positions="decode"`` (default: what serves generation)
-    keeps multi-token forwards (prefill) dense and masks decode steps, as the official COUNTDOWN code
-    does, and `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every
-    position of every forward (the strict evaluation). The other protocol options (`SparsitySpec`
-    explains each; defaults ours, ``**countdown.OFFICIAL_PROTOCOL`` the official code's): ``count_rule``
-    ("floor": drop ``int(D*s)`` per token, "round"), ``ties`` (top-k: "exact" k, or "strict"
-    ``score > k-th smallest``), ``threshold_rule`` ("pooled" quantile, "mean-kth", "median-kth") and
-    ``threshold_adjust`` (added to every threshold). ``d-countdown`` needs ``predictors`` from
-    ``countdown.train_predictors(model, sparsity, ...)``, trained for the same sparsity; its default
-    threshold rule is the predictors' (``Predictors.keep_rule``): "zero" (keep logit > 0, nothing to
-    calibrate, the sparsity is what the classifier gives) for ``recipe="official"``, else "pooled"
-    (every other method: "pooled"). Methods with
-    per-neuron statistics (``chess``) need ``calibration`` in top-k mode too. ``attention=a`` also
+    ``calibration`` (texts with ``tokenizer``, token batches, or a `Calibration`; ``seq_len``,
+    ``max_windows``, ``batch_size`` and ``progress`` shape that pass). Default: threshold when
+    calibration is given, else top-k.
+
+    ``protocol``: how positions, counts, ties and thresholds are decided, one `countdown.Protocol`
+    (``countdown.OFFICIAL_PROTOCOL`` is the official code's; default ``Protocol()``, ours). Its options
+    may also be given one by one as keywords, which override ``protocol``'s (`SparsitySpec` explains
+    each): ``positions="decode"`` (default: what serves generation) keeps multi-token forwards
+    (prefill) dense and masks decode steps, as the official COUNTDOWN code does, and
+    `countdown.perplexity` then keeps each window's context dense; ``"all"`` masks every position of
+    every forward (the strict evaluation). ``count_rule`` ("floor": drop ``int(D*s)`` per token,
+    "round"), ``ties`` (top-k: "exact" k, or "strict" ``score > k-th smallest``), ``threshold_rule``
+    ("pooled" quantile, "mean-kth", "median-kth") and ``threshold_adjust`` (added to every threshold).
+
+    ``d-countdown`` needs ``predictors`` from ``countdown.train_predictors(model, sparsity, ...)``,
+    trained for the same sparsity; its default threshold rule is the predictors'
+    (``Predictors.keep_rule``): "zero" (keep logit > 0, nothing to calibrate, the sparsity is what the
+    classifier gives) for ``recipe="official"``, else "pooled" (every other method: "pooled"). Methods
+    with per-neuron statistics (``chess``) need ``calibration`` in top-k mode too. ``attention=a`` also
     skips a fraction ``a`` of the input channels of every attention projection (q/k/v share one
     calibrated threshold per layer, o_proj has its own; TEAL model-wide is
     ``sparsify(model, "teal", 0.5, attention=0.5, calibration=...)``); it needs calibration text.
@@ -124,22 +127,18 @@ def sparsify(
     m = get_method(method)
     sparsity = check_sparsity(sparsity)
     kernels = KernelPolicy.of(kernels)
-    if threshold_rule is None:
-        threshold_rule = getattr(predictors, "keep_rule", "pooled") if m.needs_predictor else "pooled"
-    check_protocol(positions, count_rule, ties, threshold_rule, threshold_adjust)
-    if threshold_rule == "zero" and not m.needs_predictor:
-        raise ValueError(f"threshold_rule='zero' keeps predictor logits > 0 (D-COUNTDOWN's official rule); "
-                         f"method {m.name!r} has no predictor: use 'pooled', 'mean-kth' or 'median-kth'")
+    protocol = _protocol_for(m, predictors, protocol, protocol_options)
     sites = ffn_sites(model)
     check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
-    logit_rule = threshold_rule == "zero" and mode != "topk"  # logit > 0: nothing to calibrate
+    logit_rule = protocol.threshold_rule == "zero" and mode != "topk"  # logit > 0: nothing to calibrate
     mode = mode or ("threshold" if calibration is not None or logit_rule else "topk")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     parallel.check(sites, m, mode)
     layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
+    collect = dict(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, progress=progress)
     attention_thresholds = None
     if attention is not None:
         attention = check_sparsity(attention)
@@ -147,40 +146,62 @@ def sparsify(
         if calibration is None or isinstance(calibration, Calibration) or mode != "threshold":
             raise ValueError("attention=... needs calibration text or token batches (its thresholds are calibrated "
                              "in threshold mode; a Calibration object holds one method's scores only)")
-        cals = calibrate_methods(model, [method], calibration, tokenizer, seq_len=seq_len, max_windows=max_windows,
-                                 batch_size=batch_size, predictors=layers, progress=progress, attention=True)
+        cals = calibrate_methods(model, [m.name], calibration, tokenizer, predictors=layers, attention=True, **collect)
         attention_thresholds = cals["attention"].thresholds(attention)
         calibration = cals.get(m.name, calibration)  # the same pass serves the FFN's thresholds
-    spec = SparsitySpec(m.name, sparsity, mode, m.sites, positions, count_rule, ties, threshold_rule,
-                        float(threshold_adjust), attention)
-    thresholds, stats = None, None
-    if logit_rule:
-        thresholds = torch.full((len(sites), len(m.sites)), float(threshold_adjust))
-    elif (mode == "threshold" and m.sites) or m.stats:
-        if calibration is None:
-            if mode == "topk":
-                raise ValueError(f"method {m.name!r} measures per-neuron statistics ({', '.join(m.stats)}) on "
-                                 "calibration text, also in top-k mode: pass calibration=... (texts or token batches)")
-            raise ValueError("mode='threshold' needs calibration=... (texts or token batches); or use mode='topk'")
-        cal = calibrate(model, method, calibration, tokenizer, seq_len=seq_len, max_windows=max_windows,
-                        batch_size=batch_size, predictors=layers, progress=progress)
-        if cal.method != m.name:
-            raise ValueError(f"calibration was collected for method {cal.method!r}, not {m.name!r}")
-        artifact.check_fingerprint(cal.fingerprint, fingerprint(model), "calibration")
-        if m.stats:
-            if len(cal.stats) != len(sites) or any(name not in layer for layer in cal.stats for name in m.stats):
-                raise ValueError(f"this calibration lacks the per-neuron statistics {m.stats} of method {m.name!r}; "
-                                 "collect it with countdown.calibrate(model, method, ...)")
-            stats = cal.stats
-        if mode == "threshold" and len(m.sites) > 1:
-            thresholds = sequential_thresholds(model, sites, m, cal, spec, layers, batch_size, progress)
-        elif mode == "threshold":
-            thresholds = cal.thresholds(sparsity, threshold_rule, float(threshold_adjust), count_rule)
+    spec = SparsitySpec(m.name, sparsity, mode, m.sites, **protocol, attention=attention)
+    thresholds, stats = _thresholds(model, sites, m, spec, calibration, tokenizer, layers, logit_rule, collect)
     _install(model, sites, m, spec, thresholds, layers, stats)
     if attention_thresholds is not None:
         attention_mod.install(model, spec, attention_thresholds)
     set_kernels(model, kernels)
     return model
+
+
+def _protocol_for(method: Method, predictors: PredictorInput | None, protocol: Mapping[str, object] | None,
+                  options: dict) -> Protocol:
+    """``protocol`` with the keyword ``options`` applied and the method's default threshold rule filled in."""
+    protocol = Protocol(**protocol) if protocol is not None and not isinstance(protocol, Protocol) else protocol
+    protocol = (protocol or Protocol()).replace(**options)
+    if protocol.threshold_rule is None:
+        default = getattr(predictors, "keep_rule", "pooled") if method.needs_predictor else "pooled"
+        protocol = protocol.replace(threshold_rule=default)
+    protocol.check_method(method)
+    return protocol
+
+
+def _thresholds(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
+                calibration: CalibrationInput | None, tokenizer, layers: list[dict] | None, logit_rule: bool,
+                collect: dict) -> tuple[torch.Tensor | None, list[dict] | None]:
+    """(thresholds [layers, sites] or None, per-neuron statistics or None) for ``spec``: none in top-k
+    mode; the threshold of the "zero" rule (logit > 0, nothing to calibrate); or from calibration, one
+    site after another for multi-site methods, all sites at once otherwise (statistics too)."""
+    if logit_rule:
+        return torch.full((len(sites), len(method.sites)), spec.threshold_adjust), None
+    threshold_mode = spec.mode == "threshold"
+    if not (threshold_mode and method.sites) and not method.stats:
+        return None, None
+    if calibration is None:
+        if not threshold_mode:
+            raise ValueError(f"method {method.name!r} measures per-neuron statistics ({', '.join(method.stats)}) on "
+                             "calibration text, also in top-k mode: pass calibration=... (texts or token batches)")
+        raise ValueError("mode='threshold' needs calibration=... (texts or token batches); or use mode='topk'")
+    cal = calibrate(model, method.name, calibration, tokenizer, predictors=layers, **collect)
+    if cal.method != method.name:
+        raise ValueError(f"calibration was collected for method {cal.method!r}, not {method.name!r}")
+    artifact.check_fingerprint(cal.fingerprint, fingerprint(model), "calibration")
+    stats = None
+    if method.stats:
+        if len(cal.stats) != len(sites) or any(name not in layer for layer in cal.stats for name in method.stats):
+            raise ValueError(f"this calibration lacks the per-neuron statistics {method.stats} of method "
+                             f"{method.name!r}; collect it with countdown.calibrate(model, method, ...)")
+        stats = cal.stats
+    if threshold_mode and len(method.sites) > 1:
+        return sequential_thresholds(model, sites, method, cal, spec, layers, collect["batch_size"],
+                                     collect["progress"]), stats
+    if threshold_mode:
+        return cal.thresholds(spec.sparsity, spec.threshold_rule, spec.threshold_adjust, spec.count_rule), stats
+    return None, stats
 
 
 def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:

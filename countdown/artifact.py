@@ -7,7 +7,7 @@ predictors, ``layers.{i}.stat_<name>`` ([I] float32)
 for per-neuron calibration statistics (CHESS's ``up_abs_mean``), and ``attention_thresholds`` [L, 2]
 for attention input sparsity. Metadata (key ``countdown``): format, version, kind ("sparsity" or
 "predictors"), method, sparsity (target), mode, sites, attention (its sparsity or null), the evaluation
-protocol (positions, count_rule, ties, threshold_rule, threshold_adjust: see `countdown.ffn.SparsitySpec`),
+protocol (positions, count_rule, ties, threshold_rule, threshold_adjust: see `countdown.spec.SparsitySpec`),
 predictor_sparsity (the target the predictors were trained for), the model fingerprint, and for
 predictor files the predictor_recipe ("countdown" | "official"), predictor_kind ("lowrank" |
 "bitlinear") and the per-layer training reports.

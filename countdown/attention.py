@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, parallel
-from .ffn import SparsityMeter, SparsitySpec, dense_positions, is_input_major, relayout_allowed, use_input_major
+from .ffn import SparsityMeter, is_input_major, relayout_allowed, use_input_major
 from .options import MAX_BATCH, KernelPolicy
 from .models import ATTENTION_SITES as SITES
 from .models import AttentionSite, attention_sites
+from .spec import SparsitySpec, dense_positions
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 # A dense projection through the input-sparse kernel keeps channels with |x| > 0: a zero channel adds

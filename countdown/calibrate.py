@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import ffn
 from .methods import CollectScores, CollectStats, Method, keep_count
 from .models import ATTENTION_SITES, AttentionSite, FFNSite, fingerprint
+from .spec import THRESHOLD_RULES, SparsitySpec
 
 # torch.quantile refuses inputs above 2**24 elements
 _MAX_QUANTILE_SAMPLES = 1 << 24
@@ -78,7 +79,7 @@ def site_threshold(values: torch.Tensor, rows: torch.Tensor | None, forwards: to
     if rule == "pooled":
         return quantile(values, sparsity) + adjust
     if rule not in ("mean-kth", "median-kth"):
-        raise ValueError(f"threshold_rule must be one of {ffn.THRESHOLD_RULES}, got {rule!r}")
+        raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {rule!r}")
     if rows is None or rows.numel() == 0:
         raise ValueError(f"threshold_rule={rule!r} needs whole token rows of calibration scores; this "
                          "calibration kept none (ScoreRecorder.samples_per_call too small?): calibrate again")
@@ -279,7 +280,7 @@ def sequential_thresholds(
     sites: list[FFNSite],
     method: Method,
     cal: Calibration,
-    spec: ffn.SparsitySpec,
+    spec: SparsitySpec,
     predictors: list[dict[str, torch.Tensor]] | None = None,
     batch_size: int = 1,
     progress: bool = True,

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .ffn import POSITIONS
 from .methods import KERNEL_METHODS, METHODS, SPARSE_METHODS
+from .spec import OFFICIAL_PROTOCOL, POSITIONS, Protocol
 
 # the paper's methods and TEAL; the other kernelled methods reuse these ops (docs/KERNELS.md)
 BENCH_METHODS = ("cats", "m-countdown", "d-countdown-ideal", "d-countdown", "teal")
@@ -74,6 +74,82 @@ def _csv(value: str, cast=str) -> list:
         raise ValueError(f"could not parse {value!r} as a comma-separated list") from None
 
 
+# -- checks that run before anything loads: a wrong argument costs a second, not a model load ----------
+
+def _check_model_and_place(model: str, device: str, dtype: str) -> None:
+    """The model name (`loading.check_model_name`: one short Hub probe at most), device and dtype."""
+    from .loading import check_model_name, resolve_device, resolve_dtype
+
+    resolve_device(device)
+    if dtype != "auto":
+        resolve_dtype(dtype)
+    check_model_name(model)
+
+
+def _methods(value: str, option: str = "--methods") -> list[str]:
+    from .methods import get_method
+
+    names = _csv(value)
+    if not names:
+        raise ValueError(f"{option} is empty: give one or more of {', '.join(METHODS)}")
+    for name in names:
+        get_method(name)
+    return names
+
+
+def _sparsities(value: str, option: str = "--sparsities") -> list[float]:
+    from .methods import check_sparsity
+
+    values = _csv(value, float)
+    if not values:
+        raise ValueError(f"{option} is empty: give one or more sparsities in [0, 1)")
+    return [check_sparsity(v) for v in values]
+
+
+def _check_attention(attention: Optional[float]) -> None:
+    if attention is not None:
+        from .methods import check_sparsity
+
+        try:
+            check_sparsity(attention)
+        except ValueError as err:
+            raise ValueError(f"--attention: {err}") from None
+
+
+def _check_mode(mode: str) -> None:
+    from .api import MODES
+
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
+
+
+def _at_least(*checks: tuple[str, Optional[float], float]) -> None:
+    """Each (option, value, lowest allowed) with value None meaning "not given"."""
+    for name, value, low in checks:
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def _existing_file(path: Optional[Path], option: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"{option}: no such file: {path}")
+
+
+def _needs_predictors(method: Optional[str], predictors: Optional[Path]) -> None:
+    from .methods import get_method
+
+    if method is not None and get_method(method).needs_predictor and predictors is None:
+        raise ValueError(f"--method {method} needs --predictors: a predictor artifact from "
+                         f"`countdown train-predictors` (trained for the same --sparsity)")
+
+
+def _check_text(spec: str) -> None:
+    from . import data
+
+    if spec not in data.CORPORA and not Path(spec).is_file():
+        raise ValueError(f"--text {spec!r} is neither a known corpus ({', '.join(data.CORPORA)}) nor a file")
+
+
 def _load(model: str, device: str, dtype: str):
     from .loading import load
 
@@ -87,11 +163,10 @@ def _load(model: str, device: str, dtype: str):
 def _text(spec: str, part: str) -> str:
     from . import data
 
+    _check_text(spec)
     if spec in data.CORPORA:
         return data.calibration_text(spec) if part == "calibration" else data.evaluation_text(spec)
-    if Path(spec).is_file():
-        return data.read_text_file(spec)
-    raise ValueError(f"--text {spec!r} is neither a known corpus ({', '.join(data.CORPORA)}) nor a file")
+    return data.read_text_file(spec)
 
 
 def _tokens(tok, text: str, n_tokens: int, seq_len: int):
@@ -140,9 +215,12 @@ def run(
     t0 = time.time()
     if full:
         methods, calib_windows, eval_tokens = ALL_METHODS, max(calib_windows, 8), max(eval_tokens, 4096)
+    method_list, sparsity_list = _methods(methods), _sparsities(sparsities)
     protocol = _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official)
+    _check_grid(mode, attention, text, calib_windows, eval_tokens, context)
+    _check_model_and_place(model, device, dtype)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context,
-                                   _csv(methods), _csv(sparsities, float), mode, protocol, out, attention=attention)
+                                   method_list, sparsity_list, mode, protocol, out, attention=attention)
     title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode, {_protocol_words(protocol, attention)})"
     _report(points, title, model, out)
     console.print(f"wrote {out}/results.csv, table.md, ppl_vs_sparsity.png — total {time.time() - t0:.0f}s")
@@ -151,19 +229,24 @@ def run(
                       "a finer grid with task accuracies: countdown sweep")
 
 
-def _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official: bool) -> dict:
-    """The evaluation protocol options as sparsify/run_grid keywords (--official sets the official ones)."""
-    from .ffn import OFFICIAL_PROTOCOL, check_protocol
-
-    protocol = dict(positions=positions, count_rule=count_rule, ties=ties, threshold_rule=threshold_rule,
-                    threshold_adjust=threshold_adjust)
+def _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official: bool) -> Protocol:
+    """The evaluation protocol of the options, checked (--official: the official one, whole)."""
     if official:
-        protocol.update(OFFICIAL_PROTOCOL)
-    check_protocol(**protocol)
-    return protocol
+        return OFFICIAL_PROTOCOL
+    return Protocol(positions=positions, count_rule=count_rule, ties=ties, threshold_rule=threshold_rule,
+                    threshold_adjust=threshold_adjust)
 
 
-def _protocol_words(protocol: dict, attention) -> str:
+def _check_grid(mode: str, attention: Optional[float], text: str, calib_windows: int, eval_tokens: int,
+                context: int) -> None:
+    """What `run` and `sweep` check besides methods, sparsities and protocol, before loading."""
+    _check_mode(mode)
+    _check_attention(attention)
+    _check_text(text)
+    _at_least(("--calib-windows", calib_windows, 1), ("--eval-tokens", eval_tokens, 2), ("--context", context, 2))
+
+
+def _protocol_words(protocol: Protocol, attention) -> str:
     words = ", ".join(f"{k}={v}" for k, v in protocol.items() if k != "threshold_adjust" or v)
     return words + (f", attention inputs {attention:.0%}" if attention else "")
 
@@ -174,10 +257,6 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
     `sweep` share. Returns (model, tokenizer, evaluation ids, points)."""
     from .sweep import run_grid
 
-    if task_list:
-        from .tasks import check_task_data
-
-        check_task_data(list(task_list))  # before minutes of loading: offline, say which data is missing
     m, tok = _load(model, device, dtype)
     method_list = _applicable(m, method_list)
     extra_eval = None
@@ -252,9 +331,17 @@ def sweep(
     from .report import markdown_table, plot_task_accuracy, tasks_markdown
 
     task_list = _csv(tasks)
+    method_list, sparsity_list = _methods(methods), _sparsities(sparsities)
     protocol = _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official)
-    m, tok, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, _csv(methods),
-                                     _csv(sparsities, float), mode, protocol, out, results_file=out / "results.jsonl",
+    _check_grid(mode, attention, text, calib_windows, eval_tokens, context)
+    _at_least(("--task-limit", task_limit, 1), ("--task-batch-size", task_batch_size, 1))
+    if task_list:
+        from .tasks import check_task_data
+
+        check_task_data(task_list)  # unknown names, and data neither cached nor downloadable (offline)
+    _check_model_and_place(model, device, dtype)
+    m, tok, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list,
+                                     sparsity_list, mode, protocol, out, results_file=out / "results.jsonl",
                                      task_list=task_list, task_limit=task_limit, task_batch_size=task_batch_size,
                                      attention=attention)
     title = f"{model}: {eval_ids.numel()} tokens of '{text}' ({mode}, {_protocol_words(protocol, attention)})"
@@ -332,31 +419,27 @@ def bench_cmd(
 
     import torch
 
-    from .loading import RANDOM_PREFIX, random_inputs, resolve_device
-    from .speed import bench_markdown, measure_bench, parse_batches
+    from .loading import RANDOM_PREFIX, resolve_device
+    from .report import bench_markdown
+    from .speed import measure_bench, parse_batches
 
     started = time.perf_counter()
 
-    method_list, sparsity_list = _csv(methods), _csv(sparsities, float)
+    method_list, sparsity_list = _methods(methods), _sparsities(sparsities)
     batches = parse_batches(batch)
     compile_list = _compile_batches(compile_batches, batches) if compile else []
-    for name, value, low in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1),
-                             ("--calib-windows", calib_windows, 1), ("--route-tokens", route_tokens, 1),
-                             ("--prefill-len", prefill_len, 0)):
-        if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
+    _at_least(("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1),
+              ("--calib-windows", calib_windows, 1), ("--route-tokens", route_tokens, 1),
+              ("--prefill-len", prefill_len, 0), ("--max-seconds", max_seconds, 0))
+    _check_attention(attention)
+    if not model.startswith(RANDOM_PREFIX):
+        _check_text(text)
+    _check_model_and_place(model, device, dtype)
     dev = resolve_device(device)
     dtype = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
     m, tok = _load(model, str(dev), dtype)
-    if model.startswith(RANDOM_PREFIX):
-        prompts, calib = random_inputs(m, prompt_len, calib_windows, batch=max(batches))
-        predictors_for = _random_predictors(m) if "d-countdown" in method_list else None
-        note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
-    else:
-        prompts = _tokens(tok, _text(text, "evaluation"), prompt_len * max(batches), prompt_len)[:max(batches)]
-        calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
-        predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if "d-countdown" in method_list else None
-        note = f"real weights; prompt and calibration from '{text}'"
+    prompts, calib, predictors_for, note = _bench_inputs(m, tok, model, text, prompt_len, calib_windows, max(batches),
+                                                         "d-countdown" in method_list, out)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     loop = "CUDA graph" if dev.type == "cuda" else "eager"
     compiled = ("" if not compile_list else ", compiled at batch " + ",".join(map(str, compile_list)))
@@ -389,6 +472,22 @@ def bench_cmd(
         console.print(f"wrote {out}/speed.json, speed.md, speedup.png")
     console.print(f"total {time.perf_counter() - started:.0f}s\n", highlight=False)
     console.print(bench_markdown(result, title), highlight=False, soft_wrap=True)
+
+
+def _bench_inputs(m, tok, model: str, text: str, prompt_len: int, calib_windows: int, max_batch: int,
+                  predictors: bool, out: Optional[Path]):
+    """(prompts [max_batch, prompt_len], calibration windows, predictors_for or None, a note for the title):
+    random token ids and untrained predictors for a random-weight model, else the text's tokens."""
+    from .loading import RANDOM_PREFIX, random_inputs
+
+    if model.startswith(RANDOM_PREFIX):
+        prompts, calib = random_inputs(m, prompt_len, calib_windows, batch=max_batch)
+        note = "random weights and token ids; D-COUNTDOWN uses untrained predictors of the paper's size"
+        return prompts, calib, _random_predictors(m) if predictors else None, note
+    prompts = _tokens(tok, _text(text, "evaluation"), prompt_len * max_batch, prompt_len)[:max_batch]
+    calib = _tokens(tok, _text(text, "calibration"), calib_windows * 256, 256)
+    predictors_for = _predictor_cache(m, calib, out or Path("runs/bench")) if predictors else None
+    return prompts, calib, predictors_for, f"real weights; prompt and calibration from '{text}'"
 
 
 def _compile_batches(value: str, batches: list[int]) -> list[int]:
@@ -457,8 +556,16 @@ def train_predictors_cmd(
     dtype: str = DtypeOpt,
 ) -> None:
     """Train D-COUNTDOWN's per-layer low-rank predictors of |t| and report their recall and cost."""
-    from .predictor import save_predictors, train_predictors
+    from .methods import check_sparsity
+    from .predictor import get_recipe, save_predictors, train_predictors
 
+    check_sparsity(sparsity)
+    get_recipe(recipe, predictor)
+    if rank != "auto" and not (rank.isdigit() and int(rank) >= 1):
+        raise ValueError(f"--rank must be 'auto' or a whole number >= 1, got {rank!r}")
+    _at_least(("--calib-windows", calib_windows, 2), ("--epochs", epochs, 1), ("--context", context, 2))
+    _check_text(text)
+    _check_model_and_place(model, device, dtype)
     m, tok = _load(model, device, dtype)
     windows = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
     preds = train_predictors(m, sparsity, windows, recipe=recipe, predictor=predictor,
@@ -507,12 +614,22 @@ def calibrate_cmd(
 ) -> None:
     """Calibrate per-layer thresholds for one method and sparsity; save them as an artifact."""
     from .api import save_sparsity, sparsify
+    from .methods import check_sparsity, get_method
 
+    check_sparsity(sparsity)
+    protocol = Protocol(positions=positions, threshold_rule=threshold_rule, threshold_adjust=threshold_adjust)
+    protocol.check_method(get_method(method))
+    _check_attention(attention)
+    _check_text(text)
+    _at_least(("--calib-windows", calib_windows, 1), ("--context", context, 2))
+    _existing_file(predictors, "--predictors")
+    _needs_predictors(method, predictors)
+    _check_model_and_place(model, device, dtype)
     m, tok = _load(model, device, dtype)
     preds = _predictors(m, predictors)
     calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
-    sparsify(m, method, sparsity, calibration=calib, mode="threshold", positions=positions, predictors=preds,
-             threshold_rule=threshold_rule, threshold_adjust=threshold_adjust, attention=attention)
+    sparsify(m, method, sparsity, calibration=calib, mode="threshold", protocol=protocol, predictors=preds,
+             attention=attention)
     path = save_sparsity(m, output)
     console.print(f"wrote {path} ({method} at {sparsity:.0%}, positions={positions}, {calib.numel()} calibration tokens)")
 
@@ -546,7 +663,25 @@ def eval_cmd(
     from .data import document_prefix
     from .evaluate import perplexity
     from .ffn import sparsity_spec
+    from .methods import check_sparsity, get_method
 
+    if sparsity_file is not None and method is not None:
+        raise ValueError("give either --sparsity-file (an artifact from `countdown calibrate`) or --method, not both")
+    if method is not None and get_method(method).stats:
+        raise ValueError(f"--method {method} measures per-neuron statistics on calibration text, which `eval` "
+                         f"does not take: run `countdown calibrate --method {method}` and pass --sparsity-file")
+    check_sparsity(sparsity)
+    if positions not in POSITIONS:
+        raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    _check_text(text)
+    _at_least(("--eval-tokens", eval_tokens, 2), ("--context", context, 2), ("--stride", stride, 1))
+    if stride is not None and stride > context:
+        raise ValueError(f"--stride must be at most --context ({context}), got {stride}")
+    if sparsity_file is not None and not Path(sparsity_file).is_file():
+        raise FileNotFoundError(f"no sparsity artifact at {sparsity_file}")
+    _existing_file(predictors, "--predictors")
+    _needs_predictors(method, predictors)
+    _check_model_and_place(model, device, dtype)
     m, tok = _load(model, device, dtype)
     ids = _stream(tok, _text(text, "evaluation"), eval_tokens, context)
     if sparsity_file is not None:

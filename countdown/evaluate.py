@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import attention, ffn
+from .spec import POSITIONS
 
 
 @dataclass
@@ -84,8 +85,8 @@ def perplexity(
         raise ValueError("need at least 2 tokens to compute perplexity")
     spec = ffn.sparsity_spec(model)
     positions = positions or (spec.positions if spec is not None else "all")
-    if positions not in ffn.POSITIONS:
-        raise ValueError(f"positions must be one of {ffn.POSITIONS}, got {positions!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if spec is not None and spec.positions != positions:
         raise ValueError(f"the model was sparsified with positions={spec.positions!r}; evaluate it with that")
     decode_protocol = positions == "decode"

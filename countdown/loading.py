@@ -31,7 +31,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:  # torch's message lists every device type it knows
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:1 …, or auto): {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU")
     return dev
@@ -74,6 +77,62 @@ def random_inputs(model, prompt_len: int, calib_windows: int, seq_len: int = 256
     return prompt, torch.randint(vocab, (calib_windows, seq_len), generator=g)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, before anything is loaded, a model name `load` cannot load, with one line that says why.
+
+    Built-in names must be installed, files and folders must exist, ``random:`` shapes must be known.
+    Any other name is a Hub id: one in the local Hugging Face cache passes; otherwise one short
+    connection tells whether the Hub can be reached (`countdown.hub`) and, if it can, the Hub is asked
+    whether the model exists. Where the Hub cannot be reached this process goes offline
+    (`hub.go_offline`), so a cached copy then loads without the download library's retries."""
+    name = str(name)
+    if name.startswith(RANDOM_PREFIX):
+        if name[len(RANDOM_PREFIX):] not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random model shape {name[len(RANDOM_PREFIX):]!r}; "
+                             f"choose one of: {', '.join(RANDOM_SHAPES)}")
+        return
+    if name in assets.REGISTRY:
+        assets.path(name)  # not installed: names the command that installs it
+        return
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        return
+    if os.path.isdir(os.path.expanduser(name)):
+        return
+    if _looks_local(name):
+        raise FileNotFoundError(f"model folder not found: {name}")
+    from huggingface_hub import repo_exists, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    from . import hub
+
+    what = (f"model {name!r} is not a built-in model ({', '.join(assets.NAMES)}), a .gguf file or a "
+            "checkpoint folder")
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:
+        raise ValueError(f"{what}, nor a Hugging Face Hub id (owner/name)") from None
+    reason = hub.unreachable_reason(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if reason is not None:
+        hub.go_offline()
+    if cached:
+        return
+    if reason is not None:
+        raise ValueError(f"{what}, and no copy is cached while the Hugging Face Hub is offline ({reason})")
+    try:
+        exists = repo_exists(name)
+    except Exception as err:  # noqa: BLE001 - any failure of this one request means the Hub cannot say
+        raise ValueError(f"{what}; asking the Hugging Face Hub for it failed: {type(err).__name__}: {err}") from None
+    if not exists:
+        raise ValueError(f"{what}, and the Hugging Face Hub has no model of that name (or it is private: "
+                         "log in with `hf auth login`)")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype = "float32",
          install: bool = False):
     """(model, tokenizer) in eval mode on ``device`` in ``dtype``.
@@ -103,8 +162,7 @@ def load(name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | tor
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     else:
         source = str(name)
-        looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
-        if looks_local and not os.path.isdir(os.path.expanduser(source)):
+        if _looks_local(source) and not os.path.isdir(os.path.expanduser(source)):
             raise FileNotFoundError(f"model folder not found: {source}")
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     # GGUF weights are dequantised to float32 first and cast afterwards; checkpoints load in the dtype

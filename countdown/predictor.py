@@ -67,9 +67,10 @@ from tqdm.auto import tqdm
 
 from . import artifact, parallel
 from .data import calibration_windows
-from .ffn import is_sparsified, topk_mask
+from .ffn import is_sparsified
 from .methods import check_sparsity, keep_count
 from .models import FFNSite, ffn_sites, fingerprint
+from .spec import topk_mask
 
 RECIPES = ("countdown", "official")
 PREDICTOR_KINDS = ("lowrank", "bitlinear")

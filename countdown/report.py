@@ -1,4 +1,5 @@
-"""Tables and plots of sweep points: the terminal table, CSV/JSON/Markdown files and PNG figures."""
+"""Tables and plots: of sweep points (the terminal table, CSV/JSON/Markdown files, PNG figures) and of
+`countdown bench` results (`bench_markdown`: the batch table, then routes, memory and prefill)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import json
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from .sweep import Point
+
+if TYPE_CHECKING:
+    from .speed import BenchResult, SpeedPoint
 
 _COLUMNS = ("method", "mode", "protocol", "target", "measured", "ppl", "Δppl", "FFN bytes read")
 # "ideal" in the COUNTDOWN paper is the per-token top-k; "practical" the calibrated threshold
@@ -240,3 +245,104 @@ def plot_speedup(points: list, path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- `countdown bench` tables ----------------------------------------------------------------------
+
+def _num(value: float, fmt: str, dash: str = "—") -> str:
+    return dash if value != value else format(value, fmt)
+
+
+def _gb(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def speed_markdown(points: list[SpeedPoint], title: str = "") -> str:
+    """One row per point, grouped by batch size and route, dense first in each group."""
+    head = f"**{title}**\n\n" if title else ""
+    lines = [
+        "| batch | route | method | target | measured | tokens/s per sequence | speed-up vs dense (same batch) | "
+        "ideal (bytes, batch 1) | % of ideal | GB/s | GPU GiB | whole call tokens/s: fast loop / countdown.generate | "
+        "same tokens as dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        dense = p.method == "dense"
+        target = "—" if dense else f"{p.target:.0%}"
+        measured = "—" if dense else f"{p.measured:.1%}"
+        ideal = _num(p.ideal_speedup, ".2f") + ("×" if p.at_batch_one else "")
+        of_ideal = f"{p.speedup / p.ideal_speedup:.0%}" if p.at_batch_one else "—"
+        route = p.route or ("compiled" if p.compiled else "—")
+        lines.append(f"| {p.batch} | {route} | {p.method} | {target} | {measured} | {p.tokens_per_s:.1f} | "
+                     f"{p.speedup:.2f}× | {ideal} | {of_ideal} | {_gb(p.gb_per_s)} | {_num(p.memory_gib, '.2f')} | "
+                     f"{_num(p.call_tokens_per_s, '.1f')} / {_num(p.generate_tokens_per_s, '.1f')} | "
+                     f"{p.match_dense:.0%} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def routes_markdown(result: BenchResult, title: str = "") -> str:
+    """Per configuration at the first batch size: the routes a user can take, memory and prefill."""
+    configs = result.configs
+    if not configs:
+        return ""
+    first = result.settings.get("batches", [1])[0]
+    pts = {(p.method, p.target): p for p in result.points if p.batch == first}
+    names = [c.method if c.method == "dense" else f"{c.method} {c.target:.0%}" for c in configs]
+    lines = [f"**{title}**\n" if title else "", "| what a user does | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(configs)]
+    d = configs[0]
+
+    def row(label: str, values: list[float], fmt: str, relative: str = "speed") -> None:
+        """dense as is; the others as a ratio to dense and the value (speed: higher is better)."""
+        cells = [_num(values[0], fmt)]
+        for v in values[1:]:
+            if v != v or values[0] != values[0]:
+                cells.append(_num(v, fmt))
+            elif relative == "speed":
+                cells.append(f"{v / values[0]:.2f}× ({format(v, fmt)})")
+            elif relative == "time":
+                cells.append(f"{values[0] / v:.2f}× of dense speed ({format(v, fmt)} ms)")
+            else:
+                cells.append(f"{format(v, fmt)} ({(v / values[0] - 1):+.1%})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    point = [pts.get((c.method, c.target)) for c in configs]
+    get = lambda attr: [getattr(p, attr) if p is not None else float("nan") for p in point]  # noqa: E731
+    route = "compiled, " if point[0] is not None and point[0].compiled else ""
+    row(f"fast loop `Decoder` ({route}batch {first}), decode tokens/s per sequence", get("tokens_per_s"), ".1f")
+    row("fast loop, whole call tokens/s (prefill + decode)", get("call_tokens_per_s"), ".1f")
+    row(f"`countdown.generate(...{', compile=True' if route else ''})`, whole call tokens/s", get("generate_tokens_per_s"),
+        ".1f")
+    lines.append("| ... as a share of the fast loop's whole call | " + " | ".join(
+        _num(p.generate_tokens_per_s / p.call_tokens_per_s, ".0%") if p is not None else "—" for p in point) + " |")
+    if result.settings.get("routes"):
+        row(f"plain `model.generate` (greedy, {result.settings.get('route_tokens')} new tokens), tokens/s per sequence",
+            [c.model_generate_tokens_per_s for c in configs], ".1f")
+    if d.hf_static:
+        lines.append("| transformers' recipe: `generate(cache_implementation=\"static\")`, forward compiled "
+                     f"`mode=\"reduce-overhead\"` | {d.hf_static} |" + " — |" * (len(configs) - 1))
+    row("GPU memory after `sparsify`, GiB (no KV cache)", [c.memory_gib for c in configs], ".2f", "memory")
+    n = result.settings.get("prefill_len", 0)
+    if n:
+        positions = result.settings.get("positions", "decode")
+        row(f"forward of a {n}-token prompt, ms (positions=\"{positions}\")", [c.prefill_ms for c in configs], ".1f",
+            "time")
+        if positions == "decode":
+            lines.append("| same, positions=\"all\" (every prompt token sparse) | — | " + " | ".join(
+                f"{d.prefill_ms / c.prefill_all_ms:.2f}× of dense speed ({c.prefill_all_ms:.1f} ms)"
+                if c.prefill_all_ms == c.prefill_all_ms and d.prefill_ms == d.prefill_ms else "—"
+                for c in configs[1:]) + " |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def bench_markdown(result: BenchResult, title: str = "") -> str:
+    """The batch table, then the routes / memory / prefill table (last), then what the time limit left out."""
+    parts = [speed_markdown(result.points, title)]
+    routes = routes_markdown(result, f"routes, memory and prefill at batch {result.settings.get('batches', [1])[0]}")
+    if routes:
+        parts.append(routes)
+    if result.skipped:
+        limit = result.settings.get("max_seconds")
+        parts.append(f"Left out (time limit{'' if limit is None else f' {limit:.0f}s after model loading'}): "
+                     + "; ".join(result.skipped) + "\n")
+    return "\n".join(parts)

@@ -1,19 +1,21 @@
 """End-to-end decode speed: tokens/s of dense and sparsified models through the same fast loop.
 
-`measure_bench` (behind ``countdown bench``) runs dense and every (method, sparsity) at every batch
-size in one process on one model object, so the only difference from the dense baseline is the FFN,
-and each speed-up divides by the dense tokens/s of the same batch and route. Per point it times
+`measure_bench` (behind ``countdown bench``; a `BenchPlan` run by `run_bench`) runs dense and every
+(method, sparsity) at every batch size in one process on one model object, so the only difference
+from the dense baseline is the FFN, and each speed-up divides by the dense tokens/s of the same batch
+and route. Per point it times
 `countdown.decode.Decoder` (the fast loop: static KV cache, CUDA graph, optionally torch.compile) and
 `countdown.generate` on the same decoder (the user's call, prefill included); per configuration, GPU
 memory after sparsify, the forward time of a long prompt (prefill) and, on request, plain
 ``model.generate``. Beside each batch-1 speed-up stands the ideal one from bytes: a decode step reads
 every weight once (the input embedding only one row) plus the KV cache, and a sparse FFN reads only
 the fraction of its weights its kernel needs at the sparsity measured on the generated tokens (plus
-the predictor, for D-COUNTDOWN).
+the predictor, for D-COUNTDOWN). The tables of a result are `countdown.report.bench_markdown`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -127,6 +129,11 @@ class SpeedPoint:
     call_tokens_per_s: float = float("nan")  # new tokens / wall time of one whole fast-loop call (prefill in)
     generate_tokens_per_s: float = float("nan")  # the same through countdown.generate (the user's call)
     seconds: float = float("nan")  # what measuring this point took (compile, capture and checks included)
+
+    @property
+    def at_batch_one(self) -> bool:
+        """The ideal speed-up from bytes is known (not nan): batch 1 only."""
+        return self.ideal_speedup == self.ideal_speedup
 
 
 @dataclass
@@ -290,6 +297,55 @@ def _measure_point(model: nn.Module, name: str, s: float, prompt: torch.Tensor, 
     return point, tokens
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    """What one bench run measures: dense and every (method, sparsity) at every batch size, and how
+    (see `measure_bench` for each option). Checked when made; `for_model` fits it to a model."""
+
+    methods: tuple[str, ...]
+    sparsities: tuple[float, ...]
+    batches: tuple[int, ...]
+    new_tokens: int = 256
+    repeats: int = 3
+    generate_repeats: int = 2
+    compile_batches: tuple[int, ...] = ()
+    routes: bool = False
+    route_tokens: int = 32
+    prefill_len: int = 2048
+    prefill_repeats: int = 5
+    hf_static: bool = False
+    positions: str = "decode"
+    attention: float | None = None
+    max_seconds: float | None = None
+    fuse_qkv: bool = False
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.new_tokens < 2:
+            raise ValueError("need repeats >= 1 and new_tokens >= 2")
+        batches = parse_batches(list(self.batches), "batches")
+        if any(b not in batches for b in self.compile_batches):
+            raise ValueError(f"compile_batches {sorted(self.compile_batches)} must be among the batch sizes {batches}")
+        object.__setattr__(self, "batches", tuple(batches))
+
+    def for_model(self, model: nn.Module) -> BenchPlan:
+        """The plan with the prefill prompt cut to the model's longest position."""
+        limit = getattr(model.config, "max_position_embeddings", None) or self.prefill_len
+        return dataclasses.replace(self, prefill_len=min(self.prefill_len, limit))
+
+    @property
+    def configs(self) -> list[tuple[str, float]]:
+        """Dense first, then every (method, sparsity): the order of every batch."""
+        return [("dense", 0.0)] + [(name, s) for name in self.methods for s in self.sparsities]
+
+    def settings(self) -> dict:
+        """The options a result records (`BenchResult.settings`)."""
+        return dict(batches=list(self.batches), compile_batches=sorted(self.compile_batches),
+                    new_tokens=self.new_tokens, repeats=self.repeats, generate_repeats=self.generate_repeats,
+                    routes=self.routes, route_tokens=self.route_tokens, prefill_len=self.prefill_len,
+                    positions=self.positions, attention=self.attention, max_seconds=self.max_seconds,
+                    fuse_qkv=self.fuse_qkv)
+
+
 def measure_bench(
     model: nn.Module,
     methods: list[str],
@@ -336,118 +392,160 @@ def measure_bench(
     for name in methods:
         if get_method(name).needs_predictor and predictors_for is None:
             raise ValueError(f"{name} needs predictors: pass predictors_for")
-    if repeats < 1 or new_tokens < 2:
-        raise ValueError("need repeats >= 1 and new_tokens >= 2")
-    batches = parse_batches(list(batches), "batches")
-    if any(b not in batches for b in compile_batches):
-        raise ValueError(f"compile_batches {sorted(compile_batches)} must be among the batch sizes {batches}")
-    limit = getattr(model.config, "max_position_embeddings", None) or prefill_len
-    prefill_len = min(prefill_len, limit)
-    budget = _Budget(max_seconds)
-    result = BenchResult(settings=dict(batches=batches, compile_batches=sorted(compile_batches), new_tokens=new_tokens,
-                                       repeats=repeats, generate_repeats=generate_repeats, routes=routes,
-                                       route_tokens=route_tokens, prefill_len=prefill_len, positions=positions,
-                                       attention=attention, max_seconds=max_seconds, fuse_qkv=fuse_qkv))
+    plan = BenchPlan(tuple(methods), tuple(sparsities), tuple(batches), new_tokens=new_tokens, repeats=repeats,
+                     generate_repeats=generate_repeats, compile_batches=tuple(compile_batches), routes=routes,
+                     route_tokens=route_tokens, prefill_len=prefill_len, prefill_repeats=prefill_repeats,
+                     hf_static=hf_static, positions=positions, attention=attention, max_seconds=max_seconds,
+                     fuse_qkv=fuse_qkv)
+    return run_bench(model, plan, calibration, prompt_for, predictors_for=predictors_for, log=log, on_update=on_update)
 
-    def say(message: str) -> None:
-        log(f"[{budget.elapsed():6.0f}s] {message}")
 
-    def update() -> None:
-        result.seconds = budget.elapsed()
-        if on_update is not None:
-            on_update(result)
+def run_bench(model: nn.Module, plan: BenchPlan, calibration: torch.Tensor, prompt_for: Callable[[int], torch.Tensor],
+              *, predictors_for: Callable[[float], list] | None = None, log: Callable[[str], None] = print,
+              on_update: Callable[[BenchResult], None] | None = None) -> BenchResult:
+    """`measure_bench` for a `BenchPlan`: calibrate once, then each batch size in turn (dense first),
+    then transformers' recipe; the model is left as it was found."""
+    run = _BenchRun(model, plan.for_model(model), calibration, predictors_for, log, on_update)
+    run.calibrate_shared()
+    with run.fused_qkv():
+        for b in run.plan.batches:
+            run.batch(b, prompt_for(b))
+        if run.plan.hf_static:
+            run.hf_static(prompt_for(run.plan.batches[0]))
+    run.result.seconds = run.budget.elapsed()
+    return run.result
 
-    nbytes = model_bytes(model)
-    device = next(model.parameters()).device
-    configs = [("dense", 0.0)] + [(name, s) for name in methods for s in sparsities]
-    # one calibration per method serves every batch (and the positions="all" prefill)
-    cals: dict = {}
-    if attention is None:
-        shared = [name for name in methods if not get_method(name).needs_predictor]
+
+class _BenchRun:
+    """The state of one bench run: its plan, the time guard, the calibrations made so far and the result."""
+
+    def __init__(self, model: nn.Module, plan: BenchPlan, calibration: torch.Tensor,
+                 predictors_for: Callable[[float], list] | None, log: Callable[[str], None],
+                 on_update: Callable[[BenchResult], None] | None):
+        self.model, self.plan, self.calibration = model, plan, calibration
+        self.predictors_for, self.log, self.on_update = predictors_for, log, on_update
+        self.budget = _Budget(plan.max_seconds)
+        self.result = BenchResult(settings=plan.settings())
+        self.nbytes = model_bytes(model)
+        self.device = next(model.parameters()).device
+        self.cals: dict = {}
+
+    def say(self, message: str) -> None:
+        self.log(f"[{self.budget.elapsed():6.0f}s] {message}")
+
+    def update(self) -> None:
+        self.result.seconds = self.budget.elapsed()
+        if self.on_update is not None:
+            self.on_update(self.result)
+
+    def calibrate_shared(self) -> None:
+        """One calibration per method serves every batch (and the positions="all" prefill)."""
+        if self.plan.attention is not None:
+            return
+        shared = [name for name in self.plan.methods if not get_method(name).needs_predictor]
         if shared:
-            cals = calibrate_methods(model, shared, calibration, max_windows=None, progress=False)
-        say(f"calibrated {', '.join(shared) or 'nothing shared'}")
+            self.cals = calibrate_methods(self.model, shared, self.calibration, max_windows=None, progress=False)
+        self.say(f"calibrated {', '.join(shared) or 'nothing shared'}")
 
-    def setup(name: str, s: float):
-        preds = predictors_for(s) if get_method(name).needs_predictor else None
-        if name == "dense" or attention is not None:
-            return calibration, preds  # attention thresholds are calibrated with the FFN's, from tokens
-        if (name, s) not in cals and name not in cals:  # predictor scores: calibrated per predictor set
-            cals[(name, s)] = calibrate(model, name, calibration, predictors=preds, max_windows=None, progress=False)
-        return cals.get(name, cals.get((name, s))), preds
+    def inputs(self, name: str, s: float):
+        """(calibration, predictors) that sparsify needs for (name, s)."""
+        preds = self.predictors_for(s) if get_method(name).needs_predictor else None
+        if name == "dense" or self.plan.attention is not None:
+            return self.calibration, preds  # attention thresholds are calibrated with the FFN's, from tokens
+        if (name, s) not in self.cals and name not in self.cals:  # predictor scores: calibrated per predictor set
+            self.cals[(name, s)] = calibrate(self.model, name, self.calibration, predictors=preds, max_windows=None,
+                                             progress=False)
+        return self.cals.get(name, self.cals.get((name, s))), preds
 
-    if fuse_qkv:
+    @contextmanager
+    def fused_qkv(self):
+        """q, k and v in one launch for every configuration, dense included, undone at the end."""
+        fused = False
+        if self.plan.fuse_qkv:
+            try:
+                self.say(f"q, k and v fused in {fuse_projections(self.model)} layers (every configuration, dense "
+                         "included)")
+                fused = True
+            except (ValueError, TypeError, UnsupportedModelError) as err:  # e.g. phi3's single qkv_proj
+                self.say(f"q, k and v not fused: {err}")
         try:
-            say(f"q, k and v fused in {fuse_projections(model)} layers (every configuration, dense included)")
-        except (ValueError, TypeError, UnsupportedModelError) as err:  # e.g. phi3's single qkv_proj
-            fuse_qkv = False
-            say(f"q, k and v not fused: {err}")
-    try:
-        for b in batches:
-            prompt = prompt_for(b).to(device)
-            if prompt.dim() != 2 or prompt.shape[0] != b:
-                raise ValueError(f"prompt_for({b}) must give [{b}, prompt_len] token ids, got {tuple(prompt.shape)}")
-            compiled = b in compile_batches
-            kind = "compiled" if compiled else "graph"
-            first = b == batches[0]
-            dense: SpeedPoint | None = None
-            dense_tokens = None
-            step = kind + (" with first-batch figures" if first else "")  # what the time guard compares
-            for name, s in configs:
-                label = "dense" if name == "dense" else f"{name} @ {s:.0%}"
-                if name != "dense" and dense is None:
-                    result.skipped.append(f"batch {b}: {label} (no dense point at this batch)")
-                    continue
-                if not budget.allows(step):
-                    result.skipped.append(f"batch {b}: {label} ({kind})")
-                    say(f"batch {b}: {label} skipped: the time limit would not hold it")
-                    continue
-                t0 = time.perf_counter()
-                cal, preds = setup(name, s)
-                figures = ConfigFigures(name, s) if first else None
-                with _sparsified(model, name, s, cal, preds, positions, attention):
-                    if figures is not None:
-                        figures.memory_gib = _allocated_gib(model, settle=True)
-                        if prefill_len:
-                            figures.prefill_ms = time_prefill(model, prefill_len, prefill_repeats)
-                    point, tokens = _measure_point(
-                        model, name, s, prompt, new_tokens=new_tokens, repeats=repeats, generate_repeats=generate_repeats,
-                        compile=compiled, positions=positions, nbytes=nbytes, extra_bytes=predictor_bytes(preds),
-                        dense=dense, dense_tokens=dense_tokens)
-                    if figures is not None and routes:
-                        figures.model_generate_tokens_per_s = model_generate_tokens_per_s(model, prompt, route_tokens)
-                if figures is not None and prefill_len and name != "dense" and positions == "decode":
-                    with _sparsified(model, name, s, cal, preds, "all", attention):
-                        figures.prefill_all_ms = time_prefill(model, prefill_len, prefill_repeats)
-                if name == "dense":
-                    dense, dense_tokens = point, tokens
-                result.points.append(point)
-                if figures is not None:
-                    result.configs.append(figures)
-                budget.spent(step, time.perf_counter() - t0)
-                say(f"batch {b} {kind}: {label}: {point.tokens_per_s:.1f} tokens/s per sequence, {point.speedup:.2f}x dense"
-                    + (f" (ideal {point.ideal_speedup:.2f}x)" if _at_batch_one(point) else "")
-                    + (f", measured sparsity {point.measured:.1%}" if name != "dense" else "")
-                    + f", countdown.generate {point.generate_tokens_per_s:.1f} tokens/s; {point.seconds:.0f}s")
-                update()
-        if hf_static:
-            if budget.allows("hf_static"):
-                figures = next((c for c in result.configs if c.method == "dense"), None)
-                if figures is not None:
-                    figures.hf_static = hf_static_recipe(model, prompt_for(batches[0]).to(device))
-                    say(f"transformers' static-cache recipe (dense): {figures.hf_static}")
-            else:
-                result.skipped.append("transformers' static-cache recipe")
-            update()
-    finally:
-        if fuse_qkv:
-            unfuse_qkv(model)
-    result.seconds = budget.elapsed()
-    return result
+            yield
+        finally:
+            if fused:
+                unfuse_qkv(self.model)
+
+    def batch(self, b: int, prompt: torch.Tensor) -> None:
+        """Dense, then every configuration at batch size ``b``, each as the time guard allows."""
+        prompt = prompt.to(self.device)
+        if prompt.dim() != 2 or prompt.shape[0] != b:
+            raise ValueError(f"prompt_for({b}) must give [{b}, prompt_len] token ids, got {tuple(prompt.shape)}")
+        compiled = b in self.plan.compile_batches
+        kind = "compiled" if compiled else "graph"
+        first = b == self.plan.batches[0]
+        step = kind + (" with first-batch figures" if first else "")  # what the time guard compares
+        dense: SpeedPoint | None = None
+        dense_tokens = None
+        for name, s in self.plan.configs:
+            label = "dense" if name == "dense" else f"{name} @ {s:.0%}"
+            if name != "dense" and dense is None:
+                self.result.skipped.append(f"batch {b}: {label} (no dense point at this batch)")
+                continue
+            if not self.budget.allows(step):
+                self.result.skipped.append(f"batch {b}: {label} ({kind})")
+                self.say(f"batch {b}: {label} skipped: the time limit would not hold it")
+                continue
+            t0 = time.perf_counter()
+            point, tokens, figures = self.configuration(name, s, prompt, compiled, first, dense, dense_tokens)
+            if name == "dense":
+                dense, dense_tokens = point, tokens
+            self.result.points.append(point)
+            if figures is not None:
+                self.result.configs.append(figures)
+            self.budget.spent(step, time.perf_counter() - t0)
+            self.say(_point_line(b, kind, label, point))
+            self.update()
+
+    def configuration(self, name: str, s: float, prompt: torch.Tensor, compiled: bool, first: bool,
+                      dense: SpeedPoint | None, dense_tokens: torch.Tensor | None
+                      ) -> tuple[SpeedPoint, torch.Tensor, ConfigFigures | None]:
+        """One configuration at one batch: its point and, at the first batch, its `ConfigFigures`."""
+        plan, model = self.plan, self.model
+        cal, preds = self.inputs(name, s)
+        figures = ConfigFigures(name, s) if first else None
+        with _sparsified(model, name, s, cal, preds, plan.positions, plan.attention):
+            if figures is not None:
+                figures.memory_gib = _allocated_gib(model, settle=True)
+                if plan.prefill_len:
+                    figures.prefill_ms = time_prefill(model, plan.prefill_len, plan.prefill_repeats)
+            point, tokens = _measure_point(
+                model, name, s, prompt, new_tokens=plan.new_tokens, repeats=plan.repeats,
+                generate_repeats=plan.generate_repeats, compile=compiled, positions=plan.positions, nbytes=self.nbytes,
+                extra_bytes=predictor_bytes(preds), dense=dense, dense_tokens=dense_tokens)
+            if figures is not None and plan.routes:
+                figures.model_generate_tokens_per_s = model_generate_tokens_per_s(model, prompt, plan.route_tokens)
+        if figures is not None and plan.prefill_len and name != "dense" and plan.positions == "decode":
+            with _sparsified(model, name, s, cal, preds, "all", plan.attention):
+                figures.prefill_all_ms = time_prefill(model, plan.prefill_len, plan.prefill_repeats)
+        return point, tokens, figures
+
+    def hf_static(self, prompt: torch.Tensor) -> None:
+        """transformers' static-cache recipe on the dense model, last, as the time guard allows."""
+        if self.budget.allows("hf_static"):
+            figures = next((c for c in self.result.configs if c.method == "dense"), None)
+            if figures is not None:
+                figures.hf_static = hf_static_recipe(self.model, prompt.to(self.device))
+                self.say(f"transformers' static-cache recipe (dense): {figures.hf_static}")
+        else:
+            self.result.skipped.append("transformers' static-cache recipe")
+        self.update()
 
 
-def _at_batch_one(point: SpeedPoint) -> bool:
-    return point.ideal_speedup == point.ideal_speedup  # not nan: measured at batch 1
+def _point_line(b: int, kind: str, label: str, point: SpeedPoint) -> str:
+    """The log line of one measured point."""
+    return (f"batch {b} {kind}: {label}: {point.tokens_per_s:.1f} tokens/s per sequence, {point.speedup:.2f}x dense"
+            + (f" (ideal {point.ideal_speedup:.2f}x)" if point.at_batch_one else "")
+            + (f", measured sparsity {point.measured:.1%}" if point.method != "dense" else "")
+            + f", countdown.generate {point.generate_tokens_per_s:.1f} tokens/s; {point.seconds:.0f}s")
 
 
 def measure_speed(
@@ -472,104 +570,3 @@ def measure_speed(
                          new_tokens=new_tokens, repeats=repeats, predictors_for=predictors_for,
                          compile_batches=[b] if compile else [], prefill_len=0, positions=positions,
                          attention=attention, log=log).points
-
-
-# -- tables -----------------------------------------------------------------------------------------
-
-def _num(value: float, fmt: str, dash: str = "—") -> str:
-    return dash if value != value else format(value, fmt)
-
-
-def _gb(value: float) -> str:
-    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
-
-
-def speed_markdown(points: list[SpeedPoint], title: str = "") -> str:
-    """One row per point, grouped by batch size and route, dense first in each group."""
-    head = f"**{title}**\n\n" if title else ""
-    lines = [
-        "| batch | route | method | target | measured | tokens/s per sequence | speed-up vs dense (same batch) | "
-        "ideal (bytes, batch 1) | % of ideal | GB/s | GPU GiB | whole call tokens/s: fast loop / countdown.generate | "
-        "same tokens as dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in points:
-        dense = p.method == "dense"
-        target = "—" if dense else f"{p.target:.0%}"
-        measured = "—" if dense else f"{p.measured:.1%}"
-        ideal = _num(p.ideal_speedup, ".2f") + ("×" if _at_batch_one(p) else "")
-        of_ideal = f"{p.speedup / p.ideal_speedup:.0%}" if _at_batch_one(p) else "—"
-        route = p.route or ("compiled" if p.compiled else "—")
-        lines.append(f"| {p.batch} | {route} | {p.method} | {target} | {measured} | {p.tokens_per_s:.1f} | "
-                     f"{p.speedup:.2f}× | {ideal} | {of_ideal} | {_gb(p.gb_per_s)} | {_num(p.memory_gib, '.2f')} | "
-                     f"{_num(p.call_tokens_per_s, '.1f')} / {_num(p.generate_tokens_per_s, '.1f')} | "
-                     f"{p.match_dense:.0%} |")
-    return head + "\n".join(lines) + "\n"
-
-
-def routes_markdown(result: BenchResult, title: str = "") -> str:
-    """Per configuration at the first batch size: the routes a user can take, memory and prefill."""
-    configs = result.configs
-    if not configs:
-        return ""
-    first = result.settings.get("batches", [1])[0]
-    pts = {(p.method, p.target): p for p in result.points if p.batch == first}
-    names = [c.method if c.method == "dense" else f"{c.method} {c.target:.0%}" for c in configs]
-    lines = [f"**{title}**\n" if title else "", "| what a user does | " + " | ".join(names) + " |",
-             "|---|" + "---|" * len(configs)]
-    d = configs[0]
-
-    def row(label: str, values: list[float], fmt: str, relative: str = "speed") -> None:
-        """dense as is; the others as a ratio to dense and the value (speed: higher is better)."""
-        cells = [_num(values[0], fmt)]
-        for v in values[1:]:
-            if v != v or values[0] != values[0]:
-                cells.append(_num(v, fmt))
-            elif relative == "speed":
-                cells.append(f"{v / values[0]:.2f}× ({format(v, fmt)})")
-            elif relative == "time":
-                cells.append(f"{values[0] / v:.2f}× of dense speed ({format(v, fmt)} ms)")
-            else:
-                cells.append(f"{format(v, fmt)} ({(v / values[0] - 1):+.1%})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-
-    point = [pts.get((c.method, c.target)) for c in configs]
-    get = lambda attr: [getattr(p, attr) if p is not None else float("nan") for p in point]  # noqa: E731
-    route = "compiled, " if point[0] is not None and point[0].compiled else ""
-    row(f"fast loop `Decoder` ({route}batch {first}), decode tokens/s per sequence", get("tokens_per_s"), ".1f")
-    row("fast loop, whole call tokens/s (prefill + decode)", get("call_tokens_per_s"), ".1f")
-    row(f"`countdown.generate(...{', compile=True' if route else ''})`, whole call tokens/s", get("generate_tokens_per_s"),
-        ".1f")
-    lines.append("| ... as a share of the fast loop's whole call | " + " | ".join(
-        _num(p.generate_tokens_per_s / p.call_tokens_per_s, ".0%") if p is not None else "—" for p in point) + " |")
-    if result.settings.get("routes"):
-        row(f"plain `model.generate` (greedy, {result.settings.get('route_tokens')} new tokens), tokens/s per sequence",
-            [c.model_generate_tokens_per_s for c in configs], ".1f")
-    if d.hf_static:
-        lines.append("| transformers' recipe: `generate(cache_implementation=\"static\")`, forward compiled "
-                     f"`mode=\"reduce-overhead\"` | {d.hf_static} |" + " — |" * (len(configs) - 1))
-    row("GPU memory after `sparsify`, GiB (no KV cache)", [c.memory_gib for c in configs], ".2f", "memory")
-    n = result.settings.get("prefill_len", 0)
-    if n:
-        positions = result.settings.get("positions", "decode")
-        row(f"forward of a {n}-token prompt, ms (positions=\"{positions}\")", [c.prefill_ms for c in configs], ".1f",
-            "time")
-        if positions == "decode":
-            lines.append("| same, positions=\"all\" (every prompt token sparse) | — | " + " | ".join(
-                f"{d.prefill_ms / c.prefill_all_ms:.2f}× of dense speed ({c.prefill_all_ms:.1f} ms)"
-                if c.prefill_all_ms == c.prefill_all_ms and d.prefill_ms == d.prefill_ms else "—"
-                for c in configs[1:]) + " |")
-    return "\n".join(line for line in lines if line) + "\n"
-
-
-def bench_markdown(result: BenchResult, title: str = "") -> str:
-    """The batch table, then the routes / memory / prefill table (last), then what the time limit left out."""
-    parts = [speed_markdown(result.points, title)]
-    routes = routes_markdown(result, f"routes, memory and prefill at batch {result.settings.get('batches', [1])[0]}")
-    if routes:
-        parts.append(routes)
-    if result.skipped:
-        limit = result.settings.get("max_seconds")
-        parts.append(f"Left out (time limit{'' if limit is None else f' {limit:.0f}s after model loading'}): "
-                     + "; ".join(result.skipped) + "\n")
-    return "\n".join(parts)

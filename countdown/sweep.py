@@ -15,8 +15,8 @@ from torch import nn
 
 from .api import calibrate_methods, sparsify, unsparsify
 from .evaluate import perplexity
-from .ffn import check_protocol, protocol_label
 from .methods import check_sparsity, get_method
+from .spec import check_protocol, protocol_label
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Point:
     n_tokens: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)  # e.g. downstream task accuracies
-    # the evaluation protocol (see `countdown.ffn.SparsitySpec`)
+    # the evaluation protocol (see `countdown.spec.SparsitySpec`)
     positions: str = "all"  # which positions were sparse: "all" or "decode" (context dense)
     count_rule: str = "floor"
     ties: str = "exact"

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
+
+from .hub import unreachable_reason as hub_unreachable_reason
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_PREFIX = "countdown_"
@@ -109,6 +108,10 @@ def task_datasets(tasks: list[str]) -> dict[str, list[str]]:
     if not others:
         return {}
     index = _task_manager(True).task_index
+    unknown = [t for t in others if t not in index]
+    if unknown:
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown))}: neither one of countdown's offline tasks "
+                         f"(`countdown tasks`), '{PAPER_ALIAS}', nor an lm-eval task, group or tag")
     out: dict[str, list[str]] = {}
 
     def visit(name: str, depth: int) -> None:
@@ -149,23 +152,6 @@ def _in_local_cache(dataset: str) -> bool:
     except ImportError:
         pass
     return any(p.is_dir() and any(p.iterdir()) for p in candidates)
-
-
-@functools.lru_cache(maxsize=1)
-def hub_unreachable_reason() -> str | None:
-    """None if the Hugging Face Hub accepts a TCP connection within 3 s, else why not (asked once)."""
-    from huggingface_hub import constants
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=3).close()
-    except OSError as e:
-        return f"{constants.ENDPOINT} cannot be reached: {e}"
-    return None
 
 
 def check_task_data(tasks: list[str]) -> None:

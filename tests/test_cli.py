@@ -76,3 +76,107 @@ def test_bad_cli_input_is_a_clear_error(checkpoint, args, words):
     r = invoke(*args[:1], "--model", checkpoint, *args[1:], "--eval-tokens", "128", "--context", "64", "--device", "cpu")
     assert r.exit_code == 2, r.output
     assert words in r.output and "Traceback" not in r.output
+
+
+# -- refused before anything loads -----------------------------------------------------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test; the Hub's offline state is restored afterwards (the model-name
+    check puts the process offline where the Hub cannot be reached)."""
+    from huggingface_hub import constants
+
+    from countdown import hub, loading
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading, "load", loaded)
+    monkeypatch.setattr(loading, "random_model", loaded)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    hub.unreachable_reason.cache_clear()
+    yield
+    hub.unreachable_reason.cache_clear()
+
+
+OUT = ["-o", "unused.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["eval", "--method", "catz"], "unknown method 'catz'"),
+        (["eval", "--method", "cats", "--sparsity", "1.5"], "[0, 1)"),
+        (["eval", "--model", "nonexistent-model"], "is not a built-in model (smollm2"),
+        (["eval", "--model", "no owner/no name"], "nor a Hugging Face Hub id"),
+        (["eval", "--model", "./no/such/folder"], "model folder not found"),
+        (["eval", "--model", "missing.gguf"], "GGUF file not found"),
+        (["eval", "--model", "random:no-such-shape"], "unknown random model shape"),
+        (["eval", "--text", "no-such-corpus-or-file"], "neither a known corpus"),
+        (["eval", "--sparsity-file", "missing.safetensors"], "no sparsity artifact"),
+        (["eval", "--sparsity-file", "a.safetensors", "--method", "cats"], "not both"),
+        (["eval", "--method", "cats", "--positions", "middle"], "--positions must be one of"),
+        (["eval", "--stride", "0"], "--stride must be at least 1"),
+        (["eval", "--context", "64", "--stride", "65"], "--stride must be at most --context"),
+        (["eval", "--eval-tokens", "1"], "--eval-tokens must be at least 2"),
+        (["eval", "--method", "d-countdown"], "needs --predictors"),
+        (["eval", "--method", "d-countdown", "--predictors", "missing.safetensors"], "--predictors: no such file"),
+        (["eval", "--device", "nonsense"], "unknown device 'nonsense'"),
+        (["eval", "--dtype", "float8"], "unknown dtype 'float8'"),
+        (["run", "--methods", ""], "--methods is empty"),
+        (["run", "--methods", "cats,catz"], "unknown method 'catz'"),
+        (["run", "--sparsities", "0.5,x"], "could not parse"),
+        (["run", "--sparsities", "1.0"], "[0, 1)"),
+        (["run", "--mode", "fuzzy"], "unknown --mode 'fuzzy'"),
+        (["run", "--positions", "middle"], "positions must be one of"),
+        (["run", "--count-rule", "ceil"], "count_rule must be one of"),
+        (["run", "--ties", "loose"], "ties must be one of"),
+        (["run", "--threshold-adjust", "nan"], "finite number"),
+        (["run", "--attention", "1.5"], "--attention: sparsity must be in [0, 1)"),
+        (["run", "--calib-windows", "0"], "--calib-windows must be at least 1"),
+        (["run", "--context", "1"], "--context must be at least 2"),
+        (["sweep", "--threshold-rule", "median"], "threshold_rule must be one of"),
+        (["sweep", "--task-limit", "0"], "--task-limit must be at least 1"),
+        (["sweep", "--task-batch-size", "0"], "--task-batch-size must be at least 1"),
+        (["calibrate", "--method", "catz", *OUT], "unknown method 'catz'"),
+        (["calibrate", "--sparsity", "-0.1", *OUT], "[0, 1)"),
+        (["calibrate", "--method", "d-countdown", *OUT], "needs --predictors"),
+        (["calibrate", "--threshold-rule", "median", *OUT], "threshold_rule must be one of"),
+        (["calibrate", "--method", "cats", "--threshold-rule", "zero", *OUT], "method 'cats' has no predictor"),
+        (["eval", "--method", "chess"], "run `countdown calibrate --method chess`"),
+        (["calibrate", "--model", "nonexistent-model", *OUT], "is not a built-in model (smollm2"),
+        (["bench", "--methods", "catz"], "unknown method 'catz'"),
+        (["bench", "--sparsities", "2"], "[0, 1)"),
+        (["bench", "--max-seconds", "-1"], "--max-seconds must be at least 0"),
+        (["bench", "--text", "no-such-corpus-or-file"], "neither a known corpus"),
+        (["bench", "--model", "random:no-such-shape"], "unknown random model shape"),
+        (["train-predictors", "--recipe", "mine", *OUT], "unknown predictor recipe 'mine'"),
+        (["train-predictors", "--predictor", "dense", *OUT], "unknown predictor kind 'dense'"),
+        (["train-predictors", "--rank", "-3", *OUT], "--rank must be 'auto' or a whole number"),
+        (["train-predictors", "--sparsity", "1", *OUT], "[0, 1)"),
+        (["train-predictors", "--calib-windows", "1", *OUT], "--calib-windows must be at least 2"),
+    ],
+)
+def test_refused_before_any_model_loads(no_model_load, args, words):
+    r = invoke(*args, "--device", "cpu") if "--device" not in args else invoke(*args)
+    assert r.exit_code == 2, (r.output, r.exception)  # a load would have raised AssertionError: exit code 1
+    assert words in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+def test_unknown_model_names_the_builtins_and_why_the_hub_cannot_help(no_model_load):
+    r = invoke("eval", "--model", "nonexistent-model", "--device", "cpu")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and text.count("error:") == 1
+    for name in ("smollm2", "qwen2.5-coder-0.5b", "gemma3-270m"):
+        assert name in text
+    from countdown import hub
+
+    if hub.unreachable_reason(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) is None:
+        assert "the Hugging Face Hub has no model of that name" in text
+    else:  # no retries: the process went offline, so nothing later asks the Hub again
+        assert "Hugging Face Hub is offline" in text
+        import os
+
+        from huggingface_hub import constants
+
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE

@@ -12,6 +12,7 @@ import countdown
 from countdown import artifact, ffn
 from countdown.calibrate import Calibration, ScoreRecorder, per_forward_kth, site_threshold
 from countdown.methods import keep_count
+from countdown.spec import topk_mask
 from tiny_models import INTER, tiny_model, tokens
 
 
@@ -39,17 +40,17 @@ def test_topk_mode_drops_floor_count_per_token_end_to_end():
 def test_strict_ties_drop_every_score_equal_to_the_kth():
     score = torch.tensor([[1.0, 2.0, 2.0, 2.0, 3.0, 4.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
     # k = int(6 * 0.5) = 3 dropped; the 3rd smallest of row 0 is 2, tied three times
-    strict = ffn.topk_mask(score, 0.5, ties="strict")
+    strict = topk_mask(score, 0.5, ties="strict")
     assert strict.tolist() == [[0, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]]
-    exact = ffn.topk_mask(score, 0.5, ties="exact")
+    exact = topk_mask(score, 0.5, ties="exact")
     assert exact.sum(-1).tolist() == [3, 3] and exact[0, 4:].tolist() == [1, 1]
-    assert ffn.topk_mask(score, 0.0, ties="strict").eq(1).all()  # nothing dropped at sparsity 0
+    assert topk_mask(score, 0.0, ties="strict").eq(1).all()  # nothing dropped at sparsity 0
 
 
 def test_strict_ties_keep_fewer_than_nominal_in_bf16():
     g = torch.Generator().manual_seed(0)
     score = (torch.randn(64, 1000, generator=g) * 0.05).abs().to(torch.bfloat16)  # few distinct bf16 values
-    strict, exact = ffn.topk_mask(score, 0.7, ties="strict"), ffn.topk_mask(score, 0.7, ties="exact")
+    strict, exact = topk_mask(score, 0.7, ties="strict"), topk_mask(score, 0.7, ties="exact")
     nominal = keep_count(1000, 0.7)
     assert (exact.sum(-1) == nominal).all()
     assert (strict.sum(-1) <= nominal).all() and (strict.sum(-1) < nominal).any()
@@ -134,6 +135,35 @@ def test_bad_protocol_options_are_named(bad):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=next(iter(bad))):
         countdown.sparsify(model, "cats", 0.5, mode="topk", **bad)
+    assert not countdown.is_sparsified(model)
+
+
+def test_protocol_is_one_object_and_keywords_still_work():
+    official = countdown.OFFICIAL_PROTOCOL
+    assert isinstance(official, countdown.Protocol) and official == dict(official) and hash(official) == hash(
+        countdown.Protocol(**official))
+    as_object = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk",
+                                                           protocol=official))
+    as_keywords = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk",
+                                                             **official))
+    assert as_object == as_keywords and as_object.ties == "strict" and as_object.threshold_rule == "mean-kth"
+    # a keyword overrides the object's option, the others stay; a plain dict serves as a protocol too
+    mixed = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk",
+                                                       protocol=dict(official), ties="exact"))
+    assert (mixed.ties, mixed.count_rule, mixed.positions, mixed.threshold_rule) == ("exact", "floor", "decode",
+                                                                                     "mean-kth")
+    default = countdown.sparsity_spec(countdown.sparsify(tiny_model("llama"), "cats", 0.5, mode="topk"))
+    assert (default.positions, default.ties, default.threshold_rule) == ("decode", "exact", "pooled")
+
+
+def test_protocol_refuses_bad_options_when_made():
+    with pytest.raises(ValueError, match="ties must be one of"):
+        countdown.Protocol(ties="loose")
+    with pytest.raises(TypeError, match="the protocol options are positions, count_rule"):
+        countdown.OFFICIAL_PROTOCOL.replace(tie="exact")
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="unknown protocol option 'tie'"):
+        countdown.sparsify(model, "cats", 0.5, mode="topk", tie="exact")
     assert not countdown.is_sparsified(model)
 
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from countdown.cli import app
 from countdown.loading import RANDOM_SHAPES
 from countdown.predictor import random_predictors
-from countdown.speed import BenchResult, bench_markdown, measure_bench, parse_batches, routes_markdown
+from countdown.report import bench_markdown, routes_markdown
+from countdown.speed import BenchPlan, BenchResult, measure_bench, parse_batches
 from tiny_models import tiny_model, tokens
 
 runner = CliRunner()
@@ -138,3 +139,14 @@ def test_fused_qkv_bench_leaves_the_model_as_it_found_it():
     assert [p.method for p in result.points] == ["dense", "m-countdown"] and result.settings["fuse_qkv"]
     assert any("fused in 2 layers" in line for line in logs)
     assert not any(a.__dict__.get("_qkv_dense", False) for a in fused_attention_modules(model))
+
+
+def test_bench_plan_is_checked_and_fitted_to_the_model():
+    plan = BenchPlan(("m-countdown",), (0.5, 0.7), (2, 1, 2), compile_batches=(1,), prefill_len=4096)
+    assert plan.batches == (2, 1) and plan.configs == [("dense", 0.0), ("m-countdown", 0.5), ("m-countdown", 0.7)]
+    assert plan.for_model(tiny_model("llama")).prefill_len == tiny_model("llama").config.max_position_embeddings
+    assert plan.settings()["batches"] == [2, 1] and plan.settings()["compile_batches"] == [1]
+    with pytest.raises(ValueError, match="must be among the batch sizes"):
+        BenchPlan(("cats",), (0.5,), (1,), compile_batches=(4,))
+    with pytest.raises(ValueError, match="new_tokens >= 2"):
+        BenchPlan(("cats",), (0.5,), (1,), new_tokens=1)
