@@ -31,6 +31,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers as tf  # noqa: E402
+from _common import log as common_log  # noqa: E402
 
 import countdown  # noqa: E402
 from countdown import parallel  # noqa: E402
@@ -51,8 +52,8 @@ CONFIGS = [("dense", None, 0.0), ("m-countdown", "m-countdown", 0.7), ("m-countd
 
 
 def log(*args) -> None:
-    if parallel.is_writer():
-        print(*args, flush=True)
+    if parallel.is_writer():  # one rank prints
+        common_log(*args)
 
 
 def build(shape: str, tp: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CPU runs behind docs/STUDY.md (issue 12), in priority order. Every sweep resumes where its folder's
 # results.jsonl stops, so the script can be stopped and started again (a finished point is never re-run).
-#   bash bench/study_grid.sh            # runs/study/<model>/<mode>-<positions>/ and runs/study-tasks/<model>/
-#   PYTHONPATH=. python bench/study_tables.py runs/study    # the tables of docs/STUDY.md
+#   bash scripts/study/study_grid.sh            # runs/study/<model>/<mode>-<positions>/ and runs/study-tasks/<model>/
+#   PYTHONPATH=. python scripts/study/study_tables.py runs/study    # the tables of docs/STUDY.md
 # Protocol everywhere: the official COUNTDOWN one (int(D·s) dropped, strict ties, mean-of-k-th thresholds),
 # 8 x 512 calibration tokens, 2048 evaluation tokens (1024 on Qwen2.5-Coder-1.5B, ~1 min a point).
 set -uo pipefail

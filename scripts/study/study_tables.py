@@ -1,8 +1,8 @@
 """The tables of docs/STUDY.md from the study's sweep folders (issue 12).
 
-    PYTHONPATH=. python bench/study_tables.py runs/study        # Markdown to stdout, plots to docs/study/
-    PYTHONPATH=. python bench/study_tables.py runs/study --tasks runs/study-tasks   # + task accuracy
-    PYTHONPATH=. python bench/study_tables.py runs/study --tasks runs/study-tasks --write docs/STUDY.md
+    PYTHONPATH=. python scripts/study/study_tables.py runs/study        # Markdown to stdout, plots to docs/study/
+    PYTHONPATH=. python scripts/study/study_tables.py runs/study --tasks runs/study-tasks   # + task accuracy
+    PYTHONPATH=. python scripts/study/study_tables.py runs/study --tasks runs/study-tasks --write docs/STUDY.md
 
 ``--write`` replaces what lies between the ``<!-- study_tables:begin -->`` and ``<!-- study_tables:end -->``
 lines of that file, so the prose around the tables stays where it is.

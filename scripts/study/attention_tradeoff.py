@@ -1,12 +1,12 @@
 """Speed-up against quality loss for every FFN + attention-input combination (issue 13's plot).
 
-    PYTHONPATH=. python bench/attention_tradeoff.py bench/results/attention-quality-*-cpu-*.json \
+    PYTHONPATH=. python scripts/study/attention_tradeoff.py bench/results/attention-quality-*-cpu-*.json \
         --speed bench/results/instance-spread-tradeoff-run1-h100-2026-12-07.json \
         --speed bench/results/instance-spread-tradeoff-run2-h100-2026-12-07.json --plot docs/attention_tradeoff.png
-    (--speed also takes bench/fused_qkv.py's and bench/instance_spread.py's JSON, each configuration against
-    the best dense of its own run; give --speed once per file)
+    (--speed takes bench/ab.py's JSON, and the older instance_spread JSON in bench/results, each configuration
+    against the best dense of its own run; give --speed once per file)
 
-Quality: `bench/attention_quality.py` on real models (Δppl against dense, every position sparse).
+Quality: `scripts/study/attention_quality.py` on real models (Δppl against dense, every position sparse).
 Speed: the byte ceiling of each combination on the Llama-3-8B shape (bf16, batch 1, 128 prompt + 128
 mean decoded positions of KV cache), with the real model's measured sparsities put on that shape:
 dense bytes per token ÷ this combination's. Where a speed run measured the same
@@ -45,15 +45,16 @@ def ffn_fraction(row: dict) -> float:
     return get_method(row["method"]).ffn_bytes_read("gated", skipped)
 
 
-def instance_spread_speedups(data: dict) -> dict[tuple, float]:
-    """bench/instance_spread.py: median tok/s of each configuration's calls over the best dense median of the
-    run (configs ``dense[+extras]`` or ``method:s[:attention][+extras]``; extras other than the defaults'
-    are left out)."""
+def speedups(data: dict) -> dict[tuple, float]:
+    """(method, FFN target, attention target) -> measured speed-up: the median tok/s of each configuration's
+    calls over the best dense median of the same run. Takes bench/ab.py's JSON (the ``default`` option set
+    only) and the older bench/instance_spread.py's (configs with extras other than the defaults' left out)."""
     from statistics import median
 
     by_config: dict[str, list[float]] = {}
     for call in data["calls"]:
-        by_config.setdefault(call["config"], []).append(call["tokens_per_s"])
+        if call.get("options_name", "default") == "default":
+            by_config.setdefault(call["config"], []).append(call["tokens_per_s"])
     dense = max((median(v) for c, v in by_config.items() if c.split("+")[0] == "dense"), default=None)
     out = {}
     for config, tps in by_config.items():
@@ -63,25 +64,6 @@ def instance_spread_speedups(data: dict) -> dict[tuple, float]:
         method, *rest = spec.split(":")
         key = (method, round(float(rest[0]), 2), round(float(rest[1]) if len(rest) > 1 else 0.0, 2))
         out[key] = median(tps) / dense
-    return out
-
-
-def speedups(data: dict) -> dict[tuple, float]:
-    """(method, FFN target, attention target) -> measured speed-up against the run's best dense."""
-    if "calls" in data:
-        return instance_spread_speedups(data)
-    out = {}
-    if "points" in data:  # bench/fused_qkv.py: config names, speed-up against the run's best dense
-        from fused_qkv import CONFIGS
-
-        for p in data["points"]:
-            method, target, attention = CONFIGS[p["config"]][:3]
-            key = (method, round(target, 2), round(attention or 0.0, 2))
-            if method != "dense" and p.get("vs_best_dense"):
-                out[key] = max(out.get(key, 0.0), p["vs_best_dense"])
-    else:  # bench/attention_speed.py
-        for r in data["rows"]:
-            out[(r["method"], round(r["target"], 2), round(r["attention"] or 0.0, 2))] = r["speedup"]
     return out
 
 

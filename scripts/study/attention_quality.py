@@ -1,7 +1,7 @@
 """Quality of attention-projection input sparsity on a real model (issue 13), CPU is fine.
 
-    PYTHONPATH=. python bench/attention_quality.py                 # SmolLM2, float32
-    PYTHONPATH=. python bench/attention_quality.py --model qwen2.5-coder-0.5b
+    PYTHONPATH=. python scripts/study/attention_quality.py                 # SmolLM2, float32
+    PYTHONPATH=. python scripts/study/attention_quality.py --model qwen2.5-coder-0.5b
 
 Perplexity (strict protocol: every position sparse, pooled thresholds calibrated on the calibration
 text) for attention inputs 0/25/40/50% combined with M-COUNTDOWN 50/70%, and TEAL model-wide

@@ -1,8 +1,8 @@
 """D-COUNTDOWN practical predictors on a real model: our recipe beside the official one, low-rank and
 ternary "bitlinear", at a few target sparsities.
 
-    PYTHONPATH=. python bench/predictor_recipes.py                    # SmolLM2, CPU, 50/70%, 3 configs
-    PYTHONPATH=. python bench/predictor_recipes.py --epochs 3 --configs official:bitlinear --sparsities 0.7
+    PYTHONPATH=. python scripts/study/predictor_recipes.py                    # SmolLM2, CPU, 50/70%, 3 configs
+    PYTHONPATH=. python scripts/study/predictor_recipes.py --epochs 3 --configs official:bitlinear --sparsities 0.7
 
 Per (sparsity, recipe, predictor): training wall time (the (x, |t|) collection pass, shared by all, is
 timed apart), held-out recall of the true top-(1 − s) neurons by |t| on evaluation text

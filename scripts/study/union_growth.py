@@ -1,7 +1,7 @@
 """How the union of kept FFN neurons grows with the decode batch, on a real model's activations.
 
-    PYTHONPATH=. python bench/union_growth.py                       # SmolLM2, CPU, M-COUNTDOWN 70/90%, D-COUNTDOWN 90%
-    PYTHONPATH=. python bench/union_growth.py --model qwen2.5-coder-0.5b --windows 32
+    PYTHONPATH=. python scripts/study/union_growth.py                       # SmolLM2, CPU, M-COUNTDOWN 70/90%, D-COUNTDOWN 90%
+    PYTHONPATH=. python scripts/study/union_growth.py --model qwen2.5-coder-0.5b --windows 32
 
 Thresholds are calibrated on the calibration text; the masks are recorded on 16+ evaluation windows
 (one sequence each) and grouped B sequences at a time at the same position, as a decode batch holds
