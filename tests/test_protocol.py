@@ -206,9 +206,9 @@ def _requests(vocab: int, n: int = 6, seed: int = 3):
 
 
 def _loglikelihoods(model, tokenizer, requests, batch_size=4):
-    from countdown.tasks import _lm_class
+    from countdown.lm_eval_model import CountdownLM
 
-    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = CountdownLM(model, tokenizer=tokenizer, batch_size=batch_size)
     return [ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
 
 
