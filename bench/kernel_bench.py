@@ -153,7 +153,6 @@ def bench_gemv(config, batches: list[int], sparsities: list[float], copies: int,
                 floor_us = kept * k * n * ws[0].element_size() / bandwidth * 1e6
                 rows.append(dict(shape=f"{shape} {k}→{n}", batch=batch, s=s, us=us, dense_us=dense, floor_us=floor_us,
                                  pct_floor=floor_us / us, rel_err=err, ok=err < 1e-2))
-        del ws, ws_t
     return rows
 
 

@@ -5,6 +5,8 @@
     countdown.sparsify(model, "m-countdown", 0.7, calibration=texts, tokenizer=tok)
     countdown.perplexity(model, token_ids)
     countdown.save_sparsity(model, "smollm2-mcd70.safetensors")
+    model.save_pretrained("smollm2-mcd70")  # weights + the sparsity beside them
+    model = countdown.from_pretrained("smollm2-mcd70")  # sparse again (plain transformers: the dense model)
 
     countdown.generate(model, input_ids, attention_mask, max_new_tokens=256)  # CUDA-graph decode loop
     predictors = countdown.train_predictors(model, 0.7, calibration=texts, tokenizer=tok)
@@ -15,6 +17,7 @@ from .api import (
     AlreadySparsifiedError,
     calibrate,
     calibrate_methods,
+    from_pretrained,
     load_sparsity,
     save_sparsity,
     set_kernels,
@@ -52,6 +55,7 @@ __all__ = [
     "calibrate_methods",
     "ffn_sites",
     "fingerprint",
+    "from_pretrained",
     "fuse_qkv",
     "generate",
     "get_method",

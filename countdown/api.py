@@ -222,6 +222,8 @@ def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: Spars
     layers = parallel.local_layers(layers, shards, parallel.PREDICTOR_ROWS)
     stats = parallel.local_layers(stats, shards, None)
     ffn.install(model, sites, method, rules, layers, spec, stats)
+    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = _SavePretrainedWithSparsity(model)
 
 
 def _predictor_layers(predictors: PredictorInput | None, sites: list[FFNSite],
@@ -243,6 +245,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
     """Restore the model's original FFN modules and dense attention projections."""
     ffn.remove(model)
     attention_mod.remove(model)
+    if isinstance(vars(model).get("save_pretrained"), _SavePretrainedWithSparsity):
+        del model.save_pretrained
     return model
 
 
@@ -274,7 +278,12 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str | KernelPolicy = "auto") -> nn.Module:
-    """Sparsify ``model`` exactly as the artifact at ``path`` says; refuses artifacts of other models."""
+    """Sparsify ``model`` exactly as the artifact at ``path`` says; refuses artifacts of other models.
+
+    ``path``: an artifact file, or a checkpoint folder written by ``save_pretrained`` on a sparsified
+    model (its config names the artifact beside the weights)."""
+    if Path(path).is_dir():
+        path = saved_artifact(path)
     meta, tensors = artifact.read(path)
     sites = ffn_sites(model)
     artifact.check_fingerprint(meta["fingerprint"], fingerprint(model), f"sparsity artifact ({path})")
@@ -301,3 +310,68 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str | KernelPo
         attention_mod.install(model, spec, tensors["attention_thresholds"])
     set_kernels(model, kernels)
     return model
+
+
+# -- transformers' save_pretrained / from_pretrained ----------------------------------------------
+
+SAVED_ARTIFACT = "countdown_sparsity.safetensors"  # written beside the weights by save_pretrained
+CONFIG_KEY = "countdown_sparsity"  # config.json entry naming it; plain transformers ignores it
+
+
+class _SavePretrainedWithSparsity:
+    """``model.save_pretrained`` of a sparsified model: transformers' own save (weights, config: the
+    dense model, state_dict keys unchanged), plus the sparsity artifact beside the weights, named in
+    config.json under ``countdown_sparsity``. `from_pretrained` / `load_sparsity(model, folder)` read it back;
+    plain ``AutoModelForCausalLM.from_pretrained`` loads the dense model (an unknown config key is kept, unused)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory: str | Path, *args, **kwargs):
+        model = self.model
+        spec = ffn.sparsity_spec(model)
+        if spec is None:  # unsparsified behind our back: a dense save
+            return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        setattr(model.config, CONFIG_KEY, {"file": SAVED_ARTIFACT, "method": spec.method, "sparsity": spec.sparsity,
+                                           "mode": spec.mode, "protocol": spec.protocol})
+        try:
+            out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        finally:
+            delattr(model.config, CONFIG_KEY)  # the in-memory config stays the dense model's
+        if kwargs.get("is_main_process", True):
+            save_sparsity(model, Path(save_directory) / SAVED_ARTIFACT)
+        return out
+
+
+def saved_artifact(folder: str | Path) -> Path:
+    """The sparsity artifact of a checkpoint folder saved from a sparsified model (see `from_pretrained`)."""
+    import json
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    entry = json.loads(config.read_text()).get(CONFIG_KEY) if config.is_file() else None
+    if not isinstance(entry, dict) or not entry.get("file"):
+        raise ValueError(f"{folder} holds no countdown sparsity: its config.json has no {CONFIG_KEY!r} entry "
+                         "(save_pretrained of a sparsified model writes one); pass the artifact file instead")
+    return folder / entry["file"]
+
+
+def has_saved_sparsity(folder: str | Path) -> bool:
+    """Whether ``folder`` is a checkpoint saved from a sparsified model."""
+    try:
+        return saved_artifact(folder).is_file()
+    except (ValueError, OSError):
+        return False
+
+
+def from_pretrained(folder: str | Path, *, kernels: str = "auto", **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(folder, **kwargs)``, sparsified again as it was saved (if it
+    was saved from a sparsified model: ``model.save_pretrained(folder)``); otherwise the dense model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if CONFIG_KEY in vars(model.config):  # the artifact is ours to apply, not a config attribute
+        delattr(model.config, CONFIG_KEY)
+    if has_saved_sparsity(folder):
+        load_sparsity(model, folder, kernels=kernels)
+    return model.eval()

@@ -655,10 +655,15 @@ def eval_cmd(
     context: int = ContextOpt,
     stride: Optional[int] = typer.Option(None, help="Sliding-window stride (default: --context, or half of it with positions=decode)."),
     predictors: Optional[Path] = typer.Option(None, help="With --method d-countdown: the predictor artifact."),
+    tasks: str = typer.Option("", help="Comma-separated lm-eval tasks (see `countdown tasks`) to evaluate instead of "
+                              "perplexity, through the lm-eval model 'countdown' (countdown.lm_eval_model)."),
+    task_limit: Optional[int] = typer.Option(None, help="With --tasks: examples per task (default: all)."),
+    task_batch_size: int = typer.Option(8, help="With --tasks: batch size of lm-eval's log-likelihood requests."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
-    """Perplexity of a dense or sparsified model, with the measured sparsity per layer."""
+    """Perplexity of a dense or sparsified model, with the measured sparsity per layer (or, with
+    --tasks, its zero-shot task accuracy)."""
     from .api import load_sparsity, sparsify
     from .data import document_prefix
     from .evaluate import perplexity
@@ -677,17 +682,25 @@ def eval_cmd(
     _at_least(("--eval-tokens", eval_tokens, 2), ("--context", context, 2), ("--stride", stride, 1))
     if stride is not None and stride > context:
         raise ValueError(f"--stride must be at most --context ({context}), got {stride}")
-    if sparsity_file is not None and not Path(sparsity_file).is_file():
-        raise FileNotFoundError(f"no sparsity artifact at {sparsity_file}")
+    if sparsity_file is not None and not Path(sparsity_file).exists():
+        raise FileNotFoundError(f"no sparsity artifact (file, or a folder saved by save_pretrained) at {sparsity_file}")
     _existing_file(predictors, "--predictors")
     _needs_predictors(method, predictors)
     _check_model_and_place(model, device, dtype)
+    task_list = _csv(tasks)
+    if task_list:
+        from .tasks import check_task_data
+
+        check_task_data(task_list)  # before loading: offline, say which data is missing
     m, tok = _load(model, device, dtype)
-    ids = _stream(tok, _text(text, "evaluation"), eval_tokens, context)
     if sparsity_file is not None:
         load_sparsity(m, sparsity_file)
     elif method is not None and method != "dense":
         sparsify(m, method, sparsity, mode="topk", positions=positions, predictors=_predictors(m, predictors))
+    if task_list:
+        _eval_tasks(m, tok, model, task_list, task_limit, task_batch_size)
+        return
+    ids = _stream(tok, _text(text, "evaluation"), eval_tokens, context)
     spec = sparsity_spec(m)
     protocol = spec.positions if spec is not None else positions
     r = perplexity(m, ids, context=context, stride=stride, positions=protocol, prefix=document_prefix(tok))
@@ -706,6 +719,24 @@ def eval_cmd(
                   f"{r.ppl:.4f}", f"{dense.ppl:.4f}", f"{r.ppl - dense.ppl:+.4f}", f"{r.ffn_bytes_read:.0%}")
     if r.layer_sparsity:
         console.print("measured sparsity per layer: " + " ".join(f"{s:.2f}" for s in r.layer_sparsity))
+    console.print(table)
+
+
+def _eval_tasks(m, tok, model: str, task_list: list[str], limit: Optional[int], batch_size: int) -> None:
+    """`countdown eval --tasks`: the model as loaded (and sparsified) through the lm-eval model 'countdown'."""
+    from .ffn import sparsity_spec
+    from .tasks import evaluate_tasks
+
+    spec = sparsity_spec(m)
+    results = evaluate_tasks(m, tok, task_list, limit=limit, batch_size=batch_size)
+    what = f"{spec.method} {spec.sparsity:.0%} ({spec.protocol})" if spec else "dense"
+    table = Table(title=f"{model}, {what}: zero-shot accuracy (lm-evaluation-harness)")
+    for col in ("task", "n", "acc", "acc_norm", "measured sparsity", "scored by dense positions"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['n']:.0f}", f"{r.get('acc', float('nan')):.4f}", f"{r.get('acc_norm', float('nan')):.4f}",
+                      f"{r['sparsity']:.1%}" if "sparsity" in r else "—",
+                      f"{r['dense_scored']:.1%}" if "dense_scored" in r else "—")
     console.print(table)
 
 

@@ -126,16 +126,24 @@ def perplexity(
     return result
 
 
-def _attach_sparsity(result: PerplexityResult, modules: list, meters: list[ffn.SparsityMeter]) -> None:
+def measured_sparsity(modules: list, meters: list[ffn.SparsityMeter]) -> dict:
+    """What ``meters`` (one per sparse FFN of ``modules``) counted: ``sparsity`` (the skipped fraction at
+    the method's reported site, "coef" for most methods; 0 if it has none), ``layer_sparsity`` (per
+    layer), ``site_sparsity`` (per site, layer-averaged) and ``ffn_bytes_read`` (the fraction of FFN
+    weight bytes a kernel reads at these sparsities)."""
     sites = modules[0].spec.sites
     per_layer = [meter.measured(sites) for meter in meters]
-    result.site_sparsity = {s: sum(layer[s] for layer in per_layer) / len(per_layer) for s in sites}
+    site_sparsity = {s: sum(layer[s] for layer in per_layer) / len(per_layer) for s in sites}
     reported = modules[0].method.reported_site  # "coef" (the down input) for most methods
     if reported in sites:
-        result.layer_sparsity = [layer[reported] for layer in per_layer]
-        result.sparsity = result.site_sparsity[reported]
+        layer_sparsity, sparsity = [layer[reported] for layer in per_layer], site_sparsity[reported]
     else:
-        result.layer_sparsity = [0.0] * len(per_layer)
-        result.sparsity = 0.0
+        layer_sparsity, sparsity = [0.0] * len(per_layer), 0.0
     read = [m.method.ffn_bytes_read(m.kind, layer) for m, layer in zip(modules, per_layer)]
-    result.ffn_bytes_read = sum(read) / len(read)
+    return {"sparsity": sparsity, "layer_sparsity": layer_sparsity, "site_sparsity": site_sparsity,
+            "ffn_bytes_read": sum(read) / len(read)}
+
+
+def _attach_sparsity(result: PerplexityResult, modules: list, meters: list[ffn.SparsityMeter]) -> None:
+    for key, value in measured_sparsity(modules, meters).items():
+        setattr(result, key, value)

@@ -22,6 +22,8 @@ the same storage. `unsparsify` puts the original layout back.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,6 +32,87 @@ from .methods import Keep, Method
 from .models import FFNSite
 from .options import KernelPolicy
 from .spec import SparsitySpec, dense_positions, topk_mask
+
+
+class DenseForwardWarning(UserWarning):
+    """A multi-token forward of a positions="decode" model ran densely although it returns every position's logits."""
+
+
+_CACHE_ARGUMENTS = ("past_key_values", "cache")  # "cache" in transformers >= 5.25
+_LOGITS_ARGUMENTS = ("logits_to_keep", "num_logits_to_keep")
+
+
+class ScoringForwards:
+    """Tells a generation prefill from a scoring forward, for a model sparsified with positions="decode".
+
+    Forward hooks on the top-level model. A multi-token forward
+
+    * that asks for some positions' logits only (``logits_to_keep``: what ``model.generate``,
+      `countdown.generate` and `Decoder` prefill with) is a **prefill**: dense, as the policy says;
+    * that returns logits for every position and fills no KV cache (``model(ids)``, lm-eval's ``HFLM``,
+      a perplexity loop) is a **scoring forward**: every position runs sparse, as if the text had been
+      decoded token by token (``sparse_from = 0`` on every module with a position policy);
+    * that is given a KV cache *and* returns every position's logits stays a dense prefill, and warns
+      once (`DenseForwardWarning`): it may be a chunked scoring loop.
+
+    Forwards where an evaluation helper has set ``sparse_from`` / ``sparse_positions`` itself
+    (`countdown.perplexity`, `countdown.lm_eval_model.CountdownLM`) are left alone. Single-token forwards
+    (decode steps) return at once: one shape check, nothing else; `Decoder` calls ``model.forward``
+    directly, which runs no hooks at all, so captured or compiled steps never see this.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.warned = False
+        self._overridden: list[nn.Module] = []
+        self._handles = (model.register_forward_pre_hook(self._before, with_kwargs=True),
+                         model.register_forward_hook(self._after, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None or x.dim() < 2 or x.shape[1] <= 1:
+            return
+        policy = [m for m in self.model.modules() if hasattr(m, "sparse_from") and getattr(m, "spec", None) is not None
+                  and m.spec.positions == "decode"]
+        if any(m.sparse_from is not None or getattr(m, "sparse_positions", None) is not None for m in policy):
+            return  # an evaluation helper chose the dense and sparse positions of this forward
+        if any(_restricts(kwargs.get(name)) for name in _LOGITS_ARGUMENTS):
+            return  # a prefill
+        if any(kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):
+            if policy and not self.warned:
+                self.warned = True
+                warnings.warn(
+                    "countdown: a forward of several tokens with a KV cache ran DENSELY (positions='decode': a "
+                    "forward that fills a cache is a generation prefill). If it scores text, its logits are the "
+                    "dense model's. For sparse scores call the model without a cache (every position sparse), "
+                    "sparsify with positions='all', or use countdown.perplexity / the lm-eval model "
+                    "'countdown' (context dense, continuation sparse). This warning is shown once per model.",
+                    DenseForwardWarning, stacklevel=3)
+            return
+        for m in policy:
+            m.sparse_from = 0
+        self._overridden = policy
+
+    def _after(self, module: nn.Module, args: tuple, output) -> None:
+        if self._overridden:
+            for m in self._overridden:
+                m.sparse_from = None
+            self._overridden = []
+
+
+def _restricts(logits_to_keep) -> bool:
+    """Whether a ``logits_to_keep`` argument asks for fewer than every position's logits (0/None: all)."""
+    if logits_to_keep is None:
+        return False
+    if isinstance(logits_to_keep, torch.Tensor):
+        return True
+    return int(logits_to_keep) != 0
 
 
 class Masker(nn.Module):
@@ -479,10 +562,15 @@ def install(
         if ref is not None:
             module.to(ref.device)
         setattr(site.parent, site.name, module)
+    if spec is not None and spec.positions == "decode" and getattr(model, "_countdown_scoring", None) is None:
+        model._countdown_scoring = ScoringForwards(model)
 
 
 def remove(model: nn.Module) -> None:
     """Put the original FFN modules back, with W_down in its original layout; the model is dense."""
+    scoring = model.__dict__.pop("_countdown_scoring", None)
+    if scoring is not None:
+        scoring.remove()
     for module in sparse_modules(model):
         if isinstance(module, SparseActivation):
             module.remove_hook()

@@ -32,9 +32,12 @@ class SparsitySpec:
     The evaluation protocol (defaults: ours; `OFFICIAL_PROTOCOL`: the official code's):
 
     * ``positions``: "all" masks every token position of every forward (the strict evaluation);
-      "decode" runs multi-token forwards (prefill, the context of a log-likelihood request) densely
+      "decode" runs a generation prefill (a multi-token forward asking for the last logits only, as
+      ``model.generate`` and `countdown.generate` do; the context of a log-likelihood request) densely
       and masks single-token decode steps and the positions at or after ``sparse_from`` (or those
-      marked in ``sparse_positions``).
+      marked in ``sparse_positions``). A plain scoring forward (``model(ids)``: every position's
+      logits, no cache) masks every position, as decoding the text token by token would
+      (`countdown.ffn.ScoringForwards`).
     * ``count_rule`` (top-k and the k-th threshold rules): "floor" drops ``int(D*s)`` neurons per token
       (official), "round" drops ``round(D*s)`` (see `countdown.methods.keep_count`).
     * ``ties`` (top-k only): "exact" keeps exactly ``D - int(D*s)`` neurons (ties broken arbitrarily);
@@ -183,7 +186,10 @@ def topk_mask(score: torch.Tensor, sparsity: float, count_rule: str = "floor", t
 
 
 def dense_positions(spec: SparsitySpec | None, sparse_from: int | None, n_positions: int) -> int:
-    """How many leading positions of a forward of ``n_positions`` run densely under the position policy."""
+    """How many leading positions of a forward of ``n_positions`` run densely under the position policy.
+
+    A multi-token forward without ``sparse_from`` is a prefill here; `countdown.ffn.ScoringForwards` sets
+    ``sparse_from = 0`` for the forwards of a sparsified model that are not (see its docstring)."""
     if spec is None or spec.positions == "all":
         return 0
     if sparse_from is not None:

@@ -12,7 +12,8 @@ log-likelihood request runs its context densely and its continuation sparsely, a
 COUNTDOWN harness does (its ``sparse_out_mask[i, :len(context)] = False``): the first continuation
 token is predicted by the last context position, which is dense, and the later ones by sparse
 positions. Generative tasks (gsm8k) prefill densely and decode sparsely. Each task result of a sparse
-model says which fraction of its scored tokens came from a dense position (``dense_scored``).
+model says which fraction of its scored tokens came from a dense position (``dense_scored``). The
+lm-eval model doing this is `countdown.lm_eval_model.CountdownLM`, registered as ``model="countdown"``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import math
 import re
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .hub import unreachable_reason as hub_unreachable_reason
 
@@ -75,6 +74,13 @@ def _task_manager(include_defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+
+
+def task_manager(include_defaults: bool = False) -> Any:
+    """An lm-eval ``TaskManager`` that knows countdown's offline tasks (and lm-eval's own with
+    ``include_defaults``): pass it as ``lm_eval.simple_evaluate(..., task_manager=task_manager())``."""
+    _require_lm_eval()
+    return _task_manager(include_defaults)
 
 
 def _check_known(unknown: list[str], local: set[str]) -> None:
@@ -197,7 +203,9 @@ def evaluate_tasks(
     otherwise it is evaluated where it is.
 
     Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}}`` (a metric the
-    task does not report is NaN; ``n`` is the number of examples scored).
+    task does not report is NaN; ``n`` is the number of examples scored); for a sparse model also
+    ``dense_scored`` (fraction of the task's scored tokens predicted by a dense position) and
+    ``sparsity`` (the FFN sparsity measured over every request of the call).
     """
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
@@ -220,7 +228,9 @@ def evaluate_tasks(
         model.to(device)
     was_training = bool(getattr(model, "training", False))
     model.eval()  # restored below: dropout off while scoring
-    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from .lm_eval_model import CountdownLM
+
+    lm = CountdownLM(model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -244,6 +254,7 @@ def evaluate_tasks(
 
     n_samples = out.get("n-samples", {})
     sparse = lm.is_sparse()
+    measured = lm.sparsity_report().get("measured", {}).get("sparsity") if sparse else None
     results: dict[str, dict[str, float]] = {}
     for name, res in out["results"].items():
         if "acc,none" in res:
@@ -261,98 +272,7 @@ def evaluate_tasks(
         scored, dense = lm.scored_tokens.get(name, (0, 0))
         if sparse and scored:
             r["dense_scored"] = dense / scored
+        if measured is not None:
+            r["sparsity"] = measured  # FFN sparsity measured over every task of this call
         results[name] = r
     return results
-
-
-@functools.lru_cache(maxsize=1)
-def _lm_class() -> type:
-    """lm-eval's HFLM, taught the model's position policy (built on first use: lm-eval is optional)."""
-    from lm_eval.models.huggingface import HFLM
-
-    from . import ffn
-
-    class CountdownLM(HFLM):
-        """HFLM over an in-memory model whose sparse FFNs follow its ``positions`` policy in
-        log-likelihood requests; counts per task the scored tokens predicted by dense positions."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.scored_tokens: dict[str, tuple[int, int]] = {}  # task -> (scored, predicted densely)
-            self._n_dense: dict[tuple[int, ...], int] = {}  # request input tokens -> dense leading positions
-            self._request_tasks: list[str | None] = []
-
-        def is_sparse(self) -> bool:
-            return ffn.is_sparsified(self.model)
-
-        def _decode_protocol(self) -> bool:
-            spec = ffn.sparsity_spec(self.model)
-            return spec is not None and spec.positions == "decode"
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            self._request_tasks = [getattr(r, "task_name", None) for r in requests]
-            try:
-                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-            finally:
-                self._request_tasks = []
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            decode, sparse = self._decode_protocol(), self.is_sparse()
-            tasks = self._request_tasks if len(self._request_tasks) == len(requests) else [None] * len(requests)
-            self._n_dense = {}
-            for (_, context, continuation), task in zip(requests, tasks):
-                inp = (context + continuation)[-(self.max_length + 1):][:-1]  # as HFLM builds it
-                # the context's positions in ``inp``: the last of them predicts the first continuation token
-                n_dense = len(inp) - (len(continuation) - 1) if decode else 0
-                key = tuple(inp)
-                # requests with the same input share one forward (lm-eval's one-token cache): the
-                # representative has the longest continuation, i.e. the fewest dense positions
-                self._n_dense[key] = min(n_dense, self._n_dense.get(key, n_dense))
-                if task is not None:
-                    first_scored = len(inp) - len(continuation)  # the position predicting the first continuation token
-                    dense_scored = max(0, min(n_dense, len(inp)) - first_scored) if sparse else len(continuation)
-                    scored, dense = self.scored_tokens.get(task, (0, 0))
-                    self.scored_tokens[task] = (scored + len(continuation), dense + dense_scored)
-            try:
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            finally:
-                self._n_dense = {}
-
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            if attn_mask is not None or labels is not None or not self._n_dense or not self._decode_protocol():
-                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-            mask = self._sparse_positions(inps)
-            if mask is None:  # lm-eval's batch-size probe (rows of ones): no request, nothing to keep dense
-                return super()._model_call(inps)
-            modules = ffn.sparse_modules(self.model)
-            for m in modules:
-                m.sparse_positions = mask
-            try:
-                return super()._model_call(inps)
-            finally:
-                for m in modules:
-                    m.sparse_positions = None
-
-        def _sparse_positions(self, inps: torch.Tensor) -> torch.Tensor | None:
-            """[B, T] bool: each right-padded row's continuation positions (context and padding dense);
-            None if no row is a request's input."""
-            mask = torch.zeros(inps.shape, dtype=torch.bool)
-            matched = []
-            for b, row in enumerate(inps.tolist()):
-                length = len(row)
-                while length and row[length - 1] == 0:  # HFLM pads with 0; a real trailing 0 is tried below
-                    length -= 1
-                for n in range(length, len(row) + 1):
-                    n_dense = self._n_dense.get(tuple(row[:n]))
-                    if n_dense is not None:
-                        mask[b, n_dense:n] = True
-                        break
-                matched.append(n_dense is not None)
-            if not any(matched):
-                return None
-            if not all(matched):
-                raise RuntimeError("positions='decode': a batch row matches no log-likelihood request; this "
-                                   "lm-eval version builds its batches unlike 0.4.13 (use positions='all')")
-            return mask.to(inps.device)
-
-    return CountdownLM

@@ -129,3 +129,66 @@ def test_a_methods_thresholds_do_not_depend_on_the_methods_calibrated_beside_it(
     alone = countdown.calibrate_methods(model, ["m-countdown"], ids, progress=False)["m-countdown"]
     shared = countdown.calibrate_methods(model, ["cats", "teal", "m-countdown"], ids, progress=False)["m-countdown"]
     assert torch.equal(alone.thresholds(0.6), shared.thresholds(0.6))
+
+
+# -- transformers round trip: save_pretrained of a sparsified model -----------------------------------
+
+
+def _round_trip(model, ids, folder):
+    """Save the sparsified ``model`` with plain ``save_pretrained``; check what comes back three ways."""
+    import json
+
+    import transformers
+
+    keys = set(model.state_dict())
+    expected = logits(model, ids)
+    spec = countdown.sparsity_spec(model)
+    model.save_pretrained(folder)
+    assert not hasattr(model.config, "countdown_sparsity")  # the in-memory config is untouched
+    entry = json.loads((folder / "config.json").read_text())["countdown_sparsity"]
+    assert (folder / entry["file"]).is_file() and entry["method"] == spec.method
+    back = countdown.from_pretrained(folder)  # the documented one-liner
+    assert countdown.sparsity_spec(back) == spec and set(back.state_dict()) == keys
+    torch.testing.assert_close(logits(back, ids), expected, rtol=0, atol=0)
+    # plain transformers, no countdown code: the dense model
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert not countdown.is_sparsified(plain)
+    countdown.unsparsify(model)
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=0, atol=0)
+    assert not torch.allclose(logits(plain, ids), expected)
+    # ... and load_sparsity(model, folder) restores the sparsity on it
+    countdown.load_sparsity(plain, folder)
+    torch.testing.assert_close(logits(plain, ids), expected, rtol=0, atol=0)
+    # a dense save after unsparsify names no sparsity
+    model.save_pretrained(folder / "dense")
+    assert "countdown_sparsity" not in json.loads((folder / "dense" / "config.json").read_text())
+    with pytest.raises(ValueError, match="no countdown sparsity"):
+        countdown.load_sparsity(tiny_model("llama"), folder / "dense")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_save_pretrained_round_trip_restores_the_sparsity(arch, tmp_path):
+    model, ids = tiny_model(arch), tokens(2, 24)
+    method = "teal" if arch == "gpt2" else "m-countdown"
+    countdown.sparsify(model, method, 0.6, calibration=tokens(4, 24, seed=3), progress=False)
+    _round_trip(model, ids, tmp_path / "ckpt")
+
+
+def test_save_pretrained_round_trip_on_smollm2(smollm2, tmp_path):
+    import copy
+
+    import transformers
+
+    from countdown.data import calibration_text
+
+    gguf_model, tok = smollm2
+    # transformers refuses save_pretrained of a model loaded from GGUF (its quantizer is not serialisable):
+    # the same weights as a checkpoint model
+    config = copy.deepcopy(gguf_model.config)
+    vars(config).pop("quantization_config", None)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.load_state_dict(gguf_model.state_dict())
+    ids = tok("The quick brown fox jumps over the lazy dog because it was late.", return_tensors="pt").input_ids
+    calib = tok(calibration_text("default")[:4000], return_tensors="pt").input_ids[:, :256]
+    countdown.sparsify(model, "m-countdown", 0.7, calibration=calib, progress=False)
+    _round_trip(model, ids, tmp_path / "smollm2")

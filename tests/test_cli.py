@@ -180,3 +180,22 @@ def test_unknown_model_names_the_builtins_and_why_the_hub_cannot_help(no_model_l
         from huggingface_hub import constants
 
         assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE
+
+
+def test_eval_tasks_equals_lm_eval_by_name(checkpoint):
+    lm_eval = pytest.importorskip("lm_eval")
+    import countdown.lm_eval_model  # noqa: F401  (registers "countdown")
+    from countdown.tasks import task_manager
+
+    task = "countdown_bigbench_emoji_movie_cloze"
+    result = invoke("eval", "--model", checkpoint, "--method", "m-countdown", "--sparsity", "0.7", "--positions",
+                    "decode", "--tasks", task, "--task-limit", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "│ countdown_" in line)  # the row's first line
+    cells = [c.strip() for c in row.split("│") if c.strip()]
+    out = lm_eval.simple_evaluate(model="countdown", tasks=[task], limit=4, task_manager=task_manager(),
+                                  model_args=f"pretrained={checkpoint},method=m-countdown,sparsity=0.7,"
+                                             "positions=decode,device=cpu")
+    assert float(cells[-4]) == pytest.approx(out["results"][task]["acc,none"], abs=5e-5)  # acc
+    assert float(cells[-3]) == pytest.approx(out["results"][task]["acc_norm,none"], abs=5e-5)  # acc_norm
+    assert cells[-2] == f"{out['config']['countdown']['measured']['sparsity']:.1%}"

@@ -174,7 +174,10 @@ def test_decode_positions_keep_prefill_dense_and_decode_steps_sparse():
     with torch.no_grad():
         dense_logits = dense_model(input_ids=ids).logits
         model = countdown.sparsify(tiny_model("llama"), "cats", 0.8, mode="topk", positions="decode")
-        torch.testing.assert_close(model(input_ids=ids).logits, dense_logits)  # prefill: dense
+        # a generation prefill (last logits only, as model.generate / countdown.generate ask): dense
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=1).logits, dense_logits[:, -1:])
+        # a plain scoring forward (every position's logits, no cache) is sparse: see test_protocol.py
+        assert not torch.allclose(model(input_ids=ids).logits, dense_logits)
         countdown.unsparsify(model)
         all_positions = countdown.sparsify(model, "cats", 0.8, mode="topk")
         one_token_all = all_positions(input_ids=ids[:, :1]).logits

@@ -236,9 +236,9 @@ def _requests(vocab: int, n: int = 6, seed: int = 3):
 
 
 def _loglikelihoods(model, tokenizer, requests, batch_size=4):
-    from countdown.tasks import _lm_class
+    from countdown.lm_eval_model import CountdownLM
 
-    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = CountdownLM(model, tokenizer=tokenizer, batch_size=batch_size)
     return [ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
 
 
@@ -408,3 +408,88 @@ def test_perplexity_prefix_goes_before_every_window_unscored(positions):
     assert without.n_tokens == n - (3 if positions == "all" else 0)  # window's first token be scored
     assert got.nll == pytest.approx(nll / n, rel=1e-5)
     assert got.nll != pytest.approx(without.nll, rel=1e-5)
+
+
+# -- plain forwards: generation prefill or scoring ---------------------------------------------------
+
+
+def _cache_kwargs(model) -> dict:
+    from transformers import DynamicCache
+
+    from countdown.decode import _cache_argument
+
+    return {_cache_argument(model): DynamicCache(config=model.config)}
+
+
+@pytest.mark.parametrize("positions", ["all", "decode"])
+def test_a_plain_forward_after_default_sparsify_is_sparse(positions, recwarn):
+    """``model(ids)`` scores every position: it must differ from dense under both policies (under
+    "decode" exactly as "all", i.e. as decoding the text token by token), and say nothing."""
+    ids = tokens(2, 14)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        dense = model(ids).logits
+        countdown.sparsify(model, positions=positions)  # the defaults: m-countdown 50%, top-k without calibration
+        plain = model(ids).logits
+        assert (plain - dense).abs().max() > 1e-3
+        countdown.unsparsify(model)
+        countdown.sparsify(model, positions="all")
+        assert torch.equal(plain, model(ids).logits)
+    assert not [w for w in recwarn if issubclass(w.category, ffn.DenseForwardWarning)]
+    assert all(m.sparse_from is None for m in ffn.sparse_modules(model))  # nothing left behind
+
+
+def test_decode_prefill_stays_dense_and_a_cached_scoring_forward_warns_once():
+    ids = tokens(1, 14)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        dense = model(ids).logits
+        countdown.sparsify(model, "m-countdown", 0.7, mode="topk", positions="decode")
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # generation prefill (last logits only, as model.generate and countdown.generate ask): dense
+            torch.testing.assert_close(model(ids, logits_to_keep=1).logits[:, -1], dense[:, -1], rtol=1e-5, atol=1e-5)
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+            assert not [w for w in caught if issubclass(w.category, ffn.DenseForwardWarning)]
+            # a cache being filled with every position's logits: a prefill (dense), but it may be a
+            # scoring loop, so it is said, once per model
+            for _ in range(3):
+                torch.testing.assert_close(model(ids, **_cache_kwargs(model)).logits, dense, rtol=1e-5, atol=1e-5)
+        said = [w for w in caught if issubclass(w.category, ffn.DenseForwardWarning)]
+        assert len(said) == 1 and "positions='all'" in str(said[0].message)
+        assert "countdown.perplexity" in str(said[0].message)
+        # "all" masks that forward too, and has nothing to say
+        countdown.unsparsify(model)
+        countdown.sparsify(model, "m-countdown", 0.7, mode="topk", positions="all")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert (model(ids, **_cache_kwargs(model)).logits - dense).abs().max() > 1e-3
+        assert not [w for w in caught if issubclass(w.category, ffn.DenseForwardWarning)]
+        countdown.unsparsify(model)
+        assert not model._forward_pre_hooks and not model._forward_hooks  # unsparsify removes the hooks
+
+
+def test_evaluation_helpers_keep_their_own_positions_and_do_not_warn(recwarn):
+    """countdown.perplexity's official protocol (context dense) is unchanged by the scoring rule."""
+    ids = tokens(1, 40)[0]
+    model = tiny_model("llama")
+    countdown.sparsify(model, "m-countdown", 0.7, mode="topk", positions="decode")
+    r = countdown.perplexity(model, ids, context=16, progress=False)
+    # by hand: each window's context dense via sparse_from, as the helper does
+    nll, n = 0.0, 0
+    from countdown.evaluate import score_spans
+
+    for begin, end, n_scored in score_spans(ids.numel(), 16, 8, score_first_window=False):
+        window = ids[begin:end].unsqueeze(0)
+        for m in ffn.sparse_modules(model):
+            m.sparse_from = window.shape[1] - n_scored
+        with torch.no_grad():
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits[-n_scored:], window[0, 1:][-n_scored:], reduction="sum"))
+        n += n_scored
+    for m in ffn.sparse_modules(model):
+        m.sparse_from = None
+    assert r.nll == pytest.approx(nll / n, rel=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, ffn.DenseForwardWarning)]
