@@ -178,15 +178,14 @@ def test_infinite_thresholds_keep_nothing_or_everything():
             assert rel_err(fn(-never), dense) <= tol(torch.float32)
 
 
-# launch configurations with a threshold vector: the balanced split (every program scans all
-# thresholds), the pipelined gathers, the interleaved phases; the batched kernels' splits and tiles
-CORE_CONFIGS = {"balance": dict(balance=True), "pipe": dict(pipe=True, block_i=2),
-                "interleave_prefetch": dict(interleave=True, prefetch=True, block_d=2), "finalize0": dict(finalize=0)}
+# launch configurations with a threshold vector: the shipped split, the pipelined gathers, the interleaved
+# phases; the batched kernels' splits and tiles
+CORE_CONFIGS = {"base": {}, "pipe": dict(pipe=True, block_i=2), "interleave": dict(interleave=True, block_d=2)}
 
 
 CORE_PATHS = {"gate-signed": (_core.KIND_GATE, False, True), "gate-fused": (_core.KIND_GATE, True, False),
               "t-fused": (_core.KIND_T, True, False)}
-CORE_CASES = [("gate-signed", "balance"), ("gate-signed", "finalize0"), ("gate-fused", "interleave_prefetch"),
+CORE_CASES = [("gate-signed", "base"), ("gate-signed", "pipe"), ("gate-fused", "interleave"),
               ("gate-fused", "pipe"), ("t-fused", "pipe")]
 
 
