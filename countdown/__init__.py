@@ -28,7 +28,7 @@ from .attention import fuse_qkv, unfuse_qkv
 from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
-from .ffn import OFFICIAL_PROTOCOL, SparsitySpec, is_sparsified, sparsity_spec
+from .ffn import OFFICIAL_PROTOCOL, DenseForwardWarning, SparsitySpec, is_sparsified, sparsity_spec
 from .generation import generate
 from .loading import load
 from .methods import METHODS, get_method
@@ -39,6 +39,7 @@ __all__ = [
     "AlreadySparsifiedError",
     "Calibration",
     "Decoder",
+    "DenseForwardWarning",
     "METHODS",
     "OFFICIAL_PROTOCOL",
     "PerplexityResult",
