@@ -28,7 +28,7 @@ from .attention import fuse_qkv, unfuse_qkv
 from .calibrate import Calibration
 from .decode import Decoder
 from .evaluate import PerplexityResult, perplexity
-from .ffn import is_sparsified, sparsity_spec
+from .ffn import DenseForwardWarning, is_sparsified, sparsity_spec
 from .generation import generate
 from .loading import load
 from .methods import METHODS, get_method
@@ -42,6 +42,7 @@ __all__ = [
     "Calibration",
     "DecodeOptions",
     "Decoder",
+    "DenseForwardWarning",
     "KernelPolicy",
     "METHODS",
     "OFFICIAL_PROTOCOL",
