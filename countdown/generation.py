@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .correction import Acceptance, resolve
 from .decode import MAX_BATCH, Decoder
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this
@@ -122,6 +123,8 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     compile: bool = False,
+    correct_every: int | None = None,
+    accept: str | Acceptance = "strict",
 ) -> torch.Tensor:
     """Token ids [B, P + N] like ``model.generate(input_ids, attention_mask=..., ...)``, on input_ids' device.
 
@@ -132,7 +135,11 @@ def generate(
     filled with the pad token (default: the first EOS id), and generation stops when every row
     has. ``do_sample``: temperature, then top_k, then top_p, as transformers' warpers; the numbers
     are drawn from ``generator`` (any device) or, if None, seeded from the global RNG.
-    ``compile=True`` runs the forward through ``torch.compile`` before the CUDA-graph capture."""
+    ``compile=True`` runs the forward through ``torch.compile`` before the CUDA-graph capture.
+    ``correct_every=k`` (greedy only; `countdown.correction`): Sirius correction of a sparsified
+    model: every ``k`` sparse steps one dense forward of ``k + 1`` tokens checks them and rolls back
+    at the first rejected one; ``accept="strict"`` gives the dense model's greedy tokens,
+    ``"relaxed"`` Sirius's likelihood rule (or an `Acceptance` with its threshold and temperature)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError("input_ids must be a torch.long tensor of token ids")
     rows = 1 if input_ids.dim() == 1 else input_ids.shape[0]
@@ -145,8 +152,11 @@ def generate(
         eos_token_id = _default_ids(model, "eos_token_id")
     if pad_token_id is None:
         pad_token_id = _default_ids(model, "pad_token_id")
-    decoder = decoder_for(model, rows, input_ids.shape[-1] + max_new_tokens, compile)
+    correction = resolve(correct_every, accept, do_sample)  # checked before a decoder is made
+    spare = correction.every if correction is not None else 0  # the last check's window runs past the end
+    decoder = decoder_for(model, rows, input_ids.shape[-1] + max_new_tokens + spare, compile)
     result = decoder.generate(input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, generator=generator)
+                              pad_token_id=pad_token_id, generator=generator, correct_every=correct_every,
+                              accept=accept)
     return result.tokens.to(input_ids.device)
