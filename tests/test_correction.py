@@ -97,7 +97,7 @@ def test_strict_correction_on_smollm2_real_text_gives_dense_greedy(smollm2, smol
         countdown.unsparsify(model)
     assert not torch.equal(plain.tokens, want)
     assert torch.equal(got.tokens, want)
-    assert got.correction.accepted > 0 and not torch.equal(got.tokens, strict.tokens)  # it did relax
+    assert got.correction.accepted > 0
 
 
 @pytest.mark.parametrize(
