@@ -746,3 +746,94 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@app.command("agreement")
+@user_errors
+def agreement_cmd(
+    model: str = ModelOpt,
+    configs: str = typer.Option("teal:0.25,teal:0.5,m-countdown:0.5,m-countdown:0.7",
+                                help="Comma-separated method:sparsity (calibrated thresholds, positions=decode; "
+                                     "TEAL model-wide: its attention projections at the same sparsity)."),
+    correct_every: str = typer.Option("8", help="Comma-separated k: Sirius correction every k sparse tokens ('' none)."),
+    rules: str = typer.Option("strict,relaxed", help="Acceptance rules to run with each k."),
+    prompts: int = typer.Option(4, help="Held-out prompts (consecutive windows of the evaluation text)."),
+    prompt_len: int = typer.Option(128, help="Tokens per prompt."),
+    new_tokens: int = typer.Option(256, help="Greedy tokens generated per prompt."),
+    speed_repeats: int = typer.Option(3, help="Timed runs per variant (median; 0: no timing), interleaved with dense."),
+    speed_tokens: int = typer.Option(128, help="Tokens per timed run (the first prompt)."),
+    text: str = TextOpt,
+    calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens."),
+    context: int = ContextOpt,
+    out: Optional[Path] = typer.Option(None, help="Append one JSON line per row to this file."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Long-generation quality: greedy agreement with the dense model and drift perplexity, with and
+    without Sirius correction, and decode speed against dense through the same loop."""
+    import statistics
+    from contextlib import nullcontext
+
+    from .agreement import dense as dense_mode
+    from .agreement import generation_agreement
+    from .api import sparsify, unsparsify
+    from .generation import decoder_for
+
+    points = [(c.split(":")[0], float(c.split(":")[1])) for c in _csv(configs)]
+    ks = _csv(correct_every, int)
+    variants = [(None, "strict")] + [(k, r) for k in ks for r in _csv(rules)]
+    m, tok = _load(model, device, dtype)
+    calib = _tokens(tok, _text(text, "calibration"), calib_windows * context, context)
+    held = _tokens(tok, _text(text, "evaluation"), prompts * prompt_len, prompt_len)[:prompts]
+    dev = next(m.parameters()).device
+
+    def speed(correct, rule, dense: bool = False) -> float:
+        """Decode tokens/s on the first prompt; dense: the same model with every sparse module dense."""
+        with dense_mode(m) if dense else nullcontext():  # the decoder cache follows the switch (signature)
+            decoder = decoder_for(m, 1, held.shape[1] + speed_tokens + (correct or 0))
+            return decoder.generate(held[:1].to(dev), speed_tokens, correct_every=correct,
+                                    accept=rule).tokens_per_second
+
+    table = Table(title=f"{model}: {prompts} held-out prompts × {new_tokens} greedy tokens ({prompt_len}-token prompts)")
+    for col in ("config", "correction", "first div.", "frac. equal", "drift ppl", "dense ppl", "tok/dense fwd",
+                "accept", "tok/s", "× dense"):
+        table.add_column(col, justify="right")
+    dense_tokens = None
+    for method, sparsity in points:
+        if method != "dense":
+            sparsify(m, method, sparsity, calibration=calib, mode="threshold", positions="decode",
+                     attention=sparsity if method == "teal" else None, progress=False)
+        try:
+            rows = []
+            for correct, rule in variants:
+                r = generation_agreement(m, held, max_new_tokens=new_tokens, correct_every=correct, accept=rule,
+                                         dense_tokens=dense_tokens)
+                dense_tokens = r.dense_tokens
+                rows.append(r)
+            timings: dict = {}
+            for _ in range(speed_repeats):
+                timings.setdefault("dense", []).append(speed(None, "strict", dense=True))
+                for correct, rule in variants:
+                    timings.setdefault((correct, rule), []).append(speed(correct, rule))
+            base = statistics.median(timings["dense"]) if speed_repeats else float("nan")
+            for (correct, rule), r in zip(variants, rows):
+                tps = statistics.median(timings[(correct, rule)]) if speed_repeats else float("nan")
+                label = "none" if correct is None else f"{rule} k={correct}"
+                row = dict(model=model, method=method, sparsity=sparsity, correction=label, prompts=prompts,
+                           prompt_len=prompt_len, new_tokens=new_tokens, first_divergence=r.first_divergence,
+                           mean_first_divergence=r.mean_first_divergence, fraction_equal=r.mean_fraction_equal,
+                           drift_ppl=r.drift_ppl, dense_ppl=r.dense_ppl,
+                           tokens_per_dense_forward=r.tokens_per_dense_forward, acceptance_rate=r.acceptance_rate,
+                           tokens_per_second=tps, dense_tokens_per_second=base,
+                           speed_runs=timings.get((correct, rule), []), dense_speed_runs=timings.get("dense", []))
+                table.add_row(f"{method} {sparsity:.0%}", label, f"{r.mean_first_divergence:.1f}",
+                              f"{r.mean_fraction_equal:.3f}", f"{r.drift_ppl:.3f}", f"{r.dense_ppl:.3f}",
+                              f"{r.tokens_per_dense_forward:.2f}", f"{r.acceptance_rate:.3f}", f"{tps:.1f}",
+                              f"{tps / base:.2f}")
+                if out is not None:
+                    with open(out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+        finally:
+            if method != "dense":
+                unsparsify(m)
+    console.print(table)

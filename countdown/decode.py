@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import correction as correction_mod
 from . import gqa_decode, sampling
 from .options import MAX_BATCH, DecodeOptions
+
 MAX_EOS = 16  # end-of-sequence ids one call may name (a fixed-size buffer, so no recapture)
 
 
@@ -38,6 +40,8 @@ class DecodeResult:
     prefill_seconds: float
     decode_seconds: float  # the replayed steps (the first new token comes from prefill)
     steps: int = -1  # decode steps run; may exceed new_tokens - 1 by up to check_every when stopping early
+    # with correct_every: dense checks, drafts judged and accepted (steps then counts committed tokens)
+    correction: correction_mod.CorrectionStats | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -286,21 +290,28 @@ class Decoder:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        correct_every: int | None = None,
+        accept: str | correction_mod.Acceptance = "strict",
     ) -> DecodeResult:
         """Generate up to ``max_new_tokens`` after ``input_ids`` ([B, P] or [P]); times prefill and decode.
 
         ``attention_mask`` [B, P]: 0 at (left) padding. ``eos_token_id`` (None: never stop early):
         a row that produced one gets ``pad_token_id`` (default: the first EOS id) from then on, and
-        generation stops once every row has. Sampling arguments as in ``model.generate``."""
+        generation stops once every row has. Sampling arguments as in ``model.generate``.
+        ``correct_every=k`` (greedy only): Sirius correction, `countdown.correction`: every ``k`` sparse
+        steps one dense forward checks them (``accept``: "strict", "relaxed" or an `Acceptance`) and
+        rolls back to the first rejected token; the cache needs ``k`` spare slots."""
         attention = (gqa_decode.decode_attention(self.model, self.options.attention_kernel)
                      if self.options.gqa_attention else nullcontext())
         with attention:
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
-                                  eos_token_id, pad_token_id, generator)
+                                  eos_token_id, pad_token_id, generator, correct_every, accept)
 
     def _generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
-                  eos_token_id, pad_token_id, generator) -> DecodeResult:
-        input_ids, attention_mask = self._check(input_ids, attention_mask, max_new_tokens)
+                  eos_token_id, pad_token_id, generator, correct_every=None, accept="strict") -> DecodeResult:
+        correction = correction_mod.resolve(correct_every, accept, do_sample)
+        input_ids, attention_mask = self._check(input_ids, attention_mask,
+                                                max_new_tokens + (correction.every if correction else 0))
         sampling.check_sampling(do_sample, temperature, top_k, top_p)
         eos = _token_ids(eos_token_id, "eos_token_id")
         if len(eos) > MAX_EOS:
@@ -352,10 +363,15 @@ class Decoder:
             self._capture(kind)
             self._sync()
             t1 = time.perf_counter()
+        steps, stats = 0, None
+        if correction is not None and max_new_tokens > 1:  # greedy: no random numbers to seed
+            check = correction_mod.verifier(self, correction)
+            self._sync()
+            t1 = time.perf_counter()
+            steps, stats = correction_mod.decode(self, check, max_new_tokens, bool(eos))
         self._rng.manual_seed(seed + 1)  # the same draws whether or not this call captured first
         graph = self._graphs.get(kind) if self.use_graph else None
-        steps = 0
-        while steps < max_new_tokens - 1:
+        while stats is None and steps < max_new_tokens - 1:
             if eos and steps % self.check_every == 0 and bool(self._done.all()):
                 break
             if graph is not None:
@@ -372,4 +388,4 @@ class Decoder:
             if bool(is_eos.any(dim=1).all()):
                 new = new[:, : int(is_eos.long().argmax(dim=1).max()) + 1]
         tokens = torch.cat([input_ids.cpu(), new], dim=1)
-        return DecodeResult(tokens, new.shape[1], t1 - t0, t2 - t1, steps)
+        return DecodeResult(tokens, new.shape[1], t1 - t0, t2 - t1, steps, stats)

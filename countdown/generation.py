@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .correction import Acceptance, resolve
 from .decode import Decoder, options_with
 from .options import MAX_BATCH, DecodeOptions, KernelPolicy
 
@@ -132,6 +133,8 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool | None = None,
     options: DecodeOptions | None = None,
+    correct_every: int | None = None,
+    accept: str | Acceptance = "strict",
 ) -> torch.Tensor:
     """Token ids [B, P + N] like ``model.generate(input_ids, attention_mask=..., ...)``, on input_ids' device.
 
@@ -143,7 +146,11 @@ def generate(
     has. ``do_sample``: temperature, then top_k, then top_p, as transformers' warpers; the numbers
     are drawn from ``generator`` (any device) or, if None, seeded from the global RNG.
     ``options`` (`countdown.DecodeOptions`): the decode loop's choices; ``compile=True`` is a shortcut
-    for ``options=DecodeOptions(compile=True)`` (the forward through ``torch.compile`` before capture)."""
+    for ``options=DecodeOptions(compile=True)`` (the forward through ``torch.compile`` before capture).
+    ``correct_every=k`` (greedy only; `countdown.correction`): Sirius correction of a sparsified
+    model: every ``k`` sparse steps one dense forward of ``k + 1`` tokens checks them and rolls back
+    at the first rejected one; ``accept="strict"`` gives the dense model's greedy tokens,
+    ``"relaxed"`` Sirius's likelihood rule (or an `Acceptance` with its threshold and temperature)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError("input_ids must be a torch.long tensor of token ids")
     rows = 1 if input_ids.dim() == 1 else input_ids.shape[0]
@@ -156,9 +163,12 @@ def generate(
         eos_token_id = _default_ids(model, "eos_token_id")
     if pad_token_id is None:
         pad_token_id = _default_ids(model, "pad_token_id")
+    correction = resolve(correct_every, accept, do_sample)  # checked before a decoder is made
+    spare = correction.every if correction is not None else 0  # the last check's window runs past the end
     options = options_with(options, compile)
-    decoder = decoder_for(model, rows, input_ids.shape[-1] + max_new_tokens, options)
+    decoder = decoder_for(model, rows, input_ids.shape[-1] + max_new_tokens + spare, options)
     result = decoder.generate(input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, generator=generator)
+                              pad_token_id=pad_token_id, generator=generator, correct_every=correct_every,
+                              accept=accept)
     return result.tokens.to(input_ids.device)
