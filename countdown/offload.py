@@ -291,7 +291,6 @@ class ModelOffload:
     route: str
     layers: list[LayerOffload]
     ffn_modules: list[nn.Module]
-    ffn_params: set[int]  # ids of the FFN projection parameters (they stay on the host)
     home: torch.device  # where the rest of the model was before
     resident_bytes: int  # everything on the device that is not a hot neuron row, staging included
     hot_neurons: int
@@ -340,7 +339,7 @@ def _tensor_bytes(tensors) -> int:
 
 def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: int | str = "8GiB", *,
             frequencies: list[torch.Tensor] | None = None, reserve: int | str = "1GiB",
-            block_rows: int = 1024) -> nn.Module:
+            block_rows: int = 1024, cache: bool = True) -> nn.Module:
     """Split ``model`` between ``device`` (within ``gpu_budget`` bytes) and host memory; returns the model.
 
     Call after `countdown.sparsify` (methods: m-countdown, cats, d-countdown; a dense model is offloaded
@@ -351,7 +350,8 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     neuron indices of every layer, in equal shares). ``reserve``: device memory kept free for the KV
     cache and activations. ``block_rows``: neurons per host-to-device copy (prefill / dense streaming
     blocks and sparse gather chunks; two device staging buffers of that many rows).
-    A budget below the resident part raises a ValueError naming the minimum."""
+    ``cache=False``: no hot neurons (every kept row crosses the link; the baseline of the hot-neuron cache).
+    A budget below the resident part (`plan_resident`'s ``minimum``) raises a ValueError naming it."""
     if offload_state(model) is not None:
         raise ValueError("the model is already offloaded; call countdown.unoffload(model) first")
     device = torch.device(device)
@@ -360,35 +360,19 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     budget, reserve = parse_bytes(gpu_budget), parse_bytes(reserve)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
-    route = _route(model)
+    plan = plan_resident(model, reserve=reserve, block_rows=block_rows)
+    route, others, minimum, row_bytes = plan["route"], plan["others"], plan["minimum"], plan["row_bytes"]
     sites = ffn_sites(model)
-    if any(site.kind != "gated" for site in sites):
-        raise ValueError("offload serves gated FFNs (Llama, Mistral, Qwen, Gemma, Phi-3); this model's FFN is plain")
-    ffn_modules = [site.module for site in sites]
-    for m in ffn_modules:
-        if any(getattr(p, "bias", None) is not None for p in site_projections(m)):
-            raise ValueError("offload does not serve FFN projections with biases")
-    ffn_params = {id(p) for m in ffn_modules for proj in site_projections(m) for p in proj.parameters()}
-    others = [p for p in model.parameters() if id(p) not in ffn_params]
-    buffers = list(model.buffers())
-    inter, hidden = sites[0].intermediate_size, sites[0].hidden_size
-    dtype = sites[0].gated_weights()[0].dtype
-    dense_name, sparse_names = ROUTES[route]
-    k = len(sparse_names)
-    element = torch.empty((), dtype=dtype).element_size()
-    staging_bytes = 2 * block_rows * k * hidden * element
-    dense_bytes = len(sites) * inter * hidden * element if dense_name else 0
-    resident = _tensor_bytes(others) + _tensor_bytes(buffers) + dense_bytes + staging_bytes
-    index_bytes = len(sites) * inter * (8 + 8 + 1)  # ids, slots, is_hot per neuron
-    minimum = resident + index_bytes + reserve
     if budget < minimum:
         raise ValueError(f"gpu_budget {format_bytes(budget)} is below the resident part of this model: "
                          f"{format_bytes(minimum)} minimum ({minimum} bytes: non-FFN weights and buffers "
-                         f"{format_bytes(_tensor_bytes(others) + _tensor_bytes(buffers))}, dense FFN part "
-                         f"{format_bytes(dense_bytes)}, staging {format_bytes(staging_bytes)}, reserve "
-                         f"{format_bytes(reserve)})")
-    row_bytes = k * hidden * element
-    n_hot = min((budget - minimum) // row_bytes, len(sites) * inter)
+                         f"{format_bytes(plan['model_bytes'])}, dense FFN part {format_bytes(plan['dense_bytes'])}, "
+                         f"staging {format_bytes(plan['staging_bytes'])}, reserve {format_bytes(reserve)})")
+    inter, hidden = sites[0].intermediate_size, sites[0].hidden_size
+    dtype = sites[0].gated_weights()[0].dtype
+    k = len(ROUTES[route][1])
+    ffn_modules = [site.module for site in sites]
+    n_hot = min((budget - minimum) // row_bytes, len(sites) * inter) if cache else 0
     hot = hot_sets(frequencies, len(sites), inter, int(n_hot))
     home = others[0].device if others else torch.device("cpu")
     with torch.no_grad():
@@ -411,10 +395,42 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
             m.__dict__[_ATTR] = layer
             m.forward = types.MethodType(_offloaded_forward, m)
             layers.append(layer)
-    state = ModelOffload(device, budget, reserve, block_rows, route, layers, ffn_modules, ffn_params, home,
+    state = ModelOffload(device, budget, reserve, block_rows, route, layers, ffn_modules, home,
                          minimum - reserve, int(n_hot))
     model.__dict__[_ATTR] = state
     return model
+
+
+def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: int = 1024) -> dict:
+    """What `offload` must keep on the device before any hot neuron, in bytes: ``minimum`` (the smallest
+    ``gpu_budget``: model tensors other than the FFN projections, each method's dense FFN matrix, the
+    staging buffers, the per-neuron index and ``reserve``), its parts, ``row_bytes`` (one neuron's rows
+    of the sparse matrices), ``host_rows`` (neurons in all) and the ``route``."""
+    reserve = parse_bytes(reserve)
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    route = _route(model)
+    sites = ffn_sites(model)
+    if any(site.kind != "gated" for site in sites):
+        raise ValueError("offload serves gated FFNs (Llama, Mistral, Qwen, Gemma, Phi-3); this model's FFN is plain")
+    ffn_modules = [site.module for site in sites]
+    for m in ffn_modules:
+        if any(getattr(p, "bias", None) is not None for p in site_projections(m)):
+            raise ValueError("offload does not serve FFN projections with biases")
+    ffn_params = {id(p) for m in ffn_modules for proj in site_projections(m) for p in proj.parameters()}
+    others = [p for p in model.parameters() if id(p) not in ffn_params]
+    inter, hidden = sites[0].intermediate_size, sites[0].hidden_size
+    element = sites[0].gated_weights()[0].element_size()
+    dense_name, sparse_names = ROUTES[route]
+    row_bytes = len(sparse_names) * hidden * element
+    staging_bytes = 2 * block_rows * row_bytes
+    dense_bytes = len(sites) * inter * hidden * element if dense_name else 0
+    model_bytes = _tensor_bytes(others) + _tensor_bytes(model.buffers())
+    index_bytes = len(sites) * inter * (8 + 8 + 1)  # ids, slots, is_hot per neuron
+    minimum = model_bytes + dense_bytes + staging_bytes + index_bytes + reserve
+    return {"route": route, "others": others, "minimum": minimum, "model_bytes": model_bytes,
+            "dense_bytes": dense_bytes, "staging_bytes": staging_bytes, "index_bytes": index_bytes,
+            "row_bytes": row_bytes, "host_rows": len(sites) * inter}
 
 
 def site_projections(module: nn.Module) -> list[nn.Module]:
