@@ -32,7 +32,7 @@ import torch
 import countdown
 from countdown.hot import keep_frequencies
 from countdown.loading import RANDOM_SHAPES, random_model, resolve_dtype
-from countdown.offload import format_bytes, offload, offload_state, parse_bytes, plan_resident, unoffload
+from countdown.offload import offload, offload_state, parse_bytes, plan_resident, unoffload
 from countdown.predictor import random_predictors
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
