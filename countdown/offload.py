@@ -294,6 +294,7 @@ class ModelOffload:
     home: torch.device  # where the rest of the model was before
     resident_bytes: int  # everything on the device that is not a hot neuron row, staging included
     hot_neurons: int
+    host_embedding: nn.Module | None = None  # the input embedding, when it stays on the host
 
     def stats(self) -> LinkStats:
         total = LinkStats()
@@ -339,7 +340,7 @@ def _tensor_bytes(tensors) -> int:
 
 def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: int | str = "8GiB", *,
             frequencies: list[torch.Tensor] | None = None, reserve: int | str = "1GiB",
-            block_rows: int = 1024, cache: bool = True) -> nn.Module:
+            block_rows: int = 1024, cache: bool = True, embeddings: str = "auto") -> nn.Module:
     """Split ``model`` between ``device`` (within ``gpu_budget`` bytes) and host memory; returns the model.
 
     Call after `countdown.sparsify` (methods: m-countdown, cats, d-countdown; a dense model is offloaded
@@ -350,6 +351,8 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     neuron indices of every layer, in equal shares). ``reserve``: device memory kept free for the KV
     cache and activations. ``block_rows``: neurons per host-to-device copy (prefill / dense streaming
     blocks and sparse gather chunks; two device staging buffers of that many rows).
+    ``embeddings``: "auto" keeps the input embedding table on the host when the LM head does not share
+    it (a token reads one row of it: 1 GB of device memory saved on Llama-3-8B), "host" / "device" force.
     ``cache=False``: no hot neurons (every kept row crosses the link; the baseline of the hot-neuron cache).
     A budget below the resident part (`plan_resident`'s ``minimum``) raises a ValueError naming it."""
     if offload_state(model) is not None:
@@ -360,7 +363,8 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     budget, reserve = parse_bytes(gpu_budget), parse_bytes(reserve)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
-    plan = plan_resident(model, reserve=reserve, block_rows=block_rows)
+    plan = plan_resident(model, reserve=reserve, block_rows=block_rows, embeddings=embeddings)
+    host_emb = plan["host_embedding"]
     route, others, minimum, row_bytes = plan["route"], plan["others"], plan["minimum"], plan["row_bytes"]
     sites = ffn_sites(model)
     if budget < minimum:
@@ -374,14 +378,19 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     ffn_modules = [site.module for site in sites]
     n_hot = min((budget - minimum) // row_bytes, len(sites) * inter) if cache else 0
     hot = hot_sets(frequencies, len(sites), inter, int(n_hot))
-    home = others[0].device if others else torch.device("cpu")
+    home = others[0].device if others else torch.device("cpu")  # (the offload's own device copies aside)
     with torch.no_grad():
         for p in others:  # the model's own tensors move; FFN projections stay on (or go to) the host
             p.data = p.data.to(device)
+        host_modules = set(host_emb.modules()) if host_emb is not None else set()
         for m in model.modules():
             for name, buf in list(m._buffers.items()):
-                if buf is not None:
+                if buf is not None and m not in host_modules:
                     m._buffers[name] = buf.to(device)
+        if host_emb is not None:
+            host_emb.to("cpu")
+            host_emb.__dict__[_ATTR] = device
+            host_emb.forward = types.MethodType(_embedding_forward, host_emb)
         for m in ffn_modules:
             for proj in site_projections(m):
                 for p in proj.parameters():
@@ -396,12 +405,31 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
             m.forward = types.MethodType(_offloaded_forward, m)
             layers.append(layer)
     state = ModelOffload(device, budget, reserve, block_rows, route, layers, ffn_modules, home,
-                         minimum - reserve, int(n_hot))
+                         minimum - reserve, int(n_hot), host_emb)
     model.__dict__[_ATTR] = state
     return model
 
 
-def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: int = 1024) -> dict:
+def _host_embedding(model: nn.Module, embeddings: str) -> nn.Module | None:
+    """The input embedding module when it stays on the host (``"host"``; ``"auto"``: when the LM head does
+    not share its weight, since a token reads one row of it), else None."""
+    if embeddings not in ("auto", "host", "device"):
+        raise ValueError(f"embeddings must be 'auto', 'host' or 'device', got {embeddings!r}")
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    if embeddings == "host" and tied:
+        raise ValueError("the LM head shares the input embedding's weight, so the embedding must stay on the device")
+    return emb if embeddings == "host" or (embeddings == "auto" and not tied) else None
+
+
+def _embedding_forward(self: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A host-resident input embedding: look the rows up where the table is, hand them to the device."""
+    return type(self).forward(self, ids.to(self.weight.device)).to(self.__dict__[_ATTR])
+
+
+def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: int = 1024,
+                  embeddings: str = "auto") -> dict:
     """What `offload` must keep on the device before any hot neuron, in bytes: ``minimum`` (the smallest
     ``gpu_budget``: model tensors other than the FFN projections, each method's dense FFN matrix, the
     staging buffers, the per-neuron index and ``reserve``), its parts, ``row_bytes`` (one neuron's rows
@@ -418,6 +446,9 @@ def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: 
         if any(getattr(p, "bias", None) is not None for p in site_projections(m)):
             raise ValueError("offload does not serve FFN projections with biases")
     ffn_params = {id(p) for m in ffn_modules for proj in site_projections(m) for p in proj.parameters()}
+    host_emb = _host_embedding(model, embeddings)
+    if host_emb is not None:
+        ffn_params |= {id(p) for p in host_emb.parameters()}
     others = [p for p in model.parameters() if id(p) not in ffn_params]
     inter, hidden = sites[0].intermediate_size, sites[0].hidden_size
     element = sites[0].gated_weights()[0].element_size()
@@ -425,12 +456,12 @@ def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: 
     row_bytes = len(sparse_names) * hidden * element
     staging_bytes = 2 * block_rows * row_bytes
     dense_bytes = len(sites) * inter * hidden * element if dense_name else 0
-    model_bytes = _tensor_bytes(others) + _tensor_bytes(model.buffers())
+    model_bytes = _tensor_bytes(others) + _tensor_bytes(model.buffers())  # (a host embedding's buffers too)
     index_bytes = len(sites) * inter * (8 + 8 + 1)  # ids, slots, is_hot per neuron
     minimum = model_bytes + dense_bytes + staging_bytes + index_bytes + reserve
     return {"route": route, "others": others, "minimum": minimum, "model_bytes": model_bytes,
             "dense_bytes": dense_bytes, "staging_bytes": staging_bytes, "index_bytes": index_bytes,
-            "row_bytes": row_bytes, "host_rows": len(sites) * inter}
+            "row_bytes": row_bytes, "host_rows": len(sites) * inter, "host_embedding": host_emb}
 
 
 def site_projections(module: nn.Module) -> list[nn.Module]:
@@ -447,7 +478,7 @@ def unoffload(model: nn.Module, device: str | torch.device | None = None) -> nn.
         raise ValueError("the model is not offloaded")
     target = torch.device(device) if device is not None else state.home
     with torch.no_grad():
-        for m in state.ffn_modules:
+        for m in [*state.ffn_modules, *([state.host_embedding] if state.host_embedding is not None else [])]:
             m.__dict__.pop(_ATTR, None)
             m.__dict__.pop("forward", None)
         for p in model.parameters():

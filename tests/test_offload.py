@@ -174,3 +174,24 @@ def test_smollm2_offloaded_greedy_equals_resident(smollm2):
         assert stats.rows_moved > 0 and 0.25 < stats.hit_rate < 1.0  # hot neurons beat their 25% share
     finally:
         countdown.unsparsify(model)
+
+
+def test_untied_input_embedding_stays_on_the_host():
+    model = _sparsified("cats")  # tiny Llama: the LM head has its own weight
+    emb = model.get_input_embeddings()
+    auto, device = plan_resident(model, reserve=0), plan_resident(model, reserve=0, embeddings="device")
+    assert auto["host_embedding"] is emb and device["host_embedding"] is None
+    assert device["minimum"] - auto["minimum"] == emb.weight.numel() * emb.weight.element_size()
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        offload(model, "cpu", "1GiB", reserve=0)
+        assert "forward" in emb.__dict__
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    unoffload(model)
+    assert "forward" not in emb.__dict__
+    tied = tiny_model("llama")
+    tied.lm_head.weight = tied.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="shares the input embedding"):
+        plan_resident(tied, embeddings="host")
+    assert plan_resident(tied)["host_embedding"] is None
