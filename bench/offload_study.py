@@ -49,6 +49,16 @@ def study(name: str, args) -> dict:
     ppl_ids = token_stream(tok, evaluation_text(), args.ppl_tokens, args.seq_len)
     out: dict = {"model": name, "calib_windows": list(calib.shape), "eval_windows": list(held.shape)}
     t0 = time.time()
+    preds = {}
+    if "lookahead" in args.parts:
+        out["lookahead"], preds = lookahead_part(name, model, tok, calib, held, ppl_ids, args, out)
+    if "hot" in args.parts:
+        out["hot"] = hot_part(name, model, calib, held, args, preds)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def lookahead_part(name, model, tok, calib, held, ppl_ids, args, out):
     pairs_ffn = collect_lookahead_pairs(model, calib, "ffn")
     pairs_att = collect_lookahead_pairs(model, calib, "attention")
     eval_ffn = collect_lookahead_pairs(model, held, "ffn")
@@ -86,12 +96,16 @@ def study(name: str, args) -> dict:
                 countdown.unsparsify(model)
             look[f"{source}@{s}"]["ppl_topk_all"] = r.ppl
             print(f"{name} lookahead {source:9s} s={s}: ppl {r.ppl:.3f} (dense {dense_ppl:.3f})", flush=True)
-    out["lookahead"] = look
+    return look, preds
+
+
+def hot_part(name, model, calib, held, args, preds):
     hot = {}
     for method, s in HOT_CONFIGS:
         kwargs = {}
         if method == "d-countdown":
-            kwargs["predictors"] = preds.get(("ffn", s)) or train_lookahead(model, s, calib, epochs=args.epochs)
+            kwargs["predictors"] = preds.get(("ffn", s)) or train_lookahead(model, s, calib, source="ffn",
+                                                                            epochs=args.epochs)
         countdown.sparsify(model, method, s, calibration=calib, progress=False, **kwargs)
         try:
             freqs = keep_frequencies(model, calib)
@@ -106,9 +120,7 @@ def study(name: str, args) -> dict:
             hot[f"{method}@{s}"] = row
         finally:
             countdown.unsparsify(model)
-    out["hot"] = hot
-    out["seconds"] = time.time() - t0
-    return out
+    return hot
 
 
 def main() -> None:
@@ -120,6 +132,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lookahead-sparsities", default="0.9")
+    ap.add_argument("--parts", default="lookahead,hot")
     ap.add_argument("--out", default="offload_study.json")
     args = ap.parse_args()
     args.lookahead_sparsities = [float(s) for s in args.lookahead_sparsities.split(",")]
