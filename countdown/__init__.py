@@ -11,6 +11,8 @@
     countdown.generate(model, input_ids, attention_mask, max_new_tokens=256)  # CUDA-graph decode loop
     predictors = countdown.train_predictors(model, 0.7, calibration=texts, tokenizer=tok)
     countdown.sparsify(model, "d-countdown", 0.7, calibration=texts, tokenizer=tok, predictors=predictors)
+    freqs = countdown.hot.keep_frequencies(model, texts, tok)  # import countdown.hot
+    countdown.offload(model, "cuda", gpu_budget="8GiB", frequencies=freqs)  # a model larger than the GPU
 """
 
 from .api import (
@@ -34,6 +36,7 @@ from .loading import load
 from .methods import METHODS, get_method
 from .options import DecodeOptions, KernelPolicy
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, ffn_sites, fingerprint
+from .offload import offload, unoffload
 from .predictor import Predictors, load_predictors, save_predictors, train_predictors
 from .spec import OFFICIAL_PROTOCOL, Protocol, SparsitySpec
 
@@ -64,6 +67,7 @@ __all__ = [
     "load",
     "load_predictors",
     "load_sparsity",
+    "offload",
     "perplexity",
     "save_predictors",
     "save_sparsity",
@@ -72,6 +76,7 @@ __all__ = [
     "sparsity_spec",
     "train_predictors",
     "unfuse_qkv",
+    "unoffload",
     "unsparsify",
 ]
 __version__ = "0.1.0"

@@ -140,8 +140,8 @@ class Decoder:
         self.max_len = max_len
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        if cuda_graph == "auto":
-            cuda_graph = self.device.type == "cuda"
+        if cuda_graph == "auto":  # an offloaded model (`countdown.offload`) moves a varying row count per step
+            cuda_graph = self.device.type == "cuda" and "_countdown_offload" not in model.__dict__
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {self.device}")
         self.use_graph = bool(cuda_graph)
