@@ -26,7 +26,10 @@ scales its scores per channel instead (``channel_scale``).
 The ops serve decode batches of 1 to 16 tokens (x [H], [B, H] or [B, 1, H]; vectors [B, I]): one
 token runs the batch-1 kernel (``_core``), 2 to 16 tokens the batched kernels (``batch_ffn``), where
 each token keeps its own neurons and the rows of the batch's union are read once.
-``countdown.kernels.reference`` has the same functions in pure torch (any device, any batch).
+``countdown.kernels.reference`` has the same functions in pure torch (any device, any batch), and
+``countdown.kernels.cpu`` the same ops for CPU tensors (a C++ extension built on first use; its
+``unavailable_reason`` says when it does not serve). `uses_cpu_kernels(mode, device)` says which of the
+two kernel families a kernels mode picks on a device.
 A caller picks the path with ``kernel_unavailable_reason(x, w_down_t)``: None means the Triton
 kernels apply (CUDA tensors, decode batch of at most 16, supported dtype/shape, Triton installed);
 otherwise the string says why (e.g. "prefill", "batch B = 32 > 16"), and the reference function
@@ -35,7 +38,9 @@ must be used.
 
 from __future__ import annotations
 
-from . import reference
+import torch
+
+from . import cpu, reference
 from .pack import (HAS_TRITON, MAX_BATCH, MAX_HIDDEN, PackedFFN, interpret_mode, kernel_unavailable_reason,
                    pack_ffn_weights)
 
@@ -63,12 +68,20 @@ else:
     decode_attention_unavailable_reason = input_sparse_unavailable_reason
 
 
+def uses_cpu_kernels(mode: str, device: torch.device) -> bool:
+    """Whether kernels mode ``mode`` serves tensors on ``device`` with the C++ CPU ops (`cpu`): on a CPU
+    under "auto", and under "always" where Triton (whose interpreter runs the Triton ops on a CPU, for
+    their tests) is not installed."""
+    return device.type == "cpu" and (mode == "auto" or (mode == "always" and not HAS_TRITON))
+
+
 __all__ = [
     "HAS_TRITON",
     "MAX_BATCH",
     "MAX_HIDDEN",
     "PackedFFN",
     "coefficient_ffn",
+    "cpu",
     "decode_attention",
     "decode_attention_unavailable_reason",
     "fused_gather_ffn",
@@ -83,4 +96,5 @@ __all__ = [
     "reference",
     "set_pdl",
     "sparse_down",
+    "uses_cpu_kernels",
 ]
