@@ -61,6 +61,11 @@ template <typename T> constexpr bool simd_ok() { return true; }
 template <> constexpr bool simd_ok<c10::Half>() { return CD_HALF_SIMD; }
 #endif
 
+// Rows per thread chunk: at least kMinChunkBytes of weights, so a small matrix runs on one thread
+// (waking a second costs more than it saves, and far more on a loaded machine).
+constexpr int64_t kMinChunkBytes = 64 * 1024;
+inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(4, kMinChunkBytes / std::max<int64_t>(row_bytes, 1)); }
+
 // NB tokens (1..4) against one row w [K]; x is [NB, K] fp32 with row stride ldx.
 template <int NB, typename T>
 inline void dot_row(const T* w, const float* x, int64_t ldx, int64_t K, float* out /*[NB]*/) {
@@ -102,7 +107,7 @@ template <typename T>
 void row_dot_impl(const T* W, int64_t K, const float* x, int64_t B, const int64_t* rows, int64_t n_rows,
                   float* y /*[B, n_rows]*/) {
   // rows split across threads: each thread streams its own rows once for every token
-  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_rows, grain_rows(K * sizeof(T)), [&](int64_t begin, int64_t end) {
     float tmp[4];
     for (int64_t j = begin; j < end; ++j) {
       const T* w = W + (rows ? rows[j] : j) * K;
@@ -148,7 +153,8 @@ template <typename T>
 void row_axpy_impl(const T* W, int64_t N, const float* c /*[B, n_rows]*/, int64_t B, const int64_t* rows,
                    int64_t n_rows, float* y /*[B, N]*/) {
   // rows split across threads, each summing into its own fp32 partial [B, N]; partials added at the end
-  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (n_rows + 15) / 16));
+  const int64_t grain = grain_rows(N * sizeof(T));
+  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (n_rows + grain - 1) / grain));
   std::vector<float> partial(static_cast<size_t>(nt) * B * N, 0.f);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
