@@ -7,7 +7,8 @@ pooled quantiles of |input| on calibration text (`countdown.calibrate`, in the s
 The model's own ``nn.Linear`` modules stay in place: their class is switched to `SparseInputLinear`,
 so parameters, ``state_dict`` keys and hooks are untouched, and `remove` switches them back. A decode
 step (1 to 16 tokens) on CUDA runs through the input-sparse GEMV
-(`countdown.kernels.input_sparse_linear`), which reads only the weight rows of kept channels; for it
+(`countdown.kernels.input_sparse_linear`; on a CPU its C++ twin in `countdown.kernels.cpu`), which
+reads only the weight rows of kept channels; for it
 the weight is stored input-major (one copy: ``weight`` is a transposed view of contiguous [in, out]
 rows). Everything else takes the reference path: mask the input, then ``F.linear``.
 
@@ -51,12 +52,17 @@ def _kernel_skip_reason(p: nn.Linear, x: torch.Tensor) -> str | None:
     mode = KernelPolicy.of(p.kernels).mode
     if mode == "off":
         return "kernels are switched off"
-    if mode == "auto" and x.device.type != "cuda":
+    on_cpu = kernels.uses_cpu_kernels(p.kernels, x.device) and isinstance(p, SparseInputLinear)
+    if mode == "auto" and x.device.type != "cuda" and not on_cpu:
         return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
+    if on_cpu and kernels.cpu.extension_reason() is not None:
+        return kernels.cpu.extension_reason()
     if not is_input_major(p):
         if not relayout_allowed(x):
             return "the weight is not input-major; call countdown.set_kernels(model) before capture"
-        use_input_major(p, True)  # first eager call after the model moved to the GPU
+        use_input_major(p, True)  # first eager call after the model moved to the GPU (or to the CPU)
+    if on_cpu:
+        return kernels.cpu.unavailable_reason(x, p.weight.t())
     return kernels.input_sparse_unavailable_reason(x, p.weight.t())
 
 
@@ -103,7 +109,8 @@ class SparseInputLinear(nn.Linear):
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
-            y = kernels.input_sparse_linear(x, self.weight.t(), self.sparse_threshold, policy=self.kernels)
+            ops = kernels.cpu if kernels.uses_cpu_kernels(self.kernels, x.device) else kernels
+            y = ops.input_sparse_linear(x, self.weight.t(), self.sparse_threshold, policy=self.kernels)
             return y if self.bias is None else y + self.bias
         keep = (x.abs() > self.sparse_threshold.to(x.dtype)).to(x.dtype)
         if self.meter is not None:
@@ -146,6 +153,9 @@ class QKVFusedAttention(nn.Module):
         if not 1 <= n_tokens <= MAX_BATCH:
             return f"{n_tokens} tokens: one launch serves decode steps of 1 to {MAX_BATCH} tokens"
         projections = self.qkv_projections()
+        if x.device.type != "cuda" and any(KernelPolicy.of(p.kernels).mode == "auto" for p in projections):
+            # the one-launch q/k/v kernel is Triton's; on a CPU each projection runs its own C++ kernel
+            return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
         if all(isinstance(p, SparseInputLinear) for p in projections):
             if not all(KernelPolicy.of(p.kernels).fuse_qkv for p in projections):
                 return "the kernel policy's fuse_qkv is off"
@@ -287,15 +297,16 @@ def remove(model: nn.Module) -> None:
             _unwrap(attn)
 
 
-def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
+def set_kernels(model: nn.Module, policy: str | KernelPolicy = "auto") -> int:
     """As `countdown.ffn.set_kernels`, for the input-sparse attention projections and the dense ones
     fused by `fuse_qkv`. Returns how many projections it set."""
-    policy = KernelPolicy.of(kernels)
+    policy = KernelPolicy.of(policy)
     mode = policy.mode
     projections = sparse_projections(model)
     for p in projections:
         p.kernels = policy
-        use_input_major(p, mode == "always" or (mode == "auto" and p.weight.is_cuda))
+        cpu_served = kernels.uses_cpu_kernels(policy, p.weight.device) and kernels.cpu.extension_reason() is None
+        use_input_major(p, mode == "always" or (mode == "auto" and (p.weight.is_cuda or cpu_served)))
     fused = 0
     for attn in fused_attention_modules(model):
         if attn.__dict__.get("_qkv_dense", False):

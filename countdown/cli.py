@@ -210,8 +210,10 @@ def run(
     out: Path = typer.Option(Path("runs/run"), help="Folder for results.csv/json, table.md and plots."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    speed_tokens: int = typer.Option(32, help="Decode tokens/s of every row (countdown.generate, greedy, this many new "
+                                     "tokens, median of 3) beside its perplexity; 0 skips it."),
 ) -> None:
-    """Calibrate the methods at every sparsity, evaluate perplexity, print the table, plot it."""
+    """Calibrate the methods at every sparsity, evaluate perplexity and decode speed, print the tables, plot."""
     t0 = time.time()
     if full:
         methods, calib_windows, eval_tokens = ALL_METHODS, max(calib_windows, 8), max(eval_tokens, 4096)
@@ -219,14 +221,56 @@ def run(
     protocol = _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official)
     _check_grid(mode, attention, text, calib_windows, eval_tokens, context)
     _check_model_and_place(model, device, dtype)
+    probe = _speed_probe(speed_tokens)
     m, _, eval_ids, points = _grid(model, device, dtype, text, calib_windows, eval_tokens, context,
-                                   method_list, sparsity_list, mode, protocol, out, attention=attention)
+                                   method_list, sparsity_list, mode, protocol, out, attention=attention,
+                                   speed=probe)
     title = f"{model}: perplexity on {eval_ids.numel()} tokens of '{text}' ({mode} mode, {_protocol_words(protocol, attention)})"
     _report(points, title, model, out)
+    if probe is not None:
+        _speed_report(probe, points, model, m, out)
     console.print(f"wrote {out}/results.csv, table.md, ppl_vs_sparsity.png — total {time.time() - t0:.0f}s")
     if not full:
         console.print("every method (TEAL, D-COUNTDOWN practical) and more tokens: countdown run --full; "
                       "a finer grid with task accuracies: countdown sweep")
+
+
+class _PromptedProbe:
+    """A `speed.DecodeSpeedProbe` whose prompt is made from the model's tokenizer on its first call."""
+
+    def __init__(self, new_tokens: int):
+        self.new_tokens, self.probe, self.tokenizer = new_tokens, None, None
+
+    def __call__(self, model) -> dict:
+        from .speed import DecodeSpeedProbe
+
+        if self.tokenizer is None:  # a random-weight model: no text to prompt with
+            return {}
+        if self.probe is None:
+            prompt = self.tokenizer("def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n",
+                                    return_tensors="pt").input_ids
+            self.probe = DecodeSpeedProbe(prompt, self.new_tokens)
+        return self.probe(model)
+
+
+def _speed_probe(speed_tokens: int) -> _PromptedProbe | None:
+    if speed_tokens < 0 or speed_tokens == 1:
+        raise ValueError(f"--speed-tokens must be 0 (skip) or at least 2, got {speed_tokens}")
+    return _PromptedProbe(speed_tokens) if speed_tokens else None
+
+
+def _speed_report(probe: _PromptedProbe, points, model: str, m, out: Path) -> None:
+    import torch
+
+    if probe.probe is None:
+        return
+    dev = next(m.parameters()).device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    title = (f"{model}: decode speed through countdown.generate (batch 1, {probe.new_tokens} new tokens, median of "
+             f"{probe.probe.repeats}, {where}, the same model object as the perplexities)")
+    table = probe.probe.markdown(points)
+    (out / "speed.md").write_text(f"{title}\n\n{table}")
+    console.print(f"\n{title}\n{table}", highlight=False, soft_wrap=True)
 
 
 def _protocol(positions, count_rule, ties, threshold_rule, threshold_adjust, official: bool) -> Protocol:
@@ -252,7 +296,8 @@ def _protocol_words(protocol: Protocol, attention) -> str:
 
 
 def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, method_list, sparsity_list, mode,
-          protocol, out, results_file=None, task_list=(), task_limit=None, task_batch_size=8, attention=None):
+          protocol, out, results_file=None, task_list=(), task_limit=None, task_batch_size=8, attention=None,
+          speed=None):
     """Load, tokenise calibration/evaluation text, run every (method, sparsity) point: what `run` and
     `sweep` share. Returns (model, tokenizer, evaluation ids, points)."""
     from .sweep import run_grid
@@ -260,6 +305,9 @@ def _grid(model, device, dtype, text, calib_windows, eval_tokens, context, metho
     m, tok = _load(model, device, dtype)
     method_list = _applicable(m, method_list)
     extra_eval = None
+    if speed is not None:  # `run`: decode tokens/s of every point (no extra figures of its own)
+        speed.tokenizer = tok
+        extra_eval = speed
     if task_list:
         from .tasks import evaluate_tasks
 
@@ -442,6 +490,14 @@ def bench_cmd(
                                                          "d-countdown" in method_list, out)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     loop = "CUDA graph" if dev.type == "cuda" else "eager"
+    if dev.type == "cpu":  # the CPU route's kernels, and the bandwidth its GB/s column is measured against
+        from .kernels import cpu as cpu_kernels
+        from .speed import read_bandwidth_gbs
+
+        reason = cpu_kernels.extension_reason()
+        loop += (f", C++ kernels (ready in {cpu_kernels.build_seconds():.0f} s)" if reason is None
+                 else f", reference path: {reason}")
+        loop += f", {torch.get_num_threads()} threads, read bandwidth {read_bandwidth_gbs(dev):.1f} GB/s (sum over 1 GiB)"
     compiled = ("" if not compile_list else ", compiled at batch " + ",".join(map(str, compile_list)))
     compiled += ", q/k/v fused everywhere" if fuse_qkv and dev.type == "cuda" else ""
     title = (f"{model}, {dtype}, batch {','.join(map(str, batches))}, prompt {prompt_len} → {new_tokens} new tokens, "

@@ -6,7 +6,8 @@ model object is used as is: a sparsified model differs only in its FFN modules),
 between the two measures the FFN. On CUDA one decode step (embedding, every layer, the LM head, the
 token choice, end-of-sequence bookkeeping, the cache write and the position increments) is captured
 once as a CUDA graph and replayed per token; the loop looks at the device only every
-`Decoder.check_every` steps, and only when it may stop early. On the CPU the same step runs eagerly.
+`Decoder.check_every` steps, and only when it may stop early. On the CPU the same step runs eagerly,
+its dense linears through the C++ GEMV of `countdown.cpu_route` (sparse modules pick their C++ kernels).
 
 A decoder serves one batch size (1 to `MAX_BATCH`) and one cache length. Rows may be left-padded:
 like ``model.generate``, each row's positions count its unmasked tokens, and masked slots are never
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from . import correction as correction_mod
-from . import gqa_decode, sampling
+from . import cpu_route, gqa_decode, sampling
 from .options import MAX_BATCH, DecodeOptions
 
 MAX_EOS = 16  # end-of-sequence ids one call may name (a fixed-size buffer, so no recapture)
@@ -303,7 +304,10 @@ class Decoder:
         rolls back to the first rejected token; the cache needs ``k`` spare slots."""
         attention = (gqa_decode.decode_attention(self.model, self.options.attention_kernel)
                      if self.options.gqa_attention else nullcontext())
-        with attention:
+        # on a CPU, the dense linears of each step through the C++ GEMV (`countdown.cpu_route`)
+        routed = self.device.type == "cpu" and self.options.cpu_linears
+        linears = cpu_route.dense_linears(self.model) if routed else nullcontext()
+        with attention, linears:
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
                                   eos_token_id, pad_token_id, generator, correct_every, accept)
 

@@ -270,7 +270,8 @@ class SparseFFN(_SparseModule):
     """Drop-in replacement for a gated MLP (Llama/Mistral/Qwen/Gemma/Phi-3)."""
 
     # which path and kernel variant serve decode tokens (`countdown.KernelPolicy`; its mode "auto": Triton
-    # kernels on CUDA, "off": reference path only, "always": wherever Triton runs them). Set with `set_kernels`.
+    # kernels on CUDA, the C++ ones of `countdown.kernels.cpu` on a CPU; "off": reference path only; "always":
+    # wherever Triton runs them, the CPU interpreter included, for tests). Set with `set_kernels`.
     kernels = KernelPolicy()
 
     def __init__(self, site: FFNSite, method: Method, rule: Keep, spec: SparsitySpec | None = None,
@@ -400,13 +401,29 @@ class SparseFFN(_SparseModule):
             return f"activation {self.act_name!r} has no kernel"
         if self.has_bias():
             return "the FFN's projections have biases, which the kernels do not add"
-        if policy.mode == "auto" and x.device.type != "cuda":
-            return f"input is on {x.device.type}; kernels='auto' uses them on CUDA only"
+        on_cpu = kernels.uses_cpu_kernels(policy, x.device)
+        if policy.mode == "auto" and x.device.type not in ("cuda", "cpu"):
+            return f"input is on {x.device.type}; kernels='auto' uses them on CUDA and the CPU only"
+        if on_cpu and kernels.cpu.extension_reason() is not None:
+            return kernels.cpu.extension_reason()
         if not self.kernel_layout_ready():
             if not relayout_allowed(x):
                 return "the weights are not in the kernel layout; call countdown.set_kernels(model) before capture"
-            self.use_kernel_layout(True)  # first eager call after the model moved to the GPU
+            self.use_kernel_layout(True)  # first eager call after the model moved to the GPU (or to the CPU)
+        if on_cpu:
+            return kernels.cpu.unavailable_reason(x, *self._kernel_weights())
         return kernels.kernel_unavailable_reason(x, self.down_t())
+
+    def _kernel_weights(self) -> list[torch.Tensor]:
+        """The weights the method's kernel reads, in the layout it reads them."""
+        if "gate" in self.method.kernel_layout:
+            return [*self.input_major(), self.down_t()]
+        return [self.gate_weight(), self.up_weight(), self.down_t()]
+
+    def kernel_ops(self, x: torch.Tensor):
+        """The ops serving decode tokens ``x`` once `kernel_skip_reason` said None: `countdown.kernels.cpu`
+        (C++) or `countdown.kernels` (Triton; on a CPU its interpreter, under kernels="always")."""
+        return kernels.cpu if kernels.uses_cpu_kernels(self.kernels, x.device) else kernels
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_skip_reason(x) is None:
@@ -582,17 +599,20 @@ def remove(model: nn.Module) -> None:
                     setattr(parent, name, module.original[0])
 
 
-def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
+def set_kernels(model: nn.Module, policy: str | KernelPolicy = "auto") -> int:
     """Store the `countdown.KernelPolicy` (or mode string) on every installed sparse FFN; its mode: "auto"
-    (Triton kernels for decode tokens on CUDA, reference elsewhere), "off" (always the reference path) or
-    "always" (kernels wherever Triton can run them, the CPU interpreter included). Lays W_down out for
-    the kernels now, not inside a CUDA-graph capture or a torch.compile trace. Returns how many FFNs were set."""
-    policy = KernelPolicy.of(kernels)
+    (Triton kernels for decode tokens on CUDA, the C++ kernels of `countdown.kernels.cpu` on a CPU where
+    they build, reference elsewhere), "off" (always the reference path) or "always" (kernels wherever
+    Triton can run them, the CPU interpreter included). Lays W_down out for the kernels now, not inside a
+    CUDA-graph capture or a torch.compile trace. Returns how many FFNs were set."""
+    policy = KernelPolicy.of(policy)
     mode = policy.mode
     modules = [m for m in sparse_modules(model) if isinstance(m, SparseFFN)]
     for m in modules:
         m.kernels = policy
-        on_gpu = m.down_proj.weight.device.type == "cuda"
-        wanted = m.method.has_kernel and (mode == "always" or (mode == "auto" and on_gpu))
+        device = m.down_proj.weight.device
+        served = device.type == "cuda" or (kernels.uses_cpu_kernels(policy, device)
+                                           and kernels.cpu.extension_reason() is None)
+        wanted = m.method.has_kernel and (mode == "always" or (mode == "auto" and served))
         m.use_kernel_layout(wanted)
     return len(modules)

@@ -26,7 +26,6 @@ from typing import Callable, ClassVar, Protocol
 
 import torch
 
-from . import kernels
 
 Keep = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -75,6 +74,8 @@ class FFNParts(Protocol):
     def down_t(self) -> torch.Tensor: ...
     def input_major(self) -> list[torch.Tensor]: ...  # [H, I] gate/up (or one [H, 2I] fused gate_up)
     def threshold(self, site: str) -> torch.Tensor: ...
+    # the ops serving decode tokens x: `countdown.kernels` (Triton) or `countdown.kernels.cpu` (C++)
+    def kernel_ops(self, x: torch.Tensor): ...
 
     # weight-derived constants (gated FFNs; cached by the module until the weights change) and
     # calibration statistics
@@ -184,7 +185,8 @@ class Method:
         raise NotImplementedError
 
     def kernel_forward(self, parts: FFNParts, x: torch.Tensor) -> torch.Tensor:
-        """The FFN output for decode tokens x through this method's Triton op (``has_kernel`` only);
+        """The FFN output for decode tokens x through this method's kernel op (``has_kernel`` only), from
+        ``parts.kernel_ops(x)``: the Triton ops on CUDA, the C++ ones (`countdown.kernels.cpu`) on a CPU;
         ``parts.threshold(site)`` is a site's 1-element threshold on x's device. A score that rescales
         another per neuron becomes a per-neuron threshold vector (`per_neuron_threshold`)."""
         raise NotImplementedError(f"method {self.name!r} has no kernel")
@@ -219,7 +221,7 @@ class Cats(Method):
 
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
-        return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
+        return parts.kernel_ops(x).fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
                                         act=parts.kernel_act, dense="gate", policy=parts.kernels)
 
 
@@ -250,7 +252,7 @@ class MCountdown(Method):
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
         # the op's dense projection is W_up here, its sparse one W_gate
-        return kernels.fused_gather_ffn(x, parts.up_weight(), parts.gate_weight(), parts.down_t(), threshold,
+        return parts.kernel_ops(x).fused_gather_ffn(x, parts.up_weight(), parts.gate_weight(), parts.down_t(), threshold,
                                         act=parts.kernel_act, dense="up", policy=parts.kernels)
 
 
@@ -273,7 +275,7 @@ class DCountdownIdeal(Method):
 
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
-        return kernels.coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
+        return parts.kernel_ops(x).coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), threshold,
                                        act=parts.kernel_act, policy=parts.kernels)
 
 
@@ -295,7 +297,7 @@ class DCountdown(Method):
 
     def kernel_forward(self, parts, x):
         threshold = parts.threshold("coef")
-        return kernels.predicted_sparse_ffn(x, parts.predict(x), parts.gate_weight(), parts.up_weight(),
+        return parts.kernel_ops(x).predicted_sparse_ffn(x, parts.predict(x), parts.gate_weight(), parts.up_weight(),
                                             parts.down_t(), threshold, act=parts.kernel_act, policy=parts.kernels)
 
 
@@ -321,10 +323,10 @@ class Teal(Method):
 
     def kernel_forward(self, parts, x):
         # input-sparse GEMVs: gate and up read the rows of the kept input channels, down those of kept t
-        projections = kernels.input_sparse_linears(x, parts.input_major(), parts.threshold("input"), policy=parts.kernels)
+        projections = parts.kernel_ops(x).input_sparse_linears(x, parts.input_major(), parts.threshold("input"), policy=parts.kernels)
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
-        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"), policy=parts.kernels)
+        return parts.kernel_ops(x).input_sparse_linear(t, parts.down_t(), parts.threshold("coef"), policy=parts.kernels)
 
 
 class DejaVu(Method):
@@ -356,7 +358,7 @@ class DejaVu(Method):
         return _two_of_three(kind, skipped["coef"])
 
     def kernel_forward(self, parts, x):
-        return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(),
+        return parts.kernel_ops(x).fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(),
                                         parts.threshold("coef"), act=parts.kernel_act, dense="gate",
                                         score_act=False, signed=True, policy=parts.kernels)
 
@@ -396,7 +398,7 @@ class SCountdown(Method):
     def kernel_forward(self, parts, x):
         thr = per_neuron_threshold(parts, "s-countdown:coef", (parts.threshold("coef"), parts.column_norms("down")),
                                    _saliency_threshold)
-        return kernels.coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
+        return parts.kernel_ops(x).coefficient_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
                                        act=parts.kernel_act, policy=parts.kernels)
 
 
@@ -480,7 +482,7 @@ class Chess(Method):
     def kernel_forward(self, parts, x):
         thr = per_neuron_threshold(parts, "chess:coef", (parts.threshold("coef"), parts.stat("up_abs_mean")),
                                    _rescaled_threshold)
-        return kernels.fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
+        return parts.kernel_ops(x).fused_gather_ffn(x, parts.gate_weight(), parts.up_weight(), parts.down_t(), thr,
                                         act=parts.kernel_act, dense="gate", score_act=True, policy=parts.kernels)
 
 
@@ -526,11 +528,11 @@ class Wina(Method):
 
     def kernel_forward(self, parts, x):
         thr_in, norms_in = parts.threshold("input"), parts.column_norms("gate")
-        projections = kernels.input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in,
+        projections = parts.kernel_ops(x).input_sparse_linears(x, parts.input_major(), thr_in, channel_scale=norms_in,
                                                      policy=parts.kernels)
         g, u = projections if len(projections) == 2 else projections[0].chunk(2, dim=-1)
         t = parts.act(g) * u
-        return kernels.input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),
+        return parts.kernel_ops(x).input_sparse_linear(t, parts.down_t(), parts.threshold("coef"),
                                            channel_scale=parts.column_norms("down"), policy=parts.kernels)
 
 

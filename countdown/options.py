@@ -106,6 +106,9 @@ class DecodeOptions:
     attention_kernel: that packed one-token attention through countdown's Triton kernel
         (`countdown.kernels.decode_attention`) instead of SDPA: "auto" (on CUDA), "always" (also in
         Triton's CPU interpreter: tests) or "off" (H100: 7.2 against 14.9 µs a layer at batch 1).
+    cpu_linears: on a CPU model, every plain ``nn.Linear`` of a decode step (attention projections, dense
+        MLPs, the LM head) through countdown's C++ GEMV (`countdown.cpu_route`) instead of ``F.linear``;
+        False gives torch's own (the dense baseline of issue 26's A/B).
     """
 
     compile: bool = False
@@ -113,9 +116,10 @@ class DecodeOptions:
     compile_pdl: bool = True
     gqa_attention: bool = True
     attention_kernel: str = "auto"
+    cpu_linears: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("compile", "compile_pdl", "gqa_attention"):
+        for name in ("compile", "compile_pdl", "gqa_attention", "cpu_linears"):
             _flag(f"DecodeOptions.{name}", getattr(self, name))
         _choice("DecodeOptions.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         pairs = self.compile_options

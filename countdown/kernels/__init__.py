@@ -31,7 +31,10 @@ Every FFN and input-sparse op takes ``policy=`` (a `countdown.KernelPolicy`; def
 The ops serve decode batches of 1 to 16 tokens (x [H], [B, H] or [B, 1, H]; vectors [B, I]): one
 token runs the batch-1 kernel (``_core``), 2 to 16 tokens the batched kernels (``batch_ffn``), where
 each token keeps its own neurons and the rows of the batch's union are read once.
-``countdown.kernels.reference`` has the same functions in pure torch (any device, any batch).
+``countdown.kernels.reference`` has the same functions in pure torch (any device, any batch), and
+``countdown.kernels.cpu`` the same ops for CPU tensors (a C++ extension built on first use; its
+``unavailable_reason`` says when it does not serve). `uses_cpu_kernels(mode, device)` says which of the
+two kernel families a kernels mode picks on a device.
 A caller picks the path with ``kernel_unavailable_reason(x, w_down_t)``: None means the Triton
 kernels apply (CUDA tensors, decode batch of at most 16, supported dtype/shape, Triton installed);
 otherwise the string says why (e.g. "prefill", "batch B = 32 > 16"), and the reference function
@@ -40,7 +43,10 @@ must be used.
 
 from __future__ import annotations
 
-from . import reference
+import torch
+
+from ..options import KernelPolicy
+from . import cpu, reference
 from .pack import HAS_TRITON, MAX_BATCH, MAX_HIDDEN, interpret_mode, kernel_unavailable_reason
 
 if HAS_TRITON:
@@ -63,11 +69,20 @@ else:
     decode_attention_unavailable_reason = input_sparse_unavailable_reason
 
 
+def uses_cpu_kernels(policy: KernelPolicy | str, device: torch.device) -> bool:
+    """Whether a kernel policy (or its mode string) serves tensors on ``device`` with the C++ CPU ops
+    (`cpu`): on a CPU under "auto", and under "always" where Triton (whose interpreter runs the Triton
+    ops on a CPU, for their tests) is not installed."""
+    mode = KernelPolicy.of(policy).mode
+    return device.type == "cpu" and (mode == "auto" or (mode == "always" and not HAS_TRITON))
+
+
 __all__ = [
     "HAS_TRITON",
     "MAX_BATCH",
     "MAX_HIDDEN",
     "coefficient_ffn",
+    "cpu",
     "decode_attention",
     "decode_attention_unavailable_reason",
     "fused_gather_ffn",
@@ -80,4 +95,5 @@ __all__ = [
     "predicted_sparse_ffn",
     "reference",
     "sparse_down",
+    "uses_cpu_kernels",
 ]
