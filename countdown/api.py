@@ -364,7 +364,7 @@ def has_saved_sparsity(folder: str | Path) -> bool:
         return False
 
 
-def from_pretrained(folder: str | Path, *, kernels: str = "auto", **kwargs) -> nn.Module:
+def from_pretrained(folder: str | Path, *, kernels: str | KernelPolicy = "auto", **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(folder, **kwargs)``, sparsified again as it was saved (if it
     was saved from a sparsified model: ``model.save_pretrained(folder)``); otherwise the dense model."""
     from transformers import AutoModelForCausalLM

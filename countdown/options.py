@@ -39,7 +39,8 @@ def _flag(name: str, value: object) -> None:
 class KernelPolicy:
     """Which path and kernel variant serve a sparse module's decode tokens.
 
-    mode: "auto" (Triton kernels for decode tokens on CUDA, the reference path elsewhere), "off" (the
+    mode: "auto" (Triton kernels for decode tokens on CUDA, the C++ ones of `countdown.kernels.cpu` on a
+        CPU where they build, the reference path elsewhere), "off" (the
         reference path only) or "always" (kernels wherever Triton runs them, its CPU interpreter included:
         tests). `kernel_skip_reason` of each module applies it.
     input_sparse: the input-sparse GEMV kernel (TEAL, WINA, attention inputs): "walk"
