@@ -305,7 +305,8 @@ class Decoder:
         attention = (gqa_decode.decode_attention(self.model, self.options.attention_kernel)
                      if self.options.gqa_attention else nullcontext())
         # on a CPU, the dense linears of each step through the C++ GEMV (`countdown.cpu_route`)
-        routed = self.device.type == "cpu" and self.options.cpu_linears
+        # (not under compile: the C++ ops are plain extension calls, not torch.library ops Dynamo can trace)
+        routed = self.device.type == "cpu" and self.options.cpu_linears and not self.options.compile
         linears = cpu_route.dense_linears(self.model) if routed else nullcontext()
         with attention, linears:
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,

@@ -35,6 +35,7 @@ from .evaluate import perplexity
 from .generation import clear_cache, decoder_for, generate
 from .methods import get_method
 from .models import UnsupportedModelError, attention_sites, ffn_sites
+from .options import DecodeOptions, KernelPolicy
 
 
 @dataclass
@@ -343,7 +344,9 @@ class BenchPlan:
                     new_tokens=self.new_tokens, repeats=self.repeats, generate_repeats=self.generate_repeats,
                     routes=self.routes, route_tokens=self.route_tokens, prefill_len=self.prefill_len,
                     positions=self.positions, attention=self.attention, max_seconds=self.max_seconds,
-                    fuse_qkv=self.fuse_qkv)
+                    fuse_qkv=self.fuse_qkv,
+                    # the options every point ran under (compile only at compile_batches)
+                    decode_options=dataclasses.asdict(DecodeOptions()), kernel_policy=dataclasses.asdict(KernelPolicy()))
 
 
 def measure_bench(

@@ -95,8 +95,10 @@ def test_kernel_path_reasons_for_auto_tracking_and_batches():
     model = _sparse_model("llama", "cats")
     module = sparse_modules(model)[0]
     x = torch.randn(1, 1, 32)
-    if DEVICE == "cpu":  # default "auto": the C++ CPU kernels, or the reason they are unavailable
-        assert module.kernel_skip_reason(x) == kernels.cpu.extension_reason()
+    if DEVICE == "cpu":  # default "auto": the C++ CPU kernels (no backward: decode runs without autograd)
+        with torch.no_grad():
+            assert module.kernel_skip_reason(x) == kernels.cpu.extension_reason()
+        assert "autograd" in module.kernel_skip_reason(x)
     module.kernels = "always"
     assert "tokens" in module.kernel_skip_reason(torch.randn(1, 3, 32, device=DEVICE))
     module.meter = ffn.SparsityMeter()

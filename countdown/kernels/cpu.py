@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..options import MAX_BATCH
-from .pack import ACTIVATIONS
+from .pack import ACTIVATIONS, check_gather_mode
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -142,12 +142,7 @@ def fused_gather_ffn(x: torch.Tensor, w_dense: torch.Tensor, w_sparse: torch.Ten
                      threshold: float | torch.Tensor, *, act: str = "silu", dense: str = "gate",
                      score_act: bool | None = None, signed: bool = False, policy=None) -> torch.Tensor:
     """As `reference.fused_gather_ffn`: w_dense [I, H] densely, the kept rows of w_sparse and w_down_t."""
-    if dense not in ("gate", "up"):
-        raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
-    if score_act is None:
-        score_act = dense == "gate"
-    if score_act and dense != "gate":
-        raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
+    score_act = check_gather_mode(dense, score_act)
     return extension().fused_gather_ffn(x, w_dense, w_sparse, w_down_t, _thr(threshold), _act_code(act),
                                         dense == "gate", score_act, signed)
 

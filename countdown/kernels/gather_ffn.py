@@ -28,7 +28,7 @@ import torch
 
 from . import _core, _runtime, batch_ffn
 from ..options import KernelPolicy
-from .pack import check_act, check_down, check_input, check_threshold, check_vector, check_weight
+from .pack import check_act, check_down, check_gather_mode, check_input, check_threshold, check_vector, check_weight
 
 
 __all__ = ["gather_ffn", "fused_gather_ffn"]
@@ -76,17 +76,12 @@ def _common(x, weights, w_down_t, threshold, act, dense, score_act, signed):
     for name, w in weights + (("w_down_t", w_down_t),):
         check_weight(name, w, (inter, hidden), w_down_t.dtype, w_down_t.device)
     check_act(act)
-    if dense not in ("gate", "up"):
-        raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
-    if score_act is None:
-        score_act = dense == "gate"
-    if score_act and dense != "gate":
-        raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
+    score_act = check_gather_mode(dense, score_act)
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {signed!r}")
     xv, batch = check_input(x, w_down_t)
     thr_t, thr_v = check_threshold(threshold, x.device, per_neuron=inter)
-    return xv, batch, inter, thr_t, thr_v, bool(score_act)
+    return xv, batch, inter, thr_t, thr_v, score_act
 
 
 def gather_ffn(x: torch.Tensor, a: torch.Tensor, w_sparse: torch.Tensor, w_down_t: torch.Tensor,

@@ -159,6 +159,18 @@ def check_act(act: str) -> None:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
+def check_gather_mode(dense: str, score_act: bool | None) -> bool:
+    """The gather ops' ``score_act`` resolved (default: the activation applies when the gate is the dense
+    projection), after checking ``dense`` ("gate" | "up") and that an activated score has a gate to act on."""
+    if dense not in ("gate", "up"):
+        raise ValueError(f"dense must be 'gate' or 'up', got {dense!r}")
+    if score_act is None:
+        score_act = dense == "gate"
+    if score_act and dense != "gate":
+        raise ValueError("score_act=True needs dense='gate' (the activation applies to the gate)")
+    return bool(score_act)
+
+
 def check_input(x: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tokens x ([H], [B, H] or [B, 1, H]) as [B, H] contiguous, and B; raises when the kernels
     cannot serve them (see ``kernel_unavailable_reason``)."""

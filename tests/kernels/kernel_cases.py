@@ -11,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from countdown import kernels  # noqa: E402
-from countdown.kernels import reference  # noqa: E402
+from countdown.kernels import _core, reference  # noqa: E402, F401  (_core: re-exported to the tests)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
