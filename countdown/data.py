@@ -15,13 +15,14 @@ import functools
 import html
 import os
 import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from . import hub
 
 Part = Literal["all", "calibration", "evaluation"]
 
@@ -152,12 +153,8 @@ _WIKITEXT_SPLIT: dict[Part, list[str]] = {
 }
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
+def _hub_reachable() -> bool:
+    return hub.unreachable_reason(()) is None  # the one probe of the process (`countdown.hub`)
 
 
 def _wikitext2(part: Part) -> str:

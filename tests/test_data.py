@@ -101,7 +101,7 @@ def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
 
 
 def test_wikitext2_offline_says_what_it_needs(monkeypatch):
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(data.CorpusNotInstalledError, match="wikitext2.*(internet|datasets)"):
