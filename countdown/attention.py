@@ -46,9 +46,10 @@ QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 DENSE_THRESHOLD = 0.0
 
 
-def _kernel_skip_reason(p: nn.Linear, x: torch.Tensor) -> str | None:
+def _kernel_skip_reason(p: nn.Linear, x: torch.Tensor, tokens: bool = True) -> str | None:
     """None when projection ``p`` can run ``x`` through the input-sparse kernel (laying its weight out
-    input-major first where that is allowed), else why not."""
+    input-major first where that is allowed), else why not (``tokens=False``, C++ kernels only: without
+    the per-call checks of ``x``)."""
     mode = KernelPolicy.of(p.kernels).mode
     if mode == "off":
         return "kernels are switched off"
@@ -62,7 +63,7 @@ def _kernel_skip_reason(p: nn.Linear, x: torch.Tensor) -> str | None:
             return "the weight is not input-major; call countdown.set_kernels(model) before capture"
         use_input_major(p, True)  # first eager call after the model moved to the GPU (or to the CPU)
     if on_cpu:
-        return kernels.cpu.unavailable_reason(x, p.weight.t())
+        return kernels.cpu.unavailable_reason(x, p.weight.t()) if tokens else kernels.cpu.weights_reason(p.weight.t())
     return kernels.input_sparse_unavailable_reason(x, p.weight.t())
 
 
@@ -102,9 +103,22 @@ class SparseInputLinear(nn.Linear):
         return torch.cat([dense, self._sparse(x[..., n_dense:, :])], dim=-2)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
-        """None when ``x`` can run through the input-sparse GEMV, else why not."""
+        """None when ``x`` can run through the input-sparse GEMV, else why not. On a CPU (eagerly) the
+        answer for the projection itself (policy, meter, the weight's layout, the extension) is kept while
+        those stay the same; the token count and autograd are looked at on each call."""
         if self.meter is not None:
             return "measured-sparsity tracking is on (evaluation counts every mask on the reference path)"
+        if not torch.compiler.is_compiling() and kernels.uses_cpu_kernels(self.kernels, x.device):
+            w = self.weight
+            state = (self.kernels, w, w.data_ptr(), kernels.cpu.extension_reason())
+            kept = self.__dict__.get("_cpu_skip")
+            if kept is None or kept[0] != state:
+                reason = _kernel_skip_reason(self, x, tokens=False)
+                w = self.weight  # laid out anew by the check where it had to be
+                kept = self.__dict__["_cpu_skip"] = ((self.kernels, w, w.data_ptr(), state[-1]), reason)
+            if kept[1] is not None:
+                return kept[1]
+            return kernels.cpu.tokens_reason(x, self.weight)
         return _kernel_skip_reason(self, x)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ between the two measures the FFN. On CUDA one decode step (embedding, every laye
 token choice, end-of-sequence bookkeeping, the cache write and the position increments) is captured
 once as a CUDA graph and replayed per token; the loop looks at the device only every
 `Decoder.check_every` steps, and only when it may stop early. On the CPU the same step runs eagerly,
-its dense linears through the C++ GEMV of `countdown.cpu_route` (sparse modules pick their C++ kernels).
+its dense linears through the C++ GEMV of `countdown.cpu_route` (sparse modules pick their C++ kernels),
+compiled too with ``DecodeOptions(compile=True)`` (the C++ ops are registered torch ops).
 
 A decoder serves one batch size (1 to `MAX_BATCH`) and one cache length. Rows may be left-padded:
 like ``model.generate``, each row's positions count its unmasked tokens, and masked slots are never
@@ -163,6 +164,8 @@ class Decoder:
         self._top_k = torch.ones((), dtype=torch.long, device=dev)
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._rng = torch.Generator(device=dev)
+        # the CPU route's forwards are made once, so a compiled step's trace holds across generate calls
+        self._route = cpu_route.Route(model) if self.device.type == "cpu" and options.cpu_linears else None
         self._forward = model.forward
         if options.compile:
             self._forward = _compiled(model.forward, options)
@@ -305,10 +308,7 @@ class Decoder:
         attention = (gqa_decode.decode_attention(self.model, self.options.attention_kernel)
                      if self.options.gqa_attention else nullcontext())
         # on a CPU, the dense linears of each step through the C++ GEMV (`countdown.cpu_route`)
-        # (not under compile: the C++ ops are plain extension calls, not torch.library ops Dynamo can trace)
-        routed = self.device.type == "cpu" and self.options.cpu_linears and not self.options.compile
-        linears = cpu_route.dense_linears(self.model) if routed else nullcontext()
-        with attention, linears:
+        with attention, (self._route if self._route is not None else nullcontext()):
             return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
                                   eos_token_id, pad_token_id, generator, correct_every, accept)
 

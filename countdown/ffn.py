@@ -387,7 +387,32 @@ class SparseFFN(_SparseModule):
             use_input_major(projection, on)
 
     def kernel_skip_reason(self, x: torch.Tensor) -> str | None:
-        """None when ``x`` (decode tokens) can run through the method's kernel, else why not."""
+        """None when ``x`` (decode tokens) can run through the method's kernel, else why not.
+
+        On a CPU (eagerly) the answer for the module itself (policy, method, spec, meter, the weights'
+        dtype and layout, the extension) is kept while `_cpu_state` stays the same, and only what changes
+        from call to call (the token count, autograd) is looked at each time: the full check costs more
+        than the one-token kernel of a small layer."""
+        if not torch.compiler.is_compiling() and kernels.uses_cpu_kernels(self.kernels, x.device):
+            state = self._cpu_state()
+            kept = self.__dict__.get("_cpu_skip")
+            if kept is None or kept[0] != state:
+                reason = self._skip_reason(x, tokens=False)
+                kept = self.__dict__["_cpu_skip"] = (self._cpu_state(), reason)  # the state after a relayout
+            if kept[1] is not None:
+                return kept[1]
+            return kernels.cpu.tokens_reason(x, *(self._kernel_weights() if torch.is_grad_enabled() else ()))
+        return self._skip_reason(x)
+
+    def _cpu_state(self) -> tuple:
+        """What a CPU module's kernel verdict depends on besides the tokens: a changed policy, spec or meter,
+        a weight laid out anew (a new Parameter) or moved (new storage), or the extension's state."""
+        projections = (self.gate_up_proj,) if self._fused else (self.gate_proj, self.up_proj)
+        weights = tuple((p.weight, p.weight.data_ptr()) for p in (*projections, self.down_proj))
+        return (self.kernels, self.spec, self.meter, self.method, weights, kernels.cpu.extension_reason())
+
+    def _skip_reason(self, x: torch.Tensor, tokens: bool = True) -> str | None:
+        """`kernel_skip_reason` in full (``tokens=False``: without the per-call checks of ``x``)."""
         policy = KernelPolicy.of(self.kernels)
         if policy.mode == "off":
             return "kernels are switched off"
@@ -411,7 +436,10 @@ class SparseFFN(_SparseModule):
                 return "the weights are not in the kernel layout; call countdown.set_kernels(model) before capture"
             self.use_kernel_layout(True)  # first eager call after the model moved to the GPU (or to the CPU)
         if on_cpu:
-            return kernels.cpu.unavailable_reason(x, *self._kernel_weights())
+            weights = self._kernel_weights()
+            if not tokens:
+                return kernels.cpu.weights_reason(*weights)
+            return kernels.cpu.unavailable_reason(x, *weights)
         return kernels.kernel_unavailable_reason(x, self.down_t())
 
     def _kernel_weights(self) -> list[torch.Tensor]:

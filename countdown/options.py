@@ -109,8 +109,8 @@ class DecodeOptions:
         Triton's CPU interpreter: tests) or "off" (H100: 7.2 against 14.9 µs a layer at batch 1).
     cpu_linears: on a CPU model, every plain ``nn.Linear`` of a decode step (attention projections, dense
         MLPs, the LM head) through countdown's C++ GEMV (`countdown.cpu_route`) instead of ``F.linear``;
-        False gives torch's own (the dense baseline of issue 26's A/B). Not with ``compile``: the C++ ops
-        are extension calls that Dynamo cannot trace, so a compiled CPU step keeps torch's linears.
+        False gives torch's own (the dense baseline of issue 26's A/B). With ``compile`` too: the C++ ops
+        are registered torch ops (``torch.ops.countdown_cpu``) that the compiled step calls.
     """
 
     compile: bool = False

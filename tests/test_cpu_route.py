@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.profiler import profile
 
 import countdown
 from countdown import cpu_route
@@ -24,17 +26,27 @@ def _generate(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _Count:
-    """Counts calls of the C++ linear (the dense route's GEMV)."""
+    """Counts calls of the C++ GEMV (the dense route's ``linear`` and ``linear_input_major``, which the
+    route calls on the extension module it was built with)."""
 
     def __init__(self, monkeypatch):
-        self.calls = 0
-        original = cpu.linear
+        self.calls = 0  # the GEMV's
+        self.by_op: dict[str, int] = {}  # every op's
+        module, reason, seconds = cpu._extension()
+        count = self
 
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
+        class Counted:
+            def __getattr__(self, name):
+                fn = getattr(module, name)
 
-        monkeypatch.setattr(cpu, "linear", counted)
+                def counted(*args):
+                    count.calls += name.startswith("linear")
+                    count.by_op[name] = count.by_op.get(name, 0) + 1
+                    return fn(*args)
+
+                return counted
+
+        monkeypatch.setattr(cpu, "_extension", lambda: (Counted(), reason, seconds))
 
 
 def test_dense_route_is_taken_and_leaves_the_model_as_it_was(monkeypatch):
@@ -70,12 +82,74 @@ def test_every_method_through_the_cpu_route_equals_generate(method, dtype):
     assert torch.equal(Decoder(model, max_len=32).generate(prompt, 12).tokens, _generate(model, prompt, 12))
 
 
-def test_batched_route_equals_generate():
+def _ops_run(decoder: Decoder, prompt: torch.Tensor, n: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """(tokens, {registered C++ op: calls}) of one generate call: a compiled step calls the ops through
+    the dispatcher, which the profiler records by name."""
+    with profile() as prof:
+        result = decoder.generate(prompt, n)
+    calls: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith(cpu.NAMESPACE + "::"):
+            calls[event.name] = calls.get(event.name, 0) + 1
+    return result.tokens, calls
+
+
+@pytest.mark.parametrize("method", ["dense", "cats", "teal", "d-countdown-ideal"])
+def test_compiled_cpu_decode_keeps_the_kernels_in_one_graph(method):
+    model = tiny_model("llama")
+    if method != "dense":
+        countdown.sparsify(model, method, 0.5, calibration=tokens(4, 24), attention=0.5 if method == "teal" else None,
+                           progress=False)
+    prompt = tokens(1, 7, seed=4)
+    want = _generate(model, prompt, 10)
+    assert torch.equal(Decoder(model, max_len=32).generate(prompt, 10).tokens, want)  # eager
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = Decoder(model, max_len=32, options=countdown.DecodeOptions(compile=True))
+    assert torch.equal(decoder.generate(prompt, 10).tokens, want)  # traces and compiles the step
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    got, calls = _ops_run(decoder, prompt, 10)  # a second call: the same compiled step, no retrace
+    assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 1
+    n_linears = len(cpu_route.linear_modules(model))
+    sparse_op = {"dense": None, "cats": "fused_gather_ffn", "teal": "input_sparse_linear",
+                 "d-countdown-ideal": "coefficient_ffn"}[method]
+    assert calls.get(f"{cpu.NAMESPACE}::linear", 0) >= 9 * (n_linears - (2 * 3 if method != "dense" else 0))
+    if sparse_op is not None:
+        assert calls.get(f"{cpu.NAMESPACE}::{sparse_op}", 0) >= 9 * 2  # every layer of every decode step
+
+
+def test_registered_ops_equal_the_extension_functions():
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(3, 1, 33, generator=g), torch.randn(19, 33, generator=g)
+    thr = torch.tensor([0.3])
+    ops = getattr(torch.ops, cpu.NAMESPACE)
+    assert torch.equal(ops.linear(x, w), cpu.extension().linear(x, w))
+    assert torch.equal(ops.input_sparse_linear(x, w.t().contiguous(), thr, None),
+                       cpu.extension().input_sparse_linear(x, w.t().contiguous(), thr, None))
+    torch.library.opcheck(ops.linear.default, (x, w), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.fused_gather_ffn.default, (x, w, w, w, thr, 0, True, False, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("batch", [2, 4, 16])
+@pytest.mark.parametrize("method", ["dense", "m-countdown", "cats", "teal", "d-countdown-ideal"])
+def test_batched_route_takes_the_kernels_and_equals_generate(method, batch, monkeypatch):
     model = tiny_model("qwen2")
-    countdown.sparsify(model, "m-countdown", 0.5, calibration=tokens(4, 24), progress=False)
-    prompt = tokens(4, 6, seed=5)
-    got = Decoder(model, max_len=24, batch_size=4).generate(prompt, 8).tokens
+    if method != "dense":
+        countdown.sparsify(model, method, 0.5, calibration=tokens(4, 24), attention=0.5 if method == "teal" else None,
+                           progress=False)
+    count = _Count(monkeypatch)
+    prompt = tokens(batch, 6, seed=5)
+    got = Decoder(model, max_len=24, batch_size=batch).generate(prompt, 8).tokens
     assert torch.equal(got, _generate(model, prompt, 8))
+    # every decode step (7 of them, batch tokens each) of every layer through the C++ ops: the sparse ones
+    # read the union of the rows the batch's tokens keep (cpu_kernels.cpp, `union_rows`)
+    sparse_op = {"dense": "linear", "m-countdown": "fused_gather_ffn", "cats": "fused_gather_ffn",
+                 "teal": "input_sparse_linear", "d-countdown-ideal": "coefficient_ffn"}[method]
+    assert count.by_op.get(sparse_op, 0) >= 7 * 2
+    assert count.calls >= 7  # the LM head at least
 
 
 def test_without_the_extension_everything_takes_the_reference_path_and_says_why(monkeypatch):

@@ -12,6 +12,8 @@
 // AVX2 + FMA (+ F16C) when the compiler targets them (-march=native), a portable scalar loop otherwise.
 
 #include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -262,10 +264,13 @@ struct Thr {
   float operator[](int64_t i) const { return per_entry ? p[i] : p[0]; }
 };
 
-Thr thr_of(const at::Tensor& thr, int64_t width) {
-  TORCH_CHECK(thr.scalar_type() == at::kFloat && thr.is_contiguous(), "threshold must be contiguous fp32");
+// thresholds of any float dtype and shape holding 1 or `width` values (a module's buffer as it is: the
+// conversion happens here, not in Python per call); `holder` keeps a converted copy alive
+Thr thr_of(const at::Tensor& thr, int64_t width, at::Tensor& holder) {
+  TORCH_CHECK(thr.device().is_cpu() && at::isFloatingType(thr.scalar_type()), "threshold must be a float CPU tensor");
   TORCH_CHECK(thr.numel() == 1 || thr.numel() == width, "threshold must hold 1 or ", width, " values");
-  return {thr.data_ptr<float>(), thr.numel() != 1};
+  holder = thr.to(at::kFloat).contiguous();
+  return {holder.data_ptr<float>(), holder.numel() != 1};
 }
 
 // Ascending indices of the entries kept by at least one token (keep [B, I] as bytes).
@@ -317,7 +322,8 @@ at::Tensor fused_gather_ffn(const at::Tensor& x, const at::Tensor& w_dense, cons
   const int64_t B = x32.size(0);
   auto a = row_dot(w_dense, x32, c10::nullopt);  // [B, I]
   const float* ap = a.data_ptr<float>();
-  Thr th = thr_of(thr, I);
+  at::Tensor thr32;
+  Thr th = thr_of(thr, I, thr32);
   std::vector<uint8_t> keep(B * I);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < I; ++i) {
@@ -349,7 +355,8 @@ at::Tensor coefficient_ffn(const at::Tensor& x, const at::Tensor& w_gate, const 
   const int64_t B = x32.size(0);
   auto g = row_dot(w_gate, x32, c10::nullopt), u = row_dot(w_up, x32, c10::nullopt);
   const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>();
-  Thr th = thr_of(thr, I);
+  at::Tensor thr32;
+  Thr th = thr_of(thr, I, thr32);
   std::vector<uint8_t> keep(B * I);
   std::vector<float> t(B * I);
   for (int64_t b = 0; b < B; ++b)
@@ -396,7 +403,8 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& w_t, const
   const int64_t K = w_t.size(0);
   auto x32 = as_rows(x, K);
   const int64_t B = x32.size(0);
-  Thr th = thr_of(thr, K);
+  at::Tensor thr32;
+  Thr th = thr_of(thr, K, thr32);
   const float* sp = nullptr;
   at::Tensor scale;
   if (channel_scale.has_value()) {
@@ -422,6 +430,32 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& w_t, const
 }
 
 bool simd() { return CD_AVX2; }
+
+// Registered as torch ops (namespace countdown_cpu, CPU kernels here, fake kernels in Python beside the
+// wrappers), so torch.compile traces a decode step through them without a graph break.
+TORCH_LIBRARY(countdown_cpu, m) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+  m.set_python_module("countdown.kernels.cpu");
+#else
+  m.impl_abstract_pystub("countdown.kernels.cpu");
+#endif
+  m.def("linear(Tensor x, Tensor W) -> Tensor");
+  m.def("linear_input_major(Tensor x, Tensor W_t) -> Tensor");
+  m.def("fused_gather_ffn(Tensor x, Tensor w_dense, Tensor w_sparse, Tensor w_down_t, Tensor thr, int act, "
+        "bool dense_is_gate, bool score_act, bool is_signed) -> Tensor");
+  m.def("coefficient_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor thr, int act) -> Tensor");
+  m.def("masked_ffn(Tensor x, Tensor keep, Tensor w_gate, Tensor w_up, Tensor w_down_t, int act) -> Tensor");
+  m.def("input_sparse_linear(Tensor x, Tensor w_t, Tensor thr, Tensor? channel_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(countdown_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear_input_major", &linear_input_major);
+  m.impl("fused_gather_ffn", &fused_gather_ffn);
+  m.impl("coefficient_ffn", &coefficient_ffn);
+  m.impl("masked_ffn", &masked_ffn);
+  m.impl("input_sparse_linear", &input_sparse_linear);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
