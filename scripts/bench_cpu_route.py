@@ -13,7 +13,9 @@ warm-up (a compiled mode's warm-up includes its compile, reported separately).
 
 A configuration is ``method:sparsity[:attention]`` (attention: input sparsity of the attention
 projections, TEAL model-wide), or ``dense`` / ``dense-noroute`` (plain F.linear, the baseline before
-issue 26: ``DecodeOptions(cpu_linears=False)``). Run it on a quiet machine: on a loaded one the
+issue 26: ``DecodeOptions(cpu_linears=False)``). ``d-countdown`` needs ``--predictors FILE`` (trained for its
+sparsity by ``countdown train-predictors``; the predictor's own bytes are read every step and counted in
+its time). Run it on a quiet machine: on a loaded one the
 multi-threaded kernels wait on descheduled threads and every figure is noise.
 """
 
@@ -31,6 +33,7 @@ from countdown.data import calibration_text
 from countdown.decode import Decoder
 from countdown.kernels import cpu
 from countdown.loading import load
+from countdown.predictor import load_predictors
 from countdown.speed import read_bandwidth_gbs
 
 MODES = ("eager", "compiled")
@@ -59,6 +62,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--predictors", default=None, help="saved predictors for d-countdown (countdown train-predictors)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -86,7 +90,13 @@ def main() -> None:
         method, *rest = config.split(":")
         if method not in ("dense", "dense-noroute"):
             sparsity, attention = float(rest[0]), (float(rest[1]) if len(rest) > 1 else None)
-            countdown.sparsify(model, method, sparsity, calibration=calib, attention=attention, progress=False)
+            predictors = None
+            if method == "d-countdown":
+                if not args.predictors:
+                    ap.error("d-countdown needs --predictors FILE (countdown train-predictors ... -o FILE)")
+                predictors = load_predictors(model, args.predictors)
+            countdown.sparsify(model, method, sparsity, calibration=calib, attention=attention, progress=False,
+                               predictors=predictors)
         for mode in modes:
             torch._dynamo.reset()  # each compiled decoder traces its own model state
             options = countdown.DecodeOptions(cpu_linears=method != "dense-noroute", compile=mode == "compiled")
