@@ -64,6 +64,13 @@ class ByteModel:
         """Bytes read per decode step as a fraction of the dense step's."""
         return (self.dense + self.overhead - self.saved(allocation)) / self.dense
 
+    def measured_fraction(self, skipped: dict[str, float]) -> float:
+        """`fraction` at measured skipped fractions per site, each the mean over layers (as
+        `countdown.PerplexityResult.site_sparsity` and ``attention_sparsity`` give them; exact where
+        every layer has the same size)."""
+        saved = sum(sum(rates[j] for rates in self.rate) * skipped.get(site, 0.0) for j, site in enumerate(self.sites))
+        return (self.dense + self.overhead - saved) / self.dense
+
     def saved_for(self, fraction: float) -> float:
         """Bytes to save for a step reading ``fraction`` of the dense step's."""
         return self.dense + self.overhead - fraction * self.dense

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -43,20 +42,6 @@ def tokens(model_name: str, calib_windows: int, search_windows: int, search_len:
             "context": context}
 
 
-def measured_fraction(bm, result, method: str, attention: bool, model) -> float:
-    """Bytes read per step at the *measured* sparsities, as a fraction of the dense step's."""
-    from countdown.models import attention_sites, ffn_sites
-
-    ffn_bytes = sum(m.weight.numel() * m.weight.element_size() for s in ffn_sites(model) for m in s.modules.values())
-    read = bm.dense - ffn_bytes * (1 - result.ffn_bytes_read)
-    if attention:
-        sites = attention_sites(model)
-        qkv = sum(p.weight.numel() * p.weight.element_size() for s in sites for p in s.qkv)
-        o = sum(s.o.weight.numel() * s.o.weight.element_size() for s in sites)
-        read -= qkv * result.attention_sparsity.get("qkv", 0) + o * result.attention_sparsity.get("o", 0)
-    return read / bm.dense
-
-
 def run(args) -> None:
     import countdown
     from countdown import budget
@@ -70,12 +55,14 @@ def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {(r["method"], r["attention"], r["sparsity"], r["search"]) for r in map(json.loads, results.read_text()
-            .splitlines())} if results.is_file() else set()
+    rows = {(r["method"], r["attention"], r["sparsity"], r["search"]): r for r in map(json.loads, results.read_text()
+            .splitlines())} if results.is_file() else {}
+    done = set(rows)
     common = dict(context=toks["context"], positions="decode", prefix=toks["prefix"], progress=False)
     dense = countdown.perplexity(model, toks["eval"], **common)
     print(f"dense ppl {dense.ppl:.4f} on {dense.n_tokens} tokens", flush=True)
-    configs = [c for c in CONFIGS if c[0] in args.methods.split(",")]
+    wanted = [float(x) for x in args.sparsities.split(",")] if args.sparsities else None
+    configs = [c for c in CONFIGS if c[0] in args.methods.split(",") and (wanted is None or c[2] in wanted)]
     profiles = {}
     for method, attention, s in configs:
         bm = budget.byte_model(model, method, attention)
@@ -83,15 +70,22 @@ def run(args) -> None:
         for how in args.searches.split(","):
             if (method, attention, s, how) in done:
                 continue
+            if how == "greedy" and len(bm.sites) == 1 and (method, attention, s, "uniform") in rows:
+                # one site per block: the block-wise greedy is the uniform allocation (exactly its results)
+                row = {**rows[(method, attention, s, "uniform")], "search": "greedy", "summary": "= uniform"}
+                _append(results, row)
+                continue
             t0 = time.time()
             if how == "uniform":
                 alloc = None
             elif how == "greedy":
-                alloc = budget.greedy_allocation(model, method, fraction, toks["search"], attention=attention)
+                alloc = budget.greedy_allocation(model, method, fraction, toks["search"], attention=attention,
+                                                 step=args.greedy_step)
             else:
                 key = (method, attention)
                 if key not in profiles:
-                    profiles[key] = budget.sensitivity_profile(model, method, toks["search"], attention=attention)
+                    profiles[key] = budget.sensitivity_profile(model, method, toks["search"], attention=attention,
+                                                               grid=[float(g) for g in args.grid.split(",")])
                 alloc = budget.knapsack_allocation(profiles[key], bm, fraction)
             search_s = time.time() - t0
             sparsity = s if alloc is None else alloc
@@ -101,16 +95,21 @@ def run(args) -> None:
             r = countdown.perplexity(model, toks["eval"], **common)
             countdown.unsparsify(model)
             row = {"model": args.name or args.model, "method": method, "attention": attention, "sparsity": s,
-                   "search": how, "bytes": fraction, "bytes_measured": measured_fraction(bm, r, method, attention, model),
+                   "search": how, "bytes": fraction, "bytes_measured": bm.measured_fraction({**r.site_sparsity, **r.attention_sparsity}),
                    "ppl": r.ppl, "dense_ppl": dense.ppl, "delta_pct": 100 * (r.ppl / dense.ppl - 1),
                    "n_tokens": r.n_tokens, "search_seconds": search_s, "device": str(next(model.parameters()).device),
                    "allocation": None if alloc is None else alloc.to_meta(),
                    "summary": "uniform" if alloc is None else alloc.summary()}
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            rows[(method, attention, s, how)] = row
+            _append(results, row)
             print(f"{method} {'+attn ' if attention else ''}{s:.0%} {how}: bytes {fraction:.3f} "
                   f"(measured {row['bytes_measured']:.3f}) ppl {r.ppl:.3f} ({row['delta_pct']:+.1f}%) "
                   f"search {search_s:.0f}s", flush=True)
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def table(paths: list[str]) -> str:
@@ -142,10 +141,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", default="teal,m-countdown,chess")
     p.add_argument("--searches", default=",".join(SEARCHES))
+    p.add_argument("--sparsities", default=None, help="only these of the configurations' sparsities")
+    p.add_argument("--greedy-step", type=float, default=0.01, help="bytes per greedy step, of the block's")
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--search-windows", type=int, default=4)
     p.add_argument("--search-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="sensitivity grid")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--tokens", default=None, help="pre-tokenised text from --save-tokens")
     p.add_argument("--save-tokens", default=None)
