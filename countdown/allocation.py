@@ -17,7 +17,8 @@ ATTENTION_SITES = ("qkv", "o")  # as `countdown.models.ATTENTION_SITES` (a leaf 
 
 def _check_value(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"allocation {where}: sparsity must be a number in [0, 1), got {value!r}")
+        # one error type for any bad allocation (ValueError), as for a bad length or site
+        raise ValueError(f"allocation {where}: sparsity must be a number in [0, 1), got {value!r}")  # noqa: TRY004
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ValueError(f"allocation {where}: sparsity must be in [0, 1), got {value}")
     return float(value)
@@ -60,7 +61,8 @@ class Allocation:
     @staticmethod
     def _column(column: object, where: str) -> tuple[float, ...]:
         if isinstance(column, (str, bytes)) or not isinstance(column, Sequence):
-            raise ValueError(f"allocation {where}: expected a list of per-layer sparsities, got {column!r}")
+            # a ValueError, as for every other bad allocation
+            raise ValueError(f"allocation {where}: expected a list of per-layer sparsities, got {column!r}")  # noqa: TRY004
         if not column:
             raise ValueError(f"allocation {where}: no layers")
         return tuple(_check_value(v, f"{where}, layer {i}") for i, v in enumerate(column))

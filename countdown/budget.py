@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -371,7 +372,7 @@ def _lower_hull(xs: Sequence[float], ys: Sequence[float]) -> list[tuple[int, int
             else:
                 break
         hull.append(i)
-    return list(zip(hull, hull[1:]))
+    return list(pairwise(hull))
 
 
 def sensitivity_allocation(model: nn.Module, method: str, fraction: float, windows: torch.Tensor, *,

@@ -63,7 +63,7 @@ def tune(model: nn.Module, method: str, calibration: torch.Tensor, search_window
     if max_ppl_increase is not None and tune_ids is None:
         raise ValueError("a quality budget needs tune_ids: text to bisect on, apart from the held-out text")
     bm = budget.byte_model(model, method, attention)
-    common = dict(context=context, positions="decode", prefix=prefix, progress=False)
+    common = {"context": context, "positions": "decode", "prefix": prefix, "progress": False}
     profile = None
 
     def find(fraction: float) -> Allocation:

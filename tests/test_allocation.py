@@ -14,7 +14,7 @@ from tests.tiny_models import CONFIGS, tiny_model, tokens
 
 CAL = tokens(4, 24)
 IDS = tokens(1, 40, seed=5)
-OPTS = dict(positions="all", progress=False, kernels="off")
+OPTS = {"positions": "all", "progress": False, "kernels": "off"}
 
 
 def _run(model, method, sparsity, mode, **kw):

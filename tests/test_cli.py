@@ -218,3 +218,17 @@ def test_eval_tasks_equals_lm_eval_by_name(checkpoint):
     assert float(cells[-4]) == pytest.approx(out["results"][task]["acc,none"], abs=5e-5)  # acc
     assert float(cells[-3]) == pytest.approx(out["results"][task]["acc_norm,none"], abs=5e-5)  # acc_norm
     assert cells[-2] == f"{out['config']['countdown']['measured']['sparsity']:.1%}"
+
+
+def test_tune_prints_its_table_and_saves_a_model_that_loads_with_its_allocation(checkpoint, tmp_path):
+    r = invoke("tune", "--model", checkpoint, "--method", "m-countdown", "--bytes", "0.997", "--search", "greedy",
+               "--calib-windows", "2", "--search-windows", "1", "--search-len", "32", "--eval-tokens", "128",
+               "--save", tmp_path / "tuned", *SMALL)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "bytes read (of dense step)" in text and "0.997" in text and "decode positions" in text
+    import countdown
+
+    model = countdown.from_pretrained(tmp_path / "tuned", kernels="off")
+    spec = countdown.sparsity_spec(model)
+    assert spec.method == "m-countdown" and spec.positions == "decode" and spec.allocation.n_layers == 2

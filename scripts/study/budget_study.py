@@ -58,7 +58,7 @@ def run(args) -> None:
     rows = {(r["method"], r["attention"], r["sparsity"], r["search"]): r for r in map(json.loads, results.read_text()
             .splitlines())} if results.is_file() else {}
     done = set(rows)
-    common = dict(context=toks["context"], positions="decode", prefix=toks["prefix"], progress=False)
+    common = {"context": toks["context"], "positions": "decode", "prefix": toks["prefix"], "progress": False}
     dense = countdown.perplexity(model, toks["eval"], **common)
     print(f"dense ppl {dense.ppl:.4f} on {dense.n_tokens} tokens", flush=True)
     wanted = [float(x) for x in args.sparsities.split(",")] if args.sparsities else None
@@ -117,8 +117,8 @@ def table(paths: list[str]) -> str:
     by = {}
     for r in rows:
         by[(r["model"], r["method"], r["attention"], r["sparsity"], r["search"])] = r
-    lines = ["| model | configuration | bytes read (of dense step) | uniform Δppl | greedy Δppl | sensitivity Δppl "
-             "| sensitivity vs uniform |", "|---|---|---|---|---|---|---|"]
+    lines = [("| model | configuration | bytes read (of dense step) | uniform Δppl | greedy Δppl | sensitivity Δppl "
+              "| sensitivity vs uniform |"), "|---|---|---|---|---|---|---|"]
     for (model, method, attention, s, how), r in sorted(by.items()):
         if how != "uniform":
             continue
