@@ -128,7 +128,7 @@ def table(paths: list[str]) -> str:
         fmt = {h: (f"{c['delta_pct']:+.1f}% ({c['bytes_measured']:.3f})" if c else "—") for h, c in cells.items()}
         gain = "—"
         if cells["sensitivity"] and cells["uniform"]["delta_pct"] > 0:
-            gain = f"{1 - cells['sensitivity']['delta_pct'] / cells['uniform']['delta_pct']:.0%} less"
+            gain = f"{1 - cells['sensitivity']['delta_pct'] / cells['uniform']['delta_pct']:.1%} less"
         lines.append(f"| {model} | {name} | {r['bytes']:.3f} | {fmt['uniform']} | {fmt['greedy']} | "
                      f"{fmt['sensitivity']} | {gain} |")
     return "\n".join(lines)
