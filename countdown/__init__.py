@@ -26,6 +26,7 @@ from .api import (
     sparsify,
     unsparsify,
 )
+from .allocation import Allocation
 from .attention import fuse_qkv, unfuse_qkv
 from .calibrate import Calibration
 from .decode import Decoder
@@ -42,6 +43,7 @@ from .spec import OFFICIAL_PROTOCOL, Protocol, SparsitySpec
 
 __all__ = [
     "AlreadySparsifiedError",
+    "Allocation",
     "Calibration",
     "DecodeOptions",
     "Decoder",

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import artifact, ffn, parallel
 from . import attention as attention_mod
+from .allocation import ATTENTION_SITES, Allocation
 from .calibrate import Calibration, collect_many, sequential_thresholds
 from .data import calibration_windows
 from .ffn import is_sparsified
@@ -21,6 +22,7 @@ from .spec import Protocol, SparsitySpec, check_protocol
 
 MODES = ("threshold", "topk")
 
+SparsityInput = Union[float, Allocation, Sequence[float]]
 CalibrationInput = Union[str, Sequence[str], torch.Tensor, Sequence[torch.Tensor], Calibration]
 PredictorInput = Union[Predictors, Sequence[dict[str, torch.Tensor]]]
 
@@ -80,7 +82,7 @@ def calibrate_methods(
 def sparsify(
     model: nn.Module,
     method: str = "m-countdown",
-    sparsity: float = 0.5,
+    sparsity: SparsityInput = 0.5,
     *,
     calibration: CalibrationInput | None = None,
     tokenizer=None,
@@ -90,7 +92,7 @@ def sparsify(
     max_windows: int | None = 32,
     batch_size: int = 1,
     predictors: PredictorInput | None = None,
-    attention: float | None = None,
+    attention: float | Allocation | Sequence[float] | None = None,
     progress: bool = True,
     kernels: str | KernelPolicy = "auto",
     **protocol_options,
@@ -123,39 +125,84 @@ def sparsify(
     ``sparsify(model, "teal", 0.5, attention=0.5, calibration=...)``); it needs calibration text.
     ``kernels="auto"`` runs decode tokens on CUDA through the Triton kernels; "off" keeps the
     reference path everywhere; a `countdown.KernelPolicy` also picks kernel variants. Every input is checked before the model is touched.
+
+    ``sparsity`` may be non-uniform: a `countdown.Allocation` (per layer, or per site and layer: the
+    method's sites and, for attention input sparsity, "qkv" and "o") or a list of per-layer floats
+    (every site of layer i at the i-th); ``attention`` likewise takes a per-layer list. Threshold mode
+    calibrates every (layer, site) to its own target, top-k mode keeps each layer's own count. An
+    allocation with every value ``s`` gives exactly what ``sparsity=s`` gives.
     """
     m = get_method(method)
-    sparsity = check_sparsity(sparsity)
+    sites = ffn_sites(model)
+    sparsity, attention, allocation = resolve_allocation(m, sparsity, attention, len(sites))
     kernels = KernelPolicy.of(kernels)
     protocol = _protocol_for(m, predictors, protocol, protocol_options)
-    sites = ffn_sites(model)
     check_ffn_kind(m, {site.kind for site in sites})
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
     logit_rule = protocol.threshold_rule == "zero" and mode != "topk"  # logit > 0: nothing to calibrate
+    if logit_rule and allocation is not None:
+        raise ValueError("threshold_rule='zero' keeps predictor logits > 0 whatever the target: a per-layer "
+                         "allocation has no effect under it; use threshold_rule='pooled' (or mode='topk')")
     mode = mode or ("threshold" if calibration is not None or logit_rule else "topk")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     parallel.check(sites, m, mode)
-    layers = _predictor_layers(predictors, sites, sparsity) if m.needs_predictor else None
+    # predictors trained for one sparsity serve an allocation's per-layer thresholds (its targets differ)
+    trained_for = sparsity if allocation is None else None
+    layers = _predictor_layers(predictors, sites, trained_for) if m.needs_predictor else None
     collect = dict(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, progress=progress)
+    spec = SparsitySpec(m.name, sparsity, mode, m.sites, **protocol, attention=attention, allocation=allocation)
     attention_thresholds = None
     if attention is not None:
-        attention = check_sparsity(attention)
         attention_mod.check_supported(model)
         if calibration is None or isinstance(calibration, Calibration) or mode != "threshold":
             raise ValueError("attention=... needs calibration text or token batches (its thresholds are calibrated "
                              "in threshold mode; a Calibration object holds one method's scores only)")
         cals = calibrate_methods(model, [m.name], calibration, tokenizer, predictors=layers, attention=True, **collect)
-        attention_thresholds = cals["attention"].thresholds(attention)
+        attention_thresholds = cals["attention"].thresholds(spec.attention_targets())
         calibration = cals.get(m.name, calibration)  # the same pass serves the FFN's thresholds
-    spec = SparsitySpec(m.name, sparsity, mode, m.sites, **protocol, attention=attention)
     thresholds, stats = _thresholds(model, sites, m, spec, calibration, tokenizer, layers, logit_rule, collect)
     _install(model, sites, m, spec, thresholds, layers, stats)
     if attention_thresholds is not None:
         attention_mod.install(model, spec, attention_thresholds)
     set_kernels(model, kernels)
     return model
+
+
+def resolve_allocation(method: Method, sparsity: SparsityInput, attention: float | Allocation | Sequence[float] | None,
+                       n_layers: int) -> tuple[float, float | None, Allocation | None]:
+    """(mean FFN sparsity, mean attention sparsity or None, the allocation or None) for ``sparsify``'s
+    ``sparsity`` and ``attention`` arguments. Plain numbers stay uniform (allocation None); an
+    `Allocation` or a list becomes one allocation naming every site it covers (the method's, and
+    "qkv"/"o" with attention sparsity), checked against the model's layers and the method's sites."""
+    def given(value) -> bool:
+        return isinstance(value, (Allocation, list, tuple))
+
+    if not given(sparsity) and not given(attention):
+        return check_sparsity(sparsity), None if attention is None else check_sparsity(attention), None
+    ffn_alloc = Allocation(sparsity) if given(sparsity) else Allocation.uniform(check_sparsity(sparsity), n_layers)
+    ffn_alloc.check_sites((*method.sites, *ATTENTION_SITES), method.name)
+    ffn_alloc.table(method.sites, n_layers)  # the layer count, and a value for every site of the method
+    columns = {site: list(ffn_alloc.site_values(site)) for site in method.sites}
+    attention_named = [s for s in ATTENTION_SITES if ffn_alloc.sites is not None and s in ffn_alloc.sites]
+    attention_alloc = None
+    if attention_named:
+        if attention is not None:
+            raise ValueError("the allocation gives the attention sites ('qkv', 'o') their sparsity: leave attention=None")
+        attention_alloc = ffn_alloc
+    elif attention is not None:
+        attention_alloc = Allocation(attention) if given(attention) else Allocation.uniform(check_sparsity(attention),
+                                                                                             n_layers)
+        attention_alloc.check_sites(ATTENTION_SITES, "attention")
+    if attention_alloc is not None:
+        columns.update({site: list(values) for site, values in
+                        zip(ATTENTION_SITES, zip(*attention_alloc.table(ATTENTION_SITES, n_layers)))})
+    if not columns:  # a method without sites (dense): nothing to allocate
+        return ffn_alloc.mean(), None, None
+    allocation = Allocation(columns)
+    mean = allocation.mean(method.sites) if method.sites else 0.0
+    return mean, allocation.mean(ATTENTION_SITES) if attention_alloc is not None else None, allocation
 
 
 def _protocol_for(method: Method, predictors: PredictorInput | None, protocol: Mapping[str, object] | None,
@@ -200,7 +247,7 @@ def _thresholds(model: nn.Module, sites: list[FFNSite], method: Method, spec: Sp
         return sequential_thresholds(model, sites, method, cal, spec, layers, collect["batch_size"],
                                      collect["progress"]), stats
     if threshold_mode:
-        return cal.thresholds(spec.sparsity, spec.threshold_rule, spec.threshold_adjust, spec.count_rule), stats
+        return cal.thresholds(spec.targets(), spec.threshold_rule, spec.threshold_adjust, spec.count_rule), stats
     return None, stats
 
 
@@ -216,7 +263,10 @@ def set_kernels(model: nn.Module, kernels: str | KernelPolicy = "auto") -> int:
 
 def _install(model: nn.Module, sites: list[FFNSite], method: Method, spec: SparsitySpec,
              thresholds: torch.Tensor | None, layers: list[dict] | None, stats: list[dict] | None = None) -> None:
-    rules = [ffn.Masker(spec, thresholds[i] if thresholds is not None else None) for i in range(len(sites))]
+    targets = spec.targets()
+    per_layer = None if isinstance(targets, (int, float)) else targets
+    rules = [ffn.Masker(spec, thresholds[i] if thresholds is not None else None,
+                        per_layer[i] if per_layer is not None else None) for i in range(len(sites))]
     # under tensor parallelism each rank keeps its neurons' rows of the per-neuron tensors
     shards = [parallel.ffn_shard(site) for site in sites]
     layers = parallel.local_layers(layers, shards, parallel.PREDICTOR_ROWS)
@@ -271,6 +321,7 @@ def save_sparsity(model: nn.Module, path: str | Path) -> Path:
         tensors["attention_thresholds"] = attention_thresholds
     meta = {"kind": "sparsity", "method": spec.method, "sparsity": spec.sparsity, "mode": spec.mode,
             "sites": list(spec.sites), **artifact.protocol_meta(spec), "attention": spec.attention,
+            "allocation": spec.allocation.to_meta() if spec.allocation is not None else None,
             "fingerprint": fingerprint(model)}
     if any(shards) and not parallel.is_writer():
         return Path(path)
@@ -286,6 +337,10 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str | KernelPo
         path = saved_artifact(path)
     meta, tensors = artifact.read(path)
     sites = ffn_sites(model)
+    allocation = artifact.allocation_from_meta(meta, path)
+    if allocation is not None and allocation.n_layers != len(sites):
+        raise ValueError(f"sparsity artifact ({path}) allocates sparsity to {allocation.n_layers} layers, this "
+                         f"model has {len(sites)}: it was made for another model")
     artifact.check_fingerprint(meta["fingerprint"], fingerprint(model), f"sparsity artifact ({path})")
     if is_sparsified(model):
         raise AlreadySparsifiedError("model is already sparsified; call countdown.unsparsify(model) first")
@@ -304,7 +359,8 @@ def load_sparsity(model: nn.Module, path: str | Path, *, kernels: str | KernelPo
             raise ValueError(f"{path}: attention sparsity {attention} but no attention thresholds")
     protocol = artifact.protocol_from_meta(meta)
     check_protocol(**protocol)
-    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, **protocol, attention=attention)
+    spec = SparsitySpec(method.name, meta["sparsity"], meta["mode"], method.sites, **protocol, attention=attention,
+                        allocation=allocation)
     _install(model, sites, method, spec, thresholds, layers, stats)
     if attention is not None:
         attention_mod.install(model, spec, tensors["attention_thresholds"])
@@ -333,7 +389,8 @@ class _SavePretrainedWithSparsity:
         if spec is None:  # unsparsified behind our back: a dense save
             return type(model).save_pretrained(model, save_directory, *args, **kwargs)
         setattr(model.config, CONFIG_KEY, {"file": SAVED_ARTIFACT, "method": spec.method, "sparsity": spec.sparsity,
-                                           "mode": spec.mode, "protocol": spec.protocol})
+                                           "mode": spec.mode, "protocol": spec.protocol,
+                                           "allocation": spec.allocation.summary() if spec.allocation else None})
         try:
             out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         finally:

@@ -6,7 +6,9 @@ Tensors: ``thresholds`` [L, n_sites] (float32) for a full artifact, per layer
 predictors, ``layers.{i}.stat_<name>`` ([I] float32)
 for per-neuron calibration statistics (CHESS's ``up_abs_mean``), and ``attention_thresholds`` [L, 2]
 for attention input sparsity. Metadata (key ``countdown``): format, version, kind ("sparsity" or
-"predictors"), method, sparsity (target), mode, sites, attention (its sparsity or null), the evaluation
+"predictors"), method, sparsity (target; its mean under an allocation), mode, sites, attention (its
+sparsity or null), allocation (per-layer, per-site targets: {"sites": [...], "values": [[...] per layer]},
+or null when uniform), the evaluation
 protocol (positions, count_rule, ties, threshold_rule, threshold_adjust: see `countdown.spec.SparsitySpec`),
 predictor_sparsity (the target the predictors were trained for), the model fingerprint, and for
 predictor files the predictor_recipe ("countdown" | "official"), predictor_kind ("lowrank" |
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .allocation import Allocation
 
 FORMAT = "countdown-sparsity"
 VERSION = 1
@@ -75,6 +79,17 @@ def protocol_meta(spec) -> dict:
 def protocol_from_meta(meta: dict) -> dict:
     """The protocol an artifact was made with (keyword arguments of `SparsitySpec`)."""
     return {key: meta.get(key, default) for key, default in _LEGACY_PROTOCOL.items()}
+
+
+def allocation_from_meta(meta: dict, path: str | Path):
+    """The artifact's per-layer allocation (`countdown.Allocation`), or None when it is uniform."""
+    raw = meta.get("allocation")
+    if raw is None:
+        return None
+    try:
+        return Allocation.from_meta(raw)
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise ValueError(f"{path}: its allocation metadata is corrupt: {err}") from err
 
 
 def check_fingerprint(found: dict, expected: dict, what: str) -> None:

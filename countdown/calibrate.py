@@ -29,6 +29,7 @@ With attention sites, the same pass records |input| of every layer's q/k/v and o
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,16 +61,24 @@ class Calibration:
     rows: list[dict[str, torch.Tensor]] = field(repr=False, default_factory=list)
     row_forwards: list[dict[str, torch.Tensor]] = field(repr=False, default_factory=list)
 
-    def thresholds(self, sparsity: float, rule: str = "pooled", adjust: float = 0.0,
+    def thresholds(self, sparsity: float | Sequence[Sequence[float]], rule: str = "pooled", adjust: float = 0.0,
                    count_rule: str = "floor") -> torch.Tensor:
-        """[num_layers, num_sites] thresholds for ``sparsity`` under ``rule`` (see the module docstring)."""
+        """[num_layers, num_sites] thresholds for ``sparsity`` under ``rule`` (see the module docstring):
+        one target for every layer and site, or a [num_layers][num_sites] table of targets
+        (`countdown.Allocation.table`), each (layer, site) calibrated to its own."""
         out = torch.empty(len(self.samples), len(self.sites), dtype=torch.float32)
         for i, layer in enumerate(self.samples):
             for j, site in enumerate(self.sites):
                 rows = self.rows[i].get(site) if self.rows else None
                 forwards = self.row_forwards[i].get(site) if self.row_forwards else None
-                out[i, j] = site_threshold(layer[site], rows, forwards, sparsity, rule, adjust, count_rule)
+                out[i, j] = site_threshold(layer[site], rows, forwards, target_at(sparsity, i, j), rule, adjust,
+                                           count_rule)
         return out
+
+
+def target_at(sparsity: float | Sequence[Sequence[float]], layer: int, site: int) -> float:
+    """The target of (layer, site): the one number, or its entry of a [layers][sites] table."""
+    return sparsity if isinstance(sparsity, (int, float)) else sparsity[layer][site]
 
 
 def site_threshold(values: torch.Tensor, rows: torch.Tensor | None, forwards: torch.Tensor | None,
@@ -291,7 +300,8 @@ def sequential_thresholds(
     model would skip far more than asked. Each later site is therefore re-calibrated on calibration
     text with the earlier sites already masked at their thresholds.
     """
-    thresholds = cal.thresholds(spec.sparsity, spec.threshold_rule, spec.threshold_adjust, spec.count_rule)
+    targets = spec.targets()  # one number, or [layers][sites] of an allocation
+    thresholds = cal.thresholds(targets, spec.threshold_rule, spec.threshold_adjust, spec.count_rule)
     for k in range(1, len(method.sites)):
         site = method.sites[k]
         recorders = [ScoreRecorder() for _ in sites]
@@ -299,6 +309,6 @@ def sequential_thresholds(
                  for i in range(len(sites))]
         _forward_all(model, sites, method, rules, predictors, cal.windows, batch_size, progress, cal.stats or None)
         for i, r in enumerate(recorders):
-            thresholds[i, k] = site_threshold(*r.gathered(site), spec.sparsity, spec.threshold_rule,
+            thresholds[i, k] = site_threshold(*r.gathered(site), target_at(targets, i, k), spec.threshold_rule,
                                               spec.threshold_adjust, spec.count_rule)
     return thresholds

@@ -698,6 +698,119 @@ def _predictors(model, path: Optional[Path]):
     return load_predictors(model, path)
 
 
+def _percent(value: str, option: str) -> float:
+    """"5%" or "0.05" as 0.05; a clear error for anything else."""
+    text = value.strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"{option} must be a fraction (0.05) or a percentage (5%), got {value!r}") from None
+    if not 0 < number < 10:
+        raise ValueError(f"{option} must be above 0 (and a fraction such as 0.05 or a percentage such as 5%), got {value!r}")
+    return number
+
+
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    model: str = ModelOpt,
+    method: str = typer.Option("teal", help="The method to allocate (every method but d-countdown)."),
+    bytes_: Optional[float] = typer.Option(None, "--bytes", help="Byte budget: a decode step reading this fraction of the "
+                                           "dense step's weight bytes (e.g. 0.65)."),
+    max_ppl_increase: Optional[str] = typer.Option(None, "--max-ppl-increase", help="Quality budget: the most perplexity "
+                                                   "may rise on held-out text, e.g. 5% (bisection over byte budgets)."),
+    search: str = typer.Option("sensitivity", help="How to allocate: 'sensitivity' (per (layer, site) KL to the dense "
+                               "model, knapsack by KL per byte), 'greedy' (TEAL's block-wise greedy) or 'uniform'."),
+    attention: bool = typer.Option(False, "--attention", help="Also allocate the attention projections' input sparsity "
+                                   "(sites qkv and o; TEAL model-wide)."),
+    text: str = TextOpt,
+    calib_windows: int = typer.Option(8, help="Calibration windows of --context tokens (thresholds)."),
+    search_windows: int = typer.Option(4, help="Windows of --search-len calibration tokens the search measures on."),
+    search_len: int = typer.Option(256, help="Tokens per search window."),
+    eval_tokens: int = typer.Option(2048, help="Held-out evaluation tokens."),
+    tune_tokens: int = typer.Option(2048, help="With --max-ppl-increase: calibration-text tokens the bisection scores "
+                                    "on (after the calibration windows)."),
+    steps: int = typer.Option(6, help="With --max-ppl-increase: bisection steps."),
+    context: int = ContextOpt,
+    save: Optional[Path] = typer.Option(None, "--save", help="Folder to save the tuned model in (save_pretrained: the "
+                                        "weights and the sparsity artifact; countdown.from_pretrained reads it)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """The fastest configuration the search finds for a byte budget (--bytes) or a quality budget
+    (--max-ppl-increase), printed as a table under the decode protocol, and saved with --save."""
+    from .budget import SEARCHES
+    from .methods import get_method
+
+    if (bytes_ is None) == (max_ppl_increase is None):
+        raise ValueError("give one budget: --bytes 0.65 (fraction of the dense step's bytes) or --max-ppl-increase 5%")
+    m_ = get_method(method)
+    if method == "dense":
+        raise ValueError("--method dense has nothing to allocate: choose a sparse method")
+    if m_.needs_predictor:
+        raise ValueError(f"--method {method} needs trained predictors, which tune does not train: use another method")
+    if bytes_ is not None and not 0 < bytes_ <= 1:
+        raise ValueError(f"--bytes must be a fraction of the dense step's bytes in (0, 1], got {bytes_}")
+    quality = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase is not None else None
+    if search not in SEARCHES:
+        raise ValueError(f"unknown --search {search!r}; choose one of: {', '.join(SEARCHES)}")
+    _check_text(text)
+    _at_least(("--calib-windows", calib_windows, 1), ("--search-windows", search_windows, 1),
+              ("--search-len", search_len, 2), ("--eval-tokens", eval_tokens, 2), ("--tune-tokens", tune_tokens, 2),
+              ("--steps", steps, 1), ("--context", context, 2))
+    if save is not None and save.exists() and not save.is_dir():
+        raise ValueError(f"--save {save} exists and is not a folder")
+    _check_model_and_place(model, device, dtype)
+    from .data import document_prefix, token_stream
+    from .models import ffn_sites
+    from .tune import tune
+
+    m, tok = _load(model, device, dtype)
+    from .methods import check_ffn_kind
+
+    check_ffn_kind(m_, {site.kind for site in ffn_sites(m)})
+    calib_text = _text(text, "calibration")
+    calib = _tokens(tok, calib_text, calib_windows * context, context)
+    windows = _tokens(tok, calib_text, search_windows * search_len, search_len)
+    eval_ids = _stream(tok, _text(text, "evaluation"), eval_tokens, context)
+    tune_ids = None
+    if quality is not None:
+        skip = calib_windows * context
+        stream = token_stream(tok, calib_text, skip + tune_tokens, context)
+        tune_ids = stream[skip:] if stream.numel() > skip + 1 else None
+        if tune_ids is None:
+            raise ValueError(f"--text {text!r} has too few calibration tokens for --tune-tokens after the calibration windows")
+    r = tune(m, method, calib, windows, eval_ids, bytes=bytes_, max_ppl_increase=quality, search=search,
+             attention=attention, tune_ids=tune_ids, context=context, prefix=document_prefix(tok), steps=steps,
+             log=lambda line: console.print(line, highlight=False))
+    budget_words = f"bytes ≤ {bytes_:.3f} of dense" if bytes_ is not None else f"Δppl ≤ +{quality:.1%}"
+    table = Table(title=f"{model}: {method}{' + attention inputs' if attention else ''}, {search} search, "
+                        f"{budget_words} ({eval_ids.numel()} held-out tokens of '{text}')")
+    for col in ("site", "mean sparsity", "min", "max"):
+        table.add_column(col)
+    for site in r.allocation.sites or ():
+        col = r.allocation.site_values(site)
+        table.add_row(site, f"{sum(col) / len(col):.1%}", f"{min(col):.1%}", f"{max(col):.1%}")
+    console.print(table)
+    summary = Table()
+    for col in ("bytes read (of dense step)", "measured", "dense ppl", "ppl", "Δppl", "protocol"):
+        summary.add_column(col)
+    summary.add_row(f"{r.bytes:.3f}", f"{r.bytes_measured:.3f}", f"{r.dense_ppl:.3f}", f"{r.ppl:.3f}",
+                    f"{r.delta:+.2%}", r.protocol)
+    console.print(summary)
+    per_layer = Table(title="allocation per layer")
+    per_layer.add_column("layer")
+    for site in r.allocation.sites or ():
+        per_layer.add_column(site)
+    for i, row in enumerate(r.allocation.values):
+        per_layer.add_row(str(i), *(f"{v:.0%}" for v in row))
+    console.print(per_layer)
+    if save is not None:
+        m.save_pretrained(save)
+        tok.save_pretrained(save)
+        console.print(f"saved to {save} (countdown.from_pretrained('{save}') or countdown eval -s {save})")
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(

@@ -23,6 +23,7 @@ the same storage. `unsparsify` puts the original layout back.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -120,9 +121,12 @@ class Masker(nn.Module):
 
     ``forward(site, score [..., I]) -> mask [..., I]`` of 0/1 in the score's dtype."""
 
-    def __init__(self, spec: SparsitySpec, thresholds: torch.Tensor | None):
+    def __init__(self, spec: SparsitySpec, thresholds: torch.Tensor | None,
+                 sparsities: Sequence[float] | None = None):
         super().__init__()
         self.spec = spec
+        # top-k: the fraction dropped per site, this layer's own under a non-uniform allocation
+        self.sparsities = tuple(sparsities) if sparsities is not None else (spec.sparsity,) * len(spec.sites)
         init = thresholds if thresholds is not None else torch.zeros(len(spec.sites))
         self.register_buffer("thresholds", init.detach().clone().float().reshape(len(spec.sites)),
                              persistent=False)
@@ -134,7 +138,7 @@ class Masker(nn.Module):
 
     def forward(self, site: str, score: torch.Tensor) -> torch.Tensor:
         if self.spec.mode == "topk":
-            return topk_mask(score, self.spec.sparsity, self.spec.count_rule, self.spec.ties)
+            return topk_mask(score, self.sparsities[self.spec.sites.index(site)], self.spec.count_rule, self.spec.ties)
         return (score > self.threshold(site).to(score.dtype)).to(score.dtype)
 
 
@@ -262,7 +266,8 @@ class _SparseModule(nn.Module):
         spec = self.spec
         if spec is None:
             return f"layer={self.layer_idx}, method={self.method.name}"
-        return (f"layer={self.layer_idx}, method={spec.method}, sparsity={spec.sparsity}, mode={spec.mode}, "
+        sparsity = spec.sparsity if spec.allocation is None else dict(zip(spec.sites, self.masker.sparsities))
+        return (f"layer={self.layer_idx}, method={spec.method}, sparsity={sparsity}, mode={spec.mode}, "
                 f"protocol={spec.protocol!r}")
 
 

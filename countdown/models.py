@@ -132,6 +132,11 @@ def _decoder_layers(model: nn.Module, model_type: str) -> list[nn.Module]:
     return list(model.model.layers)
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (blocks), in order."""
+    return _decoder_layers(model, _model_type(model))
+
+
 def _act_name(config, model_type: str) -> str:
     if model_type == "gpt2":
         return config.activation_function

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .allocation import ATTENTION_SITES, Allocation
 from .methods import Method, keep_count
 
 POSITIONS = ("all", "decode")
@@ -59,6 +60,10 @@ class SparsitySpec:
     stricter evaluation. `OFFICIAL_PROTOCOL` reproduces the paper's numbers.
 
     ``attention``: input sparsity of the attention projections (`countdown.attention`), or None.
+
+    ``allocation``: a non-uniform target per layer and site (`countdown.Allocation`, its sites named:
+    the method's and, with attention sparsity, "qkv" and "o"), or None when every layer and site has
+    ``sparsity`` (and ``attention``). With one, ``sparsity`` and ``attention`` are its means (a summary).
     """
 
     method: str
@@ -71,6 +76,19 @@ class SparsitySpec:
     threshold_rule: str = "pooled"
     threshold_adjust: float = 0.0
     attention: float | None = None  # input sparsity of the attention projections (TEAL-style), if any
+    allocation: Allocation | None = None  # per-layer, per-site targets (None: uniform)
+
+    def targets(self) -> float | list[list[float]]:
+        """The FFN sites' targets: ``sparsity`` (uniform) or [layers][sites] (in ``sites`` order)."""
+        if self.allocation is None:
+            return self.sparsity
+        return self.allocation.table(self.sites, self.allocation.n_layers)
+
+    def attention_targets(self) -> float | list[list[float]] | None:
+        """The attention sites' targets: ``attention`` (uniform, or None) or [layers][("qkv", "o")]."""
+        if self.allocation is None or not self.allocation.has(ATTENTION_SITES[0]):
+            return self.attention
+        return self.allocation.table(ATTENTION_SITES, self.allocation.n_layers)
 
     @property
     def protocol(self) -> str:

@@ -160,6 +160,20 @@ OUT = ["-o", "unused.safetensors"]
         (["train-predictors", "--rank", "-3", *OUT], "--rank must be 'auto' or a whole number"),
         (["train-predictors", "--sparsity", "1", *OUT], "[0, 1)"),
         (["train-predictors", "--calib-windows", "1", *OUT], "--calib-windows must be at least 2"),
+        (["tune"], "give one budget: --bytes 0.65"),
+        (["tune", "--bytes", "0.6", "--max-ppl-increase", "5%"], "give one budget"),
+        (["tune", "--bytes", "1.5"], "--bytes must be a fraction of the dense step's bytes in (0, 1]"),
+        (["tune", "--bytes", "0"], "--bytes must be a fraction"),
+        (["tune", "--max-ppl-increase", "five"], "--max-ppl-increase must be a fraction (0.05) or a percentage"),
+        (["tune", "--max-ppl-increase", "-5%"], "--max-ppl-increase must be above 0"),
+        (["tune", "--bytes", "0.6", "--method", "catz"], "unknown method 'catz'"),
+        (["tune", "--bytes", "0.6", "--method", "d-countdown"], "needs trained predictors, which tune does not train"),
+        (["tune", "--bytes", "0.6", "--method", "dense"], "nothing to allocate"),
+        (["tune", "--bytes", "0.6", "--search", "annealing"], "unknown --search 'annealing'"),
+        (["tune", "--bytes", "0.6", "--search-windows", "0"], "--search-windows must be at least 1"),
+        (["tune", "--max-ppl-increase", "5%", "--steps", "0"], "--steps must be at least 1"),
+        (["tune", "--bytes", "0.6", "--text", "no-such-corpus-or-file"], "neither a known corpus"),
+        (["tune", "--bytes", "0.6", "--model", "nonexistent-model"], "is not a built-in model (smollm2"),
     ],
 )
 def test_refused_before_any_model_loads(no_model_load, args, words):
@@ -204,3 +218,17 @@ def test_eval_tasks_equals_lm_eval_by_name(checkpoint):
     assert float(cells[-4]) == pytest.approx(out["results"][task]["acc,none"], abs=5e-5)  # acc
     assert float(cells[-3]) == pytest.approx(out["results"][task]["acc_norm,none"], abs=5e-5)  # acc_norm
     assert cells[-2] == f"{out['config']['countdown']['measured']['sparsity']:.1%}"
+
+
+def test_tune_prints_its_table_and_saves_a_model_that_loads_with_its_allocation(checkpoint, tmp_path):
+    r = invoke("tune", "--model", checkpoint, "--method", "m-countdown", "--bytes", "0.997", "--search", "greedy",
+               "--calib-windows", "2", "--search-windows", "1", "--search-len", "32", "--eval-tokens", "128",
+               "--save", tmp_path / "tuned", *SMALL)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "0.997" in text and "Δppl" in text and "decode" in text and "saved to" in text
+    import countdown
+
+    model = countdown.from_pretrained(tmp_path / "tuned", kernels="off")
+    spec = countdown.sparsity_spec(model)
+    assert spec.method == "m-countdown" and spec.positions == "decode" and spec.allocation.n_layers == 2
