@@ -167,22 +167,32 @@ def hot_part(name: str, model, calib, held, preds, res: Results) -> None:
             countdown.unsparsify(model)
 
 
+def _change(ppl: float, dense: float) -> str:
+    ratio = ppl / dense
+    return f"{100 * (ratio - 1):+.0f}%" if ratio < 10 else f"×{ratio:.0f}"
+
+
 def tables(out: Path) -> str:
     files = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     order = {n: i for i, n in enumerate(("smollm2", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))}
     files.sort(key=lambda d: order.get(d["model"], 99))
-    lines = ["| model | target | source | recall (eval) | min layer recall | ppl decode (dense) | Δ ppl |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | target | source | recall (eval) | worst layer | recall vs in-place | ppl decode | vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
     for d in files:
         look = d.get("lookahead", {})
         dense = look.get("dense_ppl_decode")
-        for key in sorted((k for k in look if "@" in k), key=lambda k: (-float(k.split("@")[1]),
-                                                                       SOURCES.index(k.split("@")[0]))):
+        keys = sorted((k for k in look if "@" in k),
+                      key=lambda k: (-float(k.split("@")[1]), SOURCES.index(k.split("@")[0])))
+        for key in keys:
             source, s = key.split("@")
             r = look[key]
+            base = look.get(f"ffn@{s}")
+            versus = f"{r['recall_eval_mean'] - base['recall_eval_mean']:+.3f}" if base and source != "ffn" else "—"
             lines.append(f"| {d['model']} | {float(s):.0%} | {source} | {r['recall_eval_mean']:.3f} | "
-                         f"{r['recall_eval_min']:.3f} | {r['ppl_decode_topk']:.2f} ({dense:.2f}) | "
-                         f"{100 * (r['ppl_decode_topk'] / dense - 1):+.1f}% |")
+                         f"{r['recall_eval_min']:.3f} | {versus} | {r['ppl_decode_topk']:.4g} | "
+                         f"{_change(r['ppl_decode_topk'], dense)} |")
+        if keys:
+            lines.append(f"| {d['model']} | dense | — | — | — | — | {dense:.4g} | — |")
     lines += ["", "| model | configuration | kept per token | hit rate, 25% resident | hit rate, 50% resident |",
               "|---|---|---|---|---|"]
     for d in files:
