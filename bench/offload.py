@@ -131,9 +131,10 @@ def resident_read_bytes(model, state, stats, tokens: int) -> float:
 
 def run_offloaded(model, label, args, device, bw, prompt, calib, cache=True, overlap=False) -> dict:
     freqs = keep_frequencies(model, calib) if cache and countdown.is_sparsified(model) else None
-    plan = plan_resident(model, reserve=args.reserve, overlap=overlap)
+    plan = plan_resident(model, reserve=args.reserve, block_rows=args.block_rows, overlap=overlap)
     t0 = time.perf_counter()
-    offload(model, device, args.budget, frequencies=freqs, reserve=args.reserve, cache=cache, overlap=overlap)
+    offload(model, device, args.budget, frequencies=freqs, reserve=args.reserve, block_rows=args.block_rows,
+            cache=cache, overlap=overlap)
     setup = time.perf_counter() - t0
     state = offload_state(model)
     try:
@@ -210,6 +211,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", default=None, help="GPU budget (default 8GiB; tiny: the resident minimum + 25%% of the rows)")
     ap.add_argument("--reserve", default=None, help="device memory kept for KV cache / activations (default 512MiB; tiny 0)")
+    ap.add_argument("--block-rows", type=int, default=None, help="offload's block_rows (default 1024; tiny 16)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--deadline", type=float, default=450, help="seconds; configurations that would start later are skipped")
@@ -222,6 +224,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
     args.reserve = args.reserve or ("0" if args.shape == "tiny" else "512MiB")
+    args.block_rows = args.block_rows or (16 if args.shape == "tiny" else 1024)
     args.hit_rates = {k: float(v) for k, v in (kv.split("=") for kv in args.hit_rates.split(",") if kv)}
     skip = set(filter(None, args.skip.split(",")))
     rows, errors = [], []
@@ -255,12 +258,15 @@ def main() -> None:
     log(f"link: pinned host->device {bw['h2d'] / 1e9:.1f} GB/s, device read {bw['device_read'] / 1e9:.0f} GB/s")
     if args.budget is None:
         if args.shape == "tiny":
-            plan = plan_resident(model, reserve=args.reserve)
-            args.budget = str(plan["minimum"] + plan["host_rows"] * plan["row_bytes"] // 4)
+            # the dense model's minimum with the overlap slots, room for one dense FFN matrix per layer
+            # (M-COUNTDOWN's up, CATS's gate) and the predictors, then a quarter of the rows
+            plan = plan_resident(model, reserve=args.reserve, block_rows=args.block_rows, overlap=True)
+            matrix = plan["row_bytes"] // 3 * plan["host_rows"]
+            args.budget = str(plan["minimum"] + matrix * 3 // 2 + plan["host_rows"] * plan["row_bytes"] // 4)
         else:
             args.budget = "8GiB"
     meta = {"shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": args.dtype, "budget": args.budget, "reserve": args.reserve, "batch": 1,
+            "dtype": args.dtype, "budget": args.budget, "reserve": args.reserve, "block_rows": args.block_rows, "batch": 1,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth": bw, "torch": torch.__version__,
             "note": "random weights; D-COUNTDOWN uses untrained predictors of the paper's size; hot sets from keep "
                     "frequencies on random tokens (random weights have no hot neurons)"}
@@ -303,19 +309,19 @@ def main() -> None:
         json.dump(result, f, indent=1, default=str)
     log(f"\nwrote {path}; {meta['shape']} {meta['dtype']} on {meta['device']}, budget {args.budget}, "
         f"link {bw['h2d'] / 1e9:.1f} GB/s pinned H2D, device read {bw['device_read'] / 1e9:.0f} GB/s")
-    log(f"{'config':36s} {'tok/s':>8s} {'x(b)':>6s} {'link MB/tok':>11s} {'hit':>6s} {'floor ms':>9s} {'%floor':>7s} "
+    log(f"{'config':40s} {'tok/s':>8s} {'x(b)':>6s} {'link MB/tok':>11s} {'hit':>6s} {'floor ms':>9s} {'%floor':>7s} "
         f"{'peak GiB':>8s} {'early rows':>10s}")
     for r in rows:
         peak = r.get("peak_device_bytes")
         early = (f"{r['rows_prefetched_per_token'] / max(r['rows_moved_per_token'], 1e-9):10.0%}"
                  if r.get("overlap") else f"{'':10s}")
-        log(f"{r['config']:36s} {r['tok_s']:8.2f} {r.get('x_stream', float('nan')):6.2f} "
+        log(f"{r['config']:40s} {r['tok_s']:8.2f} {r.get('x_stream', float('nan')):6.2f} "
             f"{r.get('link_bytes_per_token', float('nan')) / 1e6:11.1f} {r.get('hit_rate', float('nan')):6.3f} "
             f"{r.get('floor_s', float('nan')) * 1e3:9.2f} {r.get('pct_of_floor', float('nan')):7.1f} "
             f"{(peak / 2**30 if peak else float('nan')):8.2f} {early}")
         if "projected" in r:
             p = r["projected"]
-            log(f"{'  projected @ hit ' + format(p['hit_rate'], '.2f'):36s} {'':8s} {'':6s} "
+            log(f"{'  projected @ hit ' + format(p['hit_rate'], '.2f'):40s} {'':8s} {'':6s} "
                 f"{p['link_bytes_per_token'] / 1e6:11.1f} {p['hit_rate']:6.3f} {p['floor_s'] * 1e3:9.2f}   (projection)")
     if base and accel:
         log(f"(b) / (a) = {base['tok_s'] / accel['tok_s']:.2f}x")
