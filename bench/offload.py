@@ -6,17 +6,22 @@ Configurations, each in its own try/except (an error is printed and the next one
   (c) D-COUNTDOWN 90% (untrained random predictors of the paper's size: speed depends on how many
       neurons pass, not which), M-COUNTDOWN 70%, CATS 50%, thresholds calibrated on random tokens;
       each with the hot-neuron cache (resident set from keep frequencies on random tokens) and without
+  (c') D-COUNTDOWN 90% with lookahead predictors (`use_lookahead`; same untrained predictors, fed from
+      the attention input or the previous layer's FFN input), with the cache: "look-attention" inline
+      (the rows still wait for the FFN), then ``overlap=True`` for both sources (host rows gathered by a
+      worker and copied on a side stream from the predictor's input on; `countdown.overlap`)
   (a) accelerate's offload (``dispatch_model`` with ``infer_auto_device_map(max_memory=...)``), last
 
 Each line: decode tok/s, bytes over the link per token, hit rate, the link byte floor (link bytes ÷
 measured pinned host-to-device bandwidth + resident bytes read ÷ measured device copy bandwidth) and
 the % of it reached; peak device memory during decode. Random weights have no hot neurons: the hit
 rate of the random-weight run is whatever random tokens give; ``--hit-rates`` (measured on real models,
-bench/offload_study.py) projects each sparse configuration's link bytes and floor at that hit rate —
+scripts/study/offload_study.py) projects each sparse configuration's link bytes and floor at that hit rate —
 a projection, marked as such. JSON to ``$OUT/offload.json`` (or --out), the table printed last.
 
     python bench/offload.py --device cuda --shape llama-3-8b --budget 8GiB --deadline 450
     python bench/offload.py --device cpu --shape tiny      # the same code end to end in seconds
+    python bench/offload.py --device cuda --skip m-countdown,cats,nocache,accelerate   # D-COUNTDOWN and overlap only
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 import countdown
 from countdown.hot import keep_frequencies
+from countdown.lookahead import remove_lookahead, use_lookahead
 from countdown.loading import RANDOM_SHAPES, random_model, resolve_dtype
 from countdown.offload import offload, offload_state, parse_bytes, plan_resident, unoffload
 from countdown.predictor import random_predictors
@@ -123,11 +129,12 @@ def resident_read_bytes(model, state, stats, tokens: int) -> float:
     return plan_bytes + dense + hot + predictors
 
 
-def run_offloaded(model, label, args, device, bw, prompt, calib, cache=True) -> dict:
+def run_offloaded(model, label, args, device, bw, prompt, calib, cache=True, overlap=False) -> dict:
     freqs = keep_frequencies(model, calib) if cache and countdown.is_sparsified(model) else None
-    plan = plan_resident(model, reserve=args.reserve)
+    plan = plan_resident(model, reserve=args.reserve, block_rows=args.block_rows, overlap=overlap)
     t0 = time.perf_counter()
-    offload(model, device, args.budget, frequencies=freqs, reserve=args.reserve, cache=cache)
+    offload(model, device, args.budget, frequencies=freqs, reserve=args.reserve, block_rows=args.block_rows,
+            cache=cache, overlap=overlap)
     setup = time.perf_counter() - t0
     state = offload_state(model)
     try:
@@ -143,6 +150,8 @@ def run_offloaded(model, label, args, device, bw, prompt, calib, cache=True) -> 
                "pct_of_floor": 100 * floor / timing["s_per_token"], "hit_rate": stats.hit_rate,
                "kept_per_token_layer": stats.kept / max(stats.tokens, 1), "hot_neurons": state.hot_neurons,
                "host_rows": plan["host_rows"], "resident_minimum": plan["minimum"], "setup_s": setup,
+               "rows_moved_per_token": stats.rows_moved / tokens, "rows_prefetched_per_token": stats.rows_prefetched / tokens,
+               "overlap": state.overlap_note,
                "device_allocated_after_offload": allocated, **timing}
         if cache and label.split()[0] in args.hit_rates and stats.kept:
             h = args.hit_rates[label.split()[0]]
@@ -178,6 +187,23 @@ def run_accelerate(model, args, device, prompt) -> dict:
         remove_hook_from_submodules(model)
 
 
+def lookahead_configs(model, args, device, bw, prompt, calib, predictors, attempt) -> None:
+    """(c'): D-COUNTDOWN 90% with the predictor fed from an earlier input, inline and with overlap=True."""
+    for source, overlap in (("attention", False), ("attention", True), ("previous", True)):
+        label = f"d-countdown 90% look-{source}" + (" +overlap" if overlap else "")
+
+        def one(source=source, overlap=overlap, label=label):
+            countdown.sparsify(model, "d-countdown", 0.9, calibration=calib, predictors=predictors, progress=False)
+            use_lookahead(model, source)
+            try:
+                return run_offloaded(model, label, args, device, bw, prompt, calib, cache=True, overlap=overlap)
+            finally:
+                remove_lookahead(model)
+                countdown.unsparsify(model)
+
+        attempt(label, one, need=50)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -185,17 +211,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", default=None, help="GPU budget (default 8GiB; tiny: the resident minimum + 25%% of the rows)")
     ap.add_argument("--reserve", default=None, help="device memory kept for KV cache / activations (default 512MiB; tiny 0)")
+    ap.add_argument("--block-rows", type=int, default=None, help="offload's block_rows (default 1024; tiny 16)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--deadline", type=float, default=450, help="seconds; configurations that would start later are skipped")
     ap.add_argument("--hit-rates", default="", help="method=rate,... measured on real models (projection)")
-    ap.add_argument("--skip", default="", help="comma-separated configs to skip: stream,d-countdown,m-countdown,cats,nocache,accelerate")
+    ap.add_argument("--skip", default="", help="comma-separated configs to skip: "
+                    "stream,d-countdown,m-countdown,cats,overlap,nocache,accelerate")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     start = time.perf_counter()
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
     args.reserve = args.reserve or ("0" if args.shape == "tiny" else "512MiB")
+    args.block_rows = args.block_rows or (16 if args.shape == "tiny" else 1024)
     args.hit_rates = {k: float(v) for k, v in (kv.split("=") for kv in args.hit_rates.split(",") if kv)}
     skip = set(filter(None, args.skip.split(",")))
     rows, errors = [], []
@@ -229,12 +258,15 @@ def main() -> None:
     log(f"link: pinned host->device {bw['h2d'] / 1e9:.1f} GB/s, device read {bw['device_read'] / 1e9:.0f} GB/s")
     if args.budget is None:
         if args.shape == "tiny":
-            plan = plan_resident(model, reserve=args.reserve)
-            args.budget = str(plan["minimum"] + plan["host_rows"] * plan["row_bytes"] // 4)
+            # the dense model's minimum with the overlap slots, room for one dense FFN matrix per layer
+            # (M-COUNTDOWN's up, CATS's gate) and the predictors, then a quarter of the rows
+            plan = plan_resident(model, reserve=args.reserve, block_rows=args.block_rows, overlap=True)
+            matrix = plan["row_bytes"] // 3 * plan["host_rows"]
+            args.budget = str(plan["minimum"] + matrix * 3 // 2 + plan["host_rows"] * plan["row_bytes"] // 4)
         else:
             args.budget = "8GiB"
     meta = {"shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": args.dtype, "budget": args.budget, "reserve": args.reserve, "batch": 1,
+            "dtype": args.dtype, "budget": args.budget, "reserve": args.reserve, "block_rows": args.block_rows, "batch": 1,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "bandwidth": bw, "torch": torch.__version__,
             "note": "random weights; D-COUNTDOWN uses untrained predictors of the paper's size; hot sets from keep "
                     "frequencies on random tokens (random weights have no hot neurons)"}
@@ -244,6 +276,8 @@ def main() -> None:
                 need=30)
     predictors = random_predictors(model)
     for cache in (True, False):
+        if not cache and "overlap" not in skip:
+            lookahead_configs(model, args, device, bw, prompt, calib, predictors, attempt)
         if not cache and "nocache" in skip:
             continue
         for method, s in SPARSE:
@@ -275,20 +309,25 @@ def main() -> None:
         json.dump(result, f, indent=1, default=str)
     log(f"\nwrote {path}; {meta['shape']} {meta['dtype']} on {meta['device']}, budget {args.budget}, "
         f"link {bw['h2d'] / 1e9:.1f} GB/s pinned H2D, device read {bw['device_read'] / 1e9:.0f} GB/s")
-    log(f"{'config':26s} {'tok/s':>8s} {'x(b)':>6s} {'link MB/tok':>11s} {'hit':>6s} {'floor ms':>9s} {'%floor':>7s} "
-        f"{'peak GiB':>8s}")
+    log(f"{'config':40s} {'tok/s':>8s} {'x(b)':>6s} {'link MB/tok':>11s} {'hit':>6s} {'floor ms':>9s} {'%floor':>7s} "
+        f"{'peak GiB':>8s} {'early rows':>10s}")
     for r in rows:
         peak = r.get("peak_device_bytes")
-        log(f"{r['config']:26s} {r['tok_s']:8.2f} {r.get('x_stream', float('nan')):6.2f} "
+        early = (f"{r['rows_prefetched_per_token'] / max(r['rows_moved_per_token'], 1e-9):10.0%}"
+                 if r.get("overlap") else f"{'':10s}")
+        log(f"{r['config']:40s} {r['tok_s']:8.2f} {r.get('x_stream', float('nan')):6.2f} "
             f"{r.get('link_bytes_per_token', float('nan')) / 1e6:11.1f} {r.get('hit_rate', float('nan')):6.3f} "
             f"{r.get('floor_s', float('nan')) * 1e3:9.2f} {r.get('pct_of_floor', float('nan')):7.1f} "
-            f"{(peak / 2**30 if peak else float('nan')):8.2f}")
+            f"{(peak / 2**30 if peak else float('nan')):8.2f} {early}")
         if "projected" in r:
             p = r["projected"]
-            log(f"{'  projected @ hit ' + format(p['hit_rate'], '.2f'):26s} {'':8s} {'':6s} "
+            log(f"{'  projected @ hit ' + format(p['hit_rate'], '.2f'):40s} {'':8s} {'':6s} "
                 f"{p['link_bytes_per_token'] / 1e6:11.1f} {p['hit_rate']:6.3f} {p['floor_s'] * 1e3:9.2f}   (projection)")
     if base and accel:
         log(f"(b) / (a) = {base['tok_s'] / accel['tok_s']:.2f}x")
+    overlap = next((r["overlap"] for r in rows if r.get("overlap")), None)
+    if overlap:
+        log(f"overlap: {overlap}; early rows = host rows started from the lookahead predictor's input")
     for e in errors:
         log(f"not measured: {e['config']}: {e['error']}")
 

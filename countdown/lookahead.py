@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import calibration_windows
 from .ffn import sparse_modules
@@ -38,14 +39,15 @@ def _check_source(source: str) -> None:
         raise ValueError(f"unknown lookahead source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 
-def _attention_norms(model: nn.Module, sites: list[FFNSite]) -> list[nn.Module]:
+def attention_norms(model: nn.Module, sites: list[FFNSite]) -> list[nn.Module]:
+    """Per layer, the module whose output is the attention input (``input_layernorm``)."""
     norms = [getattr(site.parent, "input_layernorm", None) for site in sites]
     if any(n is None for n in norms):
         raise ValueError("lookahead needs decoder layers with an input_layernorm (Llama, Mistral, Qwen, Gemma, Phi-3)")
     return norms
 
 
-def _source_for(layer: int, source: str) -> tuple[str, int]:
+def source_for(layer: int, source: str) -> tuple[str, int]:
     """Which captured tensor feeds layer ``layer``'s predictor: ("attention" | "ffn", layer index)."""
     if source == "previous":
         return ("ffn", layer - 1) if layer > 0 else ("attention", 0)
@@ -56,14 +58,26 @@ def _source_for(layer: int, source: str) -> tuple[str, int]:
 def collect_lookahead_pairs(model: nn.Module, windows: torch.Tensor, source: str,
                             progress: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, (predictor inputs [N, H] from ``source``, |t| [N, I] of that layer), float32 on the CPU."""
-    _check_source(source)
+    xs, ts = collect_sources(model, windows, (source,), progress)
+    return xs[source], ts
+
+
+@torch.no_grad()
+def collect_sources(model: nn.Module, windows: torch.Tensor, sources: tuple[str, ...] = SOURCES,
+                    progress: bool = False) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """One pass over ``windows`` for several sources: ({source: per layer inputs [N, H]}, per layer
+    |t| [N, I]), float32 on the CPU. The labels are shared, so comparing sources costs one copy of them."""
+    for source in sources:
+        _check_source(source)
     sites = ffn_sites(model)
-    norms = _attention_norms(model, sites)
+    norms = attention_norms(model, sites)
     seen: dict[tuple[str, int], list[torch.Tensor]] = {}
     ts: list[list[torch.Tensor]] = [[] for _ in sites]
+    wanted = {source_for(i, s) for s in sources for i in range(len(sites))}
 
     def keep(key, x):
-        seen.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).float().cpu())
+        if key in wanted:
+            seen.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).float().cpu())
 
     def ffn_hook(i, site):
         def hook(module, args):
@@ -81,12 +95,13 @@ def collect_lookahead_pairs(model: nn.Module, windows: torch.Tensor, source: str
     handles += [norm.register_forward_hook(norm_hook(i)) for i, norm in enumerate(norms)]
     device = next(model.parameters()).device
     try:
-        for w in windows:
+        for w in tqdm(windows, desc="collect lookahead pairs", disable=not progress, leave=False):
             model(input_ids=w.unsqueeze(0).to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    xs = [torch.cat(seen[_source_for(i, source)]) for i in range(len(sites))]
+    merged = {key: torch.cat(chunks) for key, chunks in seen.items()}
+    xs = {s: [merged[source_for(i, s)] for i in range(len(sites))] for s in sources}
     return xs, [torch.cat(t) for t in ts]
 
 
@@ -143,7 +158,7 @@ def use_lookahead(model: nn.Module, source: str = "attention") -> nn.Module:
     if not modules or not all(m.has_predictor for m in modules):
         raise ValueError("use_lookahead needs a model sparsified with d-countdown and (lookahead) predictors")
     sites = ffn_sites(model)
-    norms = _attention_norms(model, sites)
+    norms = attention_norms(model, sites)
     captured: dict[tuple[str, int], torch.Tensor] = {}
 
     def norm_hook(i):
@@ -160,7 +175,7 @@ def use_lookahead(model: nn.Module, source: str = "attention") -> nn.Module:
     if source in ("previous", "ffn"):
         handles += [site.input_module.register_forward_pre_hook(ffn_hook(i)) for i, site in enumerate(sites)]
     for m in modules:
-        key = _source_for(m.layer_idx, source)
+        key = source_for(m.layer_idx, source)
         original = type(m).predict.__get__(m)
 
         def predict(self, x, key=key, original=original):
@@ -169,6 +184,12 @@ def use_lookahead(model: nn.Module, source: str = "attention") -> nn.Module:
         m.predict = types.MethodType(predict, m)
     model.__dict__[_ATTR] = (source, handles, modules)
     return model
+
+
+def lookahead_source(model: nn.Module) -> str | None:
+    """The source `use_lookahead` installed on ``model`` ("attention", "previous", "ffn"), or None."""
+    state = model.__dict__.get(_ATTR)
+    return state[0] if state is not None else None
 
 
 def remove_lookahead(model: nn.Module) -> None:

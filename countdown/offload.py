@@ -20,6 +20,11 @@ Per layer and decode step (one stream, so every hazard is ordered by constructio
    the link carries chunk c);
 4. the FFN output is the sum over kept neurons of ``t_i · W_down[:, i]``, in float32 per chunk.
 
+With ``overlap=True`` (D-COUNTDOWN with lookahead predictors in use) steps 1–3 start earlier, at the
+point the layer's predictor input exists (its attention input, or the previous layer's FFN input), on a
+worker thread and a side CUDA stream, without the per-layer sync; the FFN waits only for the event of
+its own rows (`countdown.overlap`).
+
 A dense model (not sparsified) is offloaded as "dense streaming": every step moves its host rows whole,
 in ``block_rows`` blocks straight from the pinned copy (the baseline against which the sparse routes are
 measured). Multi-token forwards that the sparsity policy runs densely (prefill under
@@ -46,7 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ffn import SparseFFN, sparse_modules
+from .lookahead import lookahead_source
 from .models import ffn_sites
+from .overlap import RowPrefetcher
 
 _ATTR = "_countdown_offload"  # on the model: the `ModelOffload`; on each FFN module: its `LayerOffload`
 # which FFN matrices each method computes densely (resident in full) and which it reads per kept neuron
@@ -105,6 +112,7 @@ class LinkStats:
     kept: int = 0  # kept neurons, summed over tokens (per-token masks)
     kept_resident: int = 0  # of those, resident (hot) ones
     rows_moved: int = 0  # neuron rows copied host -> device (sparse gathers and dense streaming)
+    rows_prefetched: int = 0  # of those, rows started early from a lookahead predictor (overlap=True)
     bytes_moved: int = 0
 
     def add(self, other: "LinkStats") -> None:
@@ -182,6 +190,7 @@ class LayerOffload:
         self.cold_rows.copy_(rows[cold])
         self.staging = staging
         self.stats = LinkStats()
+        self.prefetcher = None  # a `countdown.overlap.RowPrefetcher` when offloaded with overlap=True
 
     @property
     def row_bytes(self) -> int:
@@ -250,6 +259,9 @@ class LayerOffload:
         module = self.module
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        taken = self.prefetcher.take(module.layer_idx, x.shape[0]) if self.prefetcher is not None else None
+        if taken is not None:
+            return self._prefetched(x, *taken).reshape(*shape[:-1], -1)
         dense = self._dense_part(x)
         if self.route == "d-countdown":
             score = module.predict(x)
@@ -275,6 +287,29 @@ class LayerOffload:
         stats.bytes_moved += positions.numel() * self.row_bytes
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
+    def _prefetched(self, x: torch.Tensor, got, mask: torch.Tensor, slot) -> torch.Tensor:
+        """The sparse step from rows a lookahead predictor started early (`countdown.overlap`): the mask
+        was computed at the hook, the kept sets split on the host, the rows are in ``slot``."""
+        y = self._partial(x, got.hot_ids, self.hot_rows[self.slot[got.hot_ids]], None, mask)
+        y += self._partial(x, got.cold_ids, got.rows, None, mask)
+        self.prefetcher.consumed(slot)
+        overflow = got.overflow_positions
+        block = self.staging.device[0].shape[0]
+        for c, start in enumerate(range(0, overflow.numel(), block)):  # beyond the slot: the inline chunks
+            rows = self.staging.send_gathered(c % 2, self.cold_rows, overflow[start : start + block])
+            ids = got.overflow_ids[start : start + block].to(x.device)
+            y += self._partial(x, ids, rows, None, mask)
+        moved = got.cold_ids.numel() + overflow.numel()
+        stats = self.stats
+        stats.steps += 1
+        stats.tokens += x.shape[0]
+        stats.kept += got.kept
+        stats.kept_resident += got.kept_resident
+        stats.rows_moved += moved
+        stats.rows_prefetched += got.cold_ids.numel()
+        stats.bytes_moved += moved * self.row_bytes
+        return y.to(x.dtype)
+
 
 def _offloaded_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.__dict__[_ATTR].forward(x)
@@ -295,6 +330,7 @@ class ModelOffload:
     resident_bytes: int  # everything on the device that is not a hot neuron row, staging included
     hot_neurons: int
     host_embedding: nn.Module | None = None  # the input embedding, when it stays on the host
+    prefetcher: RowPrefetcher | None = None  # overlap=True: lookahead rows started early on a side stream
 
     def stats(self) -> LinkStats:
         total = LinkStats()
@@ -313,7 +349,14 @@ class ModelOffload:
         out = [layer.cold_rows for layer in self.layers]
         if self.layers:
             out += self.layers[0].staging.host
+        if self.prefetcher is not None:
+            out += [t for slot in self.prefetcher.slots for t in (slot.host, slot.ids_host)]
         return out
+
+    @property
+    def overlap_note(self) -> str | None:
+        """How the lookahead prefetch runs here (None: overlap off)."""
+        return self.prefetcher.note if self.prefetcher is not None else None
 
 
 def offload_state(model: nn.Module) -> ModelOffload | None:
@@ -340,7 +383,8 @@ def _tensor_bytes(tensors) -> int:
 
 def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: int | str = "8GiB", *,
             frequencies: list[torch.Tensor] | None = None, reserve: int | str = "1GiB",
-            block_rows: int = 1024, cache: bool = True, embeddings: str = "auto") -> nn.Module:
+            block_rows: int = 1024, cache: bool = True, embeddings: str = "auto",
+            overlap: bool = False) -> nn.Module:
     """Split ``model`` between ``device`` (within ``gpu_budget`` bytes) and host memory; returns the model.
 
     Call after `countdown.sparsify` (methods: m-countdown, cats, d-countdown; a dense model is offloaded
@@ -354,6 +398,11 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     ``embeddings``: "auto" keeps the input embedding table on the host when the LM head does not share
     it (a token reads one row of it: 1 GB of device memory saved on Llama-3-8B), "host" / "device" force.
     ``cache=False``: no hot neurons (every kept row crosses the link; the baseline of the hot-neuron cache).
+    ``overlap=True`` (D-COUNTDOWN with lookahead predictors in use, `countdown.lookahead.use_lookahead`
+    "attention" or "previous"): each layer's host rows are gathered by a worker thread and copied on a
+    side CUDA stream from the point its predictor's input exists, while the attention (and the layer
+    before) run; the FFN waits only for its own rows (`countdown.overlap`). Two more staging slots of
+    ``2 * block_rows`` rows; off by default until measured faster.
     A budget below the resident part (`plan_resident`'s ``minimum``) raises a ValueError naming it."""
     if offload_state(model) is not None:
         raise ValueError("the model is already offloaded; call countdown.unoffload(model) first")
@@ -363,7 +412,11 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
     budget, reserve = parse_bytes(gpu_budget), parse_bytes(reserve)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
-    plan = plan_resident(model, reserve=reserve, block_rows=block_rows, embeddings=embeddings)
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True or False, got {overlap!r}")
+    plan = plan_resident(model, reserve=reserve, block_rows=block_rows, embeddings=embeddings, overlap=overlap)
+    if overlap:
+        _check_overlap(model, plan["route"])
     host_emb = plan["host_embedding"]
     route, others, minimum, row_bytes = plan["route"], plan["others"], plan["minimum"], plan["row_bytes"]
     sites = ffn_sites(model)
@@ -404,10 +457,33 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", gpu_budget: i
             m.__dict__[_ATTR] = layer
             m.forward = types.MethodType(_offloaded_forward, m)
             layers.append(layer)
+        prefetcher = None
+        if overlap:
+            prefetcher = RowPrefetcher(model, layers, device, overlap_rows(block_rows), _host_empty)
+            for layer in layers:
+                layer.prefetcher = prefetcher
     state = ModelOffload(device, budget, reserve, block_rows, route, layers, ffn_modules, home,
-                         minimum - reserve, int(n_hot), host_emb)
+                         minimum - reserve, int(n_hot), host_emb, prefetcher)
     model.__dict__[_ATTR] = state
     return model
+
+
+def overlap_rows(block_rows: int) -> int:
+    """Rows one prefetch slot holds: twice a copy block (1024 → 2048, room for a Llama-3-8B layer's
+    1434 kept neurons at 90% sparsity before any hot hit); the rest goes through the inline chunks."""
+    return 2 * block_rows
+
+
+def _check_overlap(model: nn.Module, route: str) -> None:
+    """overlap=True needs rows known before the FFN: D-COUNTDOWN with lookahead predictors in use."""
+    if route != "d-countdown":
+        raise ValueError(f"overlap=True serves d-countdown with lookahead predictors; this model is {route!r}, "
+                         "whose kept set is known only from the FFN's own input (nothing to start early)")
+    source = lookahead_source(model)
+    if source not in ("attention", "previous"):
+        raise ValueError("overlap=True needs lookahead predictors in use: call countdown.lookahead.use_lookahead("
+                         "model, 'attention' or 'previous') with predictors from train_lookahead before offload "
+                         f"(in use: {source!r})")
 
 
 def _host_embedding(model: nn.Module, embeddings: str) -> nn.Module | None:
@@ -429,10 +505,10 @@ def _embedding_forward(self: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: int = 1024,
-                  embeddings: str = "auto") -> dict:
+                  embeddings: str = "auto", overlap: bool = False) -> dict:
     """What `offload` must keep on the device before any hot neuron, in bytes: ``minimum`` (the smallest
     ``gpu_budget``: model tensors other than the FFN projections, each method's dense FFN matrix, the
-    staging buffers, the per-neuron index and ``reserve``), its parts, ``row_bytes`` (one neuron's rows
+    staging buffers (with ``overlap``, the two prefetch slots too), the per-neuron index and ``reserve``), its parts, ``row_bytes`` (one neuron's rows
     of the sparse matrices), ``host_rows`` (neurons in all) and the ``route``."""
     reserve = parse_bytes(reserve)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
@@ -455,6 +531,8 @@ def plan_resident(model: nn.Module, *, reserve: int | str = "1GiB", block_rows: 
     dense_name, sparse_names = ROUTES[route]
     row_bytes = len(sparse_names) * hidden * element
     staging_bytes = 2 * block_rows * row_bytes
+    if overlap:  # two prefetch slots: rows and their neuron ids
+        staging_bytes += 2 * overlap_rows(block_rows) * row_bytes + 2 * inter * 8
     dense_bytes = len(sites) * inter * hidden * element if dense_name else 0
     model_bytes = _tensor_bytes(others) + _tensor_bytes(model.buffers())  # (a host embedding's buffers too)
     index_bytes = len(sites) * inter * (8 + 8 + 1)  # ids, slots, is_hot per neuron
@@ -487,8 +565,11 @@ def unoffload(model: nn.Module, device: str | torch.device | None = None) -> nn.
             for name, buf in list(m._buffers.items()):
                 if buf is not None:
                     m._buffers[name] = buf.to(target)
+    if state.prefetcher is not None:
+        state.prefetcher.close()
     for layer in state.layers:  # drop the references held by the objects themselves too
         layer.module = None
+        layer.prefetcher = None
     del model.__dict__[_ATTR]
     return model
 
