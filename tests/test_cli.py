@@ -204,3 +204,15 @@ def test_eval_tasks_equals_lm_eval_by_name(checkpoint):
     assert float(cells[-4]) == pytest.approx(out["results"][task]["acc,none"], abs=5e-5)  # acc
     assert float(cells[-3]) == pytest.approx(out["results"][task]["acc_norm,none"], abs=5e-5)  # acc_norm
     assert cells[-2] == f"{out['config']['countdown']['measured']['sparsity']:.1%}"
+
+
+def test_python_dash_m_knows_every_command():
+    """`python -m countdown.cli` runs `main()` at the bottom of the module: commands registered after it
+    (as `agreement` was) were unknown there while the `countdown` script knew them."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "countdown.cli", "agreement", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "greedy agreement" in done.stdout
