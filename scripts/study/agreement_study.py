@@ -11,7 +11,8 @@ to --out (a re-run skips rows the file has); --tables prints docs/STUDY.md §11'
         --speed-file bench/results/agreement-speed-smollm2.jsonl
 
 Protocol: prompts are --prompts consecutive windows of --prompt-len tokens from the start of the default
-corpus's evaluation part (held out from the calibration part); each gets --new-tokens greedy tokens (no
+corpus's evaluation part (held out from the calibration part), after the tokenizer's document prefix
+(Gemma's <bos>; none for SmolLM2 and Qwen); each gets --new-tokens greedy tokens (no
 EOS stop) through `countdown.generate`'s decode loop (`countdown.agreement.generation_agreement`): prefill
 dense, decode sparse (positions="decode"). Thresholds: threshold mode, "pooled" rule, calibrated on the
 first --calib-windows × 512 calibration tokens (what `countdown run` does); "mw" = model-wide (the
@@ -35,7 +36,7 @@ import torch
 
 import countdown
 from countdown.agreement import generation_agreement
-from countdown.data import calibration_text, evaluation_text, first_tokens
+from countdown.data import calibration_text, document_prefix, evaluation_text, first_tokens
 from countdown.decode import Decoder
 from countdown.loading import load
 
@@ -202,6 +203,8 @@ def main() -> None:
     print(f"loaded {args.model} in {time.time() - t0:.0f}s", flush=True)
     calib = first_tokens(tok, calibration_text(), args.calib_windows * 512, 512)
     prompts = first_tokens(tok, evaluation_text(), args.prompts * args.prompt_len, args.prompt_len)[: args.prompts]
+    prefix = torch.tensor(document_prefix(tok), dtype=torch.long)  # Gemma's <bos>: a prompt starts a document
+    prompts = torch.cat([prefix.expand(prompts.shape[0], -1), prompts], dim=1)
     (speed if args.speed else quality)(args, model, prompts, calib)
 
 

@@ -57,7 +57,10 @@ def run(args) -> None:
     out = Path(args.out)
     for name in args.models.split(","):
         done = _done(out)
-        todo = [label for label in args.methods.split(",") if (name, "ppl-p", label) not in done]
+        methods = args.methods.split(",") if name in args.ppl_models.split(",") else []
+        todo = [label for label in methods if (name, "ppl-p", label) not in done]
+        if args.skip_natural:
+            done.add((name, "natural", ""))
         if (name, "natural", "") in done and not todo:
             continue
         t0 = time.time()
@@ -105,8 +108,8 @@ def _bracket(b: dict) -> str:
             f"{_pct(hi['target'])} ({hi['increase']:+.1%})]")
 
 
-def tables(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def tables(paths: list[Path]) -> str:
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     natural = [r for r in rows if r["kind"] == "natural"]
     lines = ["### Natural sparsity of the FFN coefficients (dense model, every position)", "",
              "Mean over layers [lowest layer, highest layer] of the fraction of coefficients t (the down "
@@ -132,16 +135,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,gemma3-270m,qwen2.5-coder-0.5b")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--skip-natural", action="store_true", help="PPL-p%% only (natural sparsity run elsewhere).")
+    ap.add_argument("--ppl-models", default="smollm2,gemma3-270m,qwen2.5-coder-0.5b",
+                    help="The models of --models that also get PPL-p%% (the others: natural sparsity only).")
     ap.add_argument("--out", default="runs/seed-metrics.jsonl")
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--natural-windows", type=int, default=4)
     ap.add_argument("--high", type=float, default=0.8)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--tables", default=None, help="Print the Markdown tables of this results file and exit.")
+    ap.add_argument("--tables", default=None, help="Print the Markdown tables of these results files (comma-separated) and exit.")
     args = ap.parse_args()
     if args.tables:
-        print(tables(Path(args.tables)))
+        print(tables([Path(p) for p in args.tables.split(",")]))
         return
     run(args)
 
