@@ -9,7 +9,8 @@ inputs (prefill), autograd, and weights the kernel does not take run ``F.linear`
 The swap is an instance attribute ``forward`` on each module, removed on exit: parameters,
 ``state_dict`` and hooks are untouched. Sparse modules (`countdown.ffn`, `countdown.attention`) choose
 their own kernels (`kernel_skip_reason`), so a dense model and its sparsified twin decode through the
-same route. `countdown.Decoder` enters it around generation on a CPU model.
+same route; input-sparse attention projections also send the positions their policy keeps dense
+(Sirius's k+1-token verification forward, `countdown.agreement.dense`) through the GEMV while routed. `countdown.Decoder` enters it around generation on a CPU model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from .kernels import cpu
 
 ATTRIBUTE = "forward"
+DENSE_FLAG = "cpu_dense_route"  # a class attribute (False) of linears that route their dense positions
 
 
 def skip_reason(model: nn.Module) -> str | None:
@@ -37,17 +39,21 @@ def skip_reason(model: nn.Module) -> str | None:
     return cpu.extension_reason()
 
 
-def _routed_forward(module: nn.Linear):
-    linear, max_tokens = cpu.linear, cpu.MAX_BATCH
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through the C++ GEMV where it serves ``x`` (1 to
+    `countdown.kernels.cpu.MAX_BATCH` tokens, the weight's dtype and a layout it reads, no autograd),
+    else ``F.linear`` itself."""
+    if (x.dtype == weight.dtype and x.numel() <= cpu.MAX_BATCH * weight.shape[1] and x.shape[-1] == weight.shape[1]
+            and weight.dtype in cpu.DTYPES and not torch.is_grad_enabled()
+            and (weight.is_contiguous() or weight.t().is_contiguous())):
+        y = cpu.linear(x, weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
+
+def _routed_forward(module: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weight, bias = module.weight, module.bias  # read per call: a sparse module may lay it out anew
-        if (x.dtype == weight.dtype and x.numel() <= max_tokens * weight.shape[1] and x.shape[-1] == weight.shape[1]
-                and weight.dtype in cpu.DTYPES and not torch.is_grad_enabled()
-                and (weight.is_contiguous() or weight.t().is_contiguous())):
-            y = linear(x, weight)
-            return y if bias is None else y + bias
-        return F.linear(x, weight, bias)
+        return routed_linear(x, module.weight, module.bias)  # read per call: a sparse module may lay it out anew
 
     return forward
 
@@ -65,10 +71,18 @@ def dense_linears(model: nn.Module) -> Iterator[int]:
         yield 0
         return
     modules = [m for m in linear_modules(model) if ATTRIBUTE not in m.__dict__]
+    # input-sparse linears (`countdown.attention.SparseInputLinear`) run the positions their policy keeps
+    # dense (Sirius's verification forward, a dense reference) through the GEMV too, while routed
+    subclassed = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(type(m), DENSE_FLAG)
+                  and DENSE_FLAG not in m.__dict__]
     for m in modules:
         m.forward = _routed_forward(m)
+    for m in subclassed:
+        setattr(m, DENSE_FLAG, True)
     try:
         yield len(modules)
     finally:
         for m in modules:
             m.__dict__.pop(ATTRIBUTE, None)
+        for m in subclassed:
+            m.__dict__.pop(DENSE_FLAG, None)

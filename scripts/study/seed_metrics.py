@@ -114,12 +114,13 @@ def tables(paths: list[Path]) -> str:
     lines = ["### Natural sparsity of the FFN coefficients (dense model, every position)", "",
              "Mean over layers [lowest layer, highest layer] of the fraction of coefficients t (the down "
              "projection's input) per measure.", "",
-             "| model | tokens | exactly 0 | abs(t) ≤ 0.01·mean | abs(t) ≤ 0.1·mean | abs(t) ≤ 0.5·mean | droppable at 90% L1 mass | at 99% L1 mass |",
+             "| model | tokens | exactly 0 (fraction) | abs(t) ≤ 0.01·mean | abs(t) ≤ 0.1·mean | abs(t) ≤ 0.5·mean | droppable at 90% L1 mass | at 99% L1 mass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in natural:
         s = r["summary"]
-        cells = [f"{s[k][0]:.1%} [{s[k][1]:.1%}, {s[k][2]:.1%}]" for k in
-                 ("zeros", "below_0.01", "below_0.1", "below_0.5", "mass_0.9", "mass_0.99")]
+        cells = [f"{s['zeros'][0]:.1g} [{s['zeros'][1]:.1g}, {s['zeros'][2]:.1g}]"]  # a fraction, not %: ~1e-8
+        cells += [f"{s[k][0]:.1%} [{s[k][1]:.1%}, {s[k][2]:.1%}]" for k in
+                  ("below_0.01", "below_0.1", "below_0.5", "mass_0.9", "mass_0.99")]
         lines.append(f"| {r['model']} | {r['n_tokens']} | " + " | ".join(cells) + " |")
     lines += ["", "### PPL-p% sparsity (Sparsing Law): target sparsity at which perplexity rises by p% over dense", "",
               "Estimate (linear between the bracket's ends) in bold, then the bracket: the highest probed target "
