@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import countdown
 from countdown.ppl_sparsity import Bracket, Probe, ppl_p_sparsity, sparsity_at_increase
