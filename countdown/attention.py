@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, parallel
+from . import cpu_route, kernels, parallel
 from .ffn import SparsityMeter, is_input_major, relayout_allowed, use_input_major
 from .options import MAX_BATCH, KernelPolicy
 from .models import ATTENTION_SITES as SITES
@@ -87,6 +87,8 @@ class SparseInputLinear(nn.Linear):
     kernels: KernelPolicy  # which path and variant serve decode tokens (`countdown.set_kernels`)
     meter: SparsityMeter | None
     _qkv_given: tuple[torch.Tensor, torch.Tensor] | None  # set by QKVFusedAttention for one forward
+    # True while `countdown.cpu_route.dense_linears` routes the model: dense positions through the C++ GEMV
+    cpu_dense_route: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         given = _take_given(self, x)
@@ -97,7 +99,8 @@ class SparseInputLinear(nn.Linear):
         n_dense = dense_positions(self.spec, self.sparse_from, n)
         if n_dense == 0:
             return self._sparse(x)
-        dense = F.linear(x[..., :n_dense, :], self.weight, self.bias)
+        dense_linear = cpu_route.routed_linear if self.cpu_dense_route else F.linear
+        dense = dense_linear(x[..., :n_dense, :], self.weight, self.bias)
         if n_dense == n:
             return dense
         return torch.cat([dense, self._sparse(x[..., n_dense:, :])], dim=-2)

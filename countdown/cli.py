@@ -909,14 +909,6 @@ def _eval_tasks(m, tok, model: str, task_list: list[str], limit: Optional[int], 
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @app.command("agreement")
 @user_errors
 def agreement_cmd(
@@ -1006,3 +998,11 @@ def agreement_cmd(
             if method != "dense":
                 unsparsify(m)
     console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

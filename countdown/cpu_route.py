@@ -11,8 +11,9 @@ untouched. The same forward objects are installed every time, so a ``torch.compi
 (`countdown.DecodeOptions.compile`) stays valid from one ``with`` to the next; inside the trace the GEMV
 is the registered op ``torch.ops.countdown_cpu.linear``. Sparse modules (`countdown.ffn`,
 `countdown.attention`) choose their own kernels (`kernel_skip_reason`), so a dense model and its
-sparsified twin decode through the same route. `countdown.Decoder` builds one and enters it around
-generation on a CPU model.
+sparsified twin decode through the same route; input-sparse attention projections also send the
+positions their policy keeps dense (Sirius's k+1-token verification forward, `countdown.agreement.dense`)
+through the GEMV while routed. `countdown.Decoder` builds one and enters it around generation on a CPU model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from .kernels import cpu
 
 ATTRIBUTE = "forward"
+DENSE_FLAG = "cpu_dense_route"  # a class attribute (False) of linears that route their dense positions
 
 
 def skip_reason(model: nn.Module) -> str | None:
@@ -81,6 +83,17 @@ def routed_forward(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through the C++ GEMV where it serves ``x`` (1 to
+    `countdown.kernels.cpu.MAX_BATCH` tokens, the weight's dtype and a layout it reads, no autograd),
+    else ``F.linear`` itself (for modules without a routed forward of their own)."""
+    if (x.dtype == weight.dtype and x.numel() <= cpu.MAX_BATCH * weight.shape[1] and x.shape[-1] == weight.shape[1]
+            and _kernel_layout(weight) is not None and not torch.is_grad_enabled()):
+        y = cpu.linear(x, weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 def linear_modules(model: nn.Module) -> list[nn.Linear]:
     """The plain ``nn.Linear`` modules of ``model`` (subclasses, e.g. input-sparse ones, route themselves)."""
     return [m for m in model.modules() if type(m) is nn.Linear]
@@ -94,18 +107,28 @@ class Route:
     def __init__(self, model: nn.Module):
         self.reason = skip_reason(model)
         self.forwards = {} if self.reason is not None else {m: routed_forward(m) for m in linear_modules(model)}
+        # input-sparse linears (`countdown.attention.SparseInputLinear`) route the positions their policy
+        # keeps dense themselves, through `routed_linear`, while their flag is set
+        self.flagged = [] if self.reason is not None else [
+            m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(type(m), DENSE_FLAG)]
         self._installed: list[nn.Linear] = []
+        self._flagged: list[nn.Linear] = []
 
     def __enter__(self) -> int:
         self._installed = [m for m in self.forwards if ATTRIBUTE not in m.__dict__]
         for m in self._installed:
             m.forward = self.forwards[m]
+        self._flagged = [m for m in self.flagged if DENSE_FLAG not in m.__dict__]
+        for m in self._flagged:
+            setattr(m, DENSE_FLAG, True)
         return len(self._installed)
 
     def __exit__(self, *exc) -> None:
         for m in self._installed:
             m.__dict__.pop(ATTRIBUTE, None)
-        self._installed = []
+        for m in self._flagged:
+            m.__dict__.pop(DENSE_FLAG, None)
+        self._installed, self._flagged = [], []
 
 
 @contextmanager

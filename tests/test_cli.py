@@ -232,3 +232,15 @@ def test_tune_prints_its_table_and_saves_a_model_that_loads_with_its_allocation(
     model = countdown.from_pretrained(tmp_path / "tuned", kernels="off")
     spec = countdown.sparsity_spec(model)
     assert spec.method == "m-countdown" and spec.positions == "decode" and spec.allocation.n_layers == 2
+
+
+def test_python_dash_m_knows_every_command():
+    """`python -m countdown.cli` runs `main()` at the bottom of the module: commands registered after it
+    (as `agreement` was) were unknown there while the `countdown` script knew them."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "countdown.cli", "agreement", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "greedy agreement" in done.stdout

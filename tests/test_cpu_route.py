@@ -200,3 +200,32 @@ def test_smollm2_greedy_tokens_through_the_cpu_route_equal_generate(smollm2, met
         assert torch.equal(result.tokens, _generate(model, prompt, 24))
     finally:
         countdown.unsparsify(model)
+
+
+def test_input_sparse_projections_route_their_dense_positions_while_routed(monkeypatch):
+    """Sirius's verification forward (k+1 tokens, dense under positions='decode') and the dense reference
+    of `countdown.agreement` read the attention projections through the GEMV too, not F.linear."""
+    from countdown.attention import SparseInputLinear
+
+    model = tiny_model("llama")
+    countdown.sparsify(model, "teal", 0.5, calibration=tokens(4, 24), attention=0.5, max_windows=None, progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, SparseInputLinear)
+    x = torch.randn(1, 5, q.in_features)  # a 5-token forward: every position dense (a prefill or a check)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, q.weight, q.bias)
+        count = _Count(monkeypatch)
+        q(x)
+        assert count.calls == 0  # not routed: F.linear
+        with cpu_route.dense_linears(model):
+            got = q(x)
+        assert count.calls == 1 and torch.allclose(got, want, atol=1e-5)
+        assert "cpu_dense_route" not in q.__dict__ and not q.cpu_dense_route  # the flag is gone
+    prompt = tokens(1, 7)
+    with torch.no_grad():
+        from countdown.agreement import dense
+
+        with dense(model):
+            want_tokens = Decoder(model, max_len=40).generate(prompt, 12).tokens
+    got = Decoder(model, max_len=40).generate(prompt, 12, correct_every=4)
+    assert torch.equal(got.tokens, want_tokens)  # strict correction through the route: the dense greedy tokens
