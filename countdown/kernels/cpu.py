@@ -55,8 +55,25 @@ def _build(flags: list[str]):
     key = hashlib.sha256(text + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
     directory = _cache_root() / key
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=f"countdown_cpu_{key}", sources=[str(SOURCE)], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+    return locked_build(directory, lambda: cpp_extension.load(
+        name=f"countdown_cpu_{key}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        build_directory=str(directory), verbose=False))
+
+
+def locked_build(directory: Path, build):
+    """``build()`` while holding an OS lock on ``directory`` (released by the OS if this process dies).
+
+    torch's own build lock is a plain file (``directory/lock``) that a build killed mid-way (Ctrl-C, a
+    timeout) leaves behind, and every later process then waits on it forever. Every countdown process
+    takes the OS lock first, so a ``lock`` file found while holding it is such a leftover: removed."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): torch's file lock alone
+        return build()
+    with open(directory / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        return build()
 
 
 NAMESPACE = "countdown_cpu"  # the TORCH_LIBRARY block of cpu_kernels.cpp

@@ -152,3 +152,13 @@ def test_bad_input_gives_a_clear_error_not_a_wrong_answer():
         cpu.coefficient_ffn(torch.randn(1, H), w, w, w, torch.zeros(3))
     with pytest.raises(ValueError, match="unknown activation"):
         cpu.coefficient_ffn(torch.randn(1, H), w, w, w, 0.1, act="tanh")
+
+
+def test_a_build_killed_mid_way_does_not_block_the_next_one(tmp_path):
+    """torch's build lock is a file a killed build leaves behind; the next build must not wait on it forever."""
+    from torch.utils.file_baton import FileBaton
+
+    (tmp_path / "lock").write_text("")  # what a build interrupted by Ctrl-C or a timeout leaves
+    acquired = cpu.locked_build(tmp_path, lambda: FileBaton(str(tmp_path / "lock")).try_acquire())
+    assert acquired, "torch's build lock was still held: the next build would wait forever"
+    assert cpu.locked_build(tmp_path, lambda: "built") == "built"  # the OS lock was released after the first
