@@ -112,13 +112,13 @@ class SparseInputLinear(nn.Linear):
         if self.meter is not None:
             return "measured-sparsity tracking is on (evaluation counts every mask on the reference path)"
         if not torch.compiler.is_compiling() and kernels.uses_cpu_kernels(self.kernels, x.device):
-            w = self.weight
-            state = (self.kernels, w, w.data_ptr(), kernels.cpu.extension_reason())
+            state = (self.kernels, kernels.cpu.weight_key(self.weight), kernels.cpu.extension_reason())
             kept = self.__dict__.get("_cpu_skip")
             if kept is None or kept[0] != state:
                 reason = _kernel_skip_reason(self, x, tokens=False)
-                w = self.weight  # laid out anew by the check where it had to be
-                kept = self.__dict__["_cpu_skip"] = ((self.kernels, w, w.data_ptr(), state[-1]), reason)
+                # the state after the check (it lays the weight out anew where it has to)
+                state = (self.kernels, kernels.cpu.weight_key(self.weight), state[-1])
+                kept = self.__dict__["_cpu_skip"] = (state, reason)
             if kept[1] is not None:
                 return kept[1]
             return kernels.cpu.tokens_reason(x, self.weight)

@@ -413,7 +413,7 @@ class SparseFFN(_SparseModule):
         """What a CPU module's kernel verdict depends on besides the tokens: a changed policy, spec or meter,
         a weight laid out anew (a new Parameter) or moved (new storage), or the extension's state."""
         projections = (self.gate_up_proj,) if self._fused else (self.gate_proj, self.up_proj)
-        weights = tuple((p.weight, p.weight.data_ptr()) for p in (*projections, self.down_proj))
+        weights = tuple(kernels.cpu.weight_key(p.weight) for p in (*projections, self.down_proj))
         return (self.kernels, self.spec, self.meter, self.method, weights, kernels.cpu.extension_reason())
 
     def _skip_reason(self, x: torch.Tensor, tokens: bool = True) -> str | None:

@@ -154,6 +154,12 @@ def extension_reason() -> str | None:
     return _extension()[1]
 
 
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What a kept kernel verdict depends on in a weight, as plain values: which tensor object, its storage,
+    dtype, shape and strides (a tuple holding the tensor itself would compare elementwise, not by identity)."""
+    return id(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride()
+
+
 def weights_reason(*weights: torch.Tensor) -> str | None:
     """None when the CPU ops take these weights as they are laid out, else why not. It depends on the
     weights alone, so a caller may keep the answer while they stay the same tensors (`unavailable_reason`
