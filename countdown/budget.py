@@ -37,7 +37,7 @@ from . import ffn
 from .allocation import ATTENTION_SITES, Allocation
 from .api import calibrate_methods, sparsify, unsparsify
 from .methods import Method, get_method
-from .models import attention_sites, decoder_layers, ffn_sites
+from .models import attention_sites, decoder_layers, ffn_sites, step_weight_bytes
 
 SEARCHES = ("uniform", "greedy", "sensitivity")
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -97,11 +97,7 @@ def byte_model(model: nn.Module, method: str | Method, attention: bool = False) 
     site alone, times the layer's FFN weight bytes (exact for every method but Dhar's, whose down
     column is skipped where either of two masks is, estimated here as if they were one)."""
     m = get_method(method) if isinstance(method, str) else method
-    params = list(model.parameters())
-    dense = sum(_nbytes(p) for p in params)
-    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb_out is None or emb_in.weight is not emb_out.weight:
-        dense -= _nbytes(emb_in.weight)  # one row of an untied input embedding is read per token
+    dense = step_weight_bytes(model)
     fsites = ffn_sites(model)
     asites = attention_sites(model) if attention else []
     sites = m.sites + (ATTENTION_SITES if attention else ())

@@ -243,3 +243,13 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
         qkv = [attn.qkv_proj] if model_type == "phi3" else [attn.q_proj, attn.k_proj, attn.v_proj]
         sites.append(AttentionSite(i, qkv, attn.o_proj))
     return sites
+
+
+def step_weight_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter once (tied weights count once), the input
+    embedding excluded unless it is the LM head (a step reads one of its rows per token)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb_out is None or emb_in.weight is not emb_out.weight:
+        total -= emb_in.weight.numel() * emb_in.weight.element_size()
+    return total

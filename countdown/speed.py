@@ -34,7 +34,7 @@ from .decode import MAX_BATCH
 from .evaluate import perplexity
 from .generation import clear_cache, decoder_for, generate
 from .methods import get_method
-from .models import UnsupportedModelError, attention_sites, ffn_sites
+from .models import UnsupportedModelError, attention_sites, ffn_sites, step_weight_bytes
 from .options import DecodeOptions, KernelPolicy
 
 
@@ -52,11 +52,8 @@ class ModelBytes:
 
 
 def model_bytes(model: nn.Module) -> ModelBytes:
-    params = list(model.parameters())  # tied weights appear once
-    total = sum(_nbytes(p) for p in params)
-    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb_out is None or emb_in.weight is not emb_out.weight:
-        total -= _nbytes(emb_in.weight)
+    params = list(model.parameters())
+    total = step_weight_bytes(model)
     ffn = sum(_nbytes(m.weight) for site in ffn_sites(model) for m in site.modules.values())
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -33,6 +33,7 @@ from countdown.data import calibration_text
 from countdown.decode import Decoder
 from countdown.kernels import cpu
 from countdown.loading import load
+from countdown.models import step_weight_bytes
 from countdown.predictor import load_predictors
 from countdown.speed import read_bandwidth_gbs
 
@@ -42,14 +43,6 @@ MODES = ("eager", "compiled")
 def peak_rss_mb() -> float:
     """The process's peak resident set size so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def step_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step reads: every parameter, the input embedding excluded unless it is
-    the (tied) LM head (a step reads one of its rows per token)."""
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total if head is emb else total - emb.numel() * emb.element_size()
 
 
 def main() -> None:
@@ -80,7 +73,7 @@ def main() -> None:
     prompt = tok([text] * args.batch, return_tensors="pt").input_ids
     calib = tok(calibration_text(), return_tensors="pt").input_ids[:, : args.calib_tokens]
     calib = calib[:, : (calib.shape[1] // 256) * 256].reshape(-1, 256)
-    nbytes = step_bytes(model)
+    nbytes = step_weight_bytes(model)
     print(f"read bandwidth {read_bandwidth_gbs():.1f} GB/s (sum over 1 GiB); {nbytes / 1e6:.0f} MB of weights a step; "
           f"peak RSS {peak_rss_mb():.0f} MB", flush=True)
     print(f"{'config':22s} {'mode':9s} {'tok/s':>8s} {'x dense':>8s} {'GB/s':>6s} {'peak RSS':>9s}  warm-up  runs", flush=True)
